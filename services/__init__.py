@@ -1,0 +1,1 @@
+"""VITA-Audio serving stack (import name `vitaserve`)."""

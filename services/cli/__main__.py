@@ -1,0 +1,5 @@
+import sys
+
+from vitaserve.cli.main import main
+
+sys.exit(main())
