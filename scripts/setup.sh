@@ -1,0 +1,22 @@
+#!/usr/bin/env bash
+# One-time set-up on a fresh Debian machine: system packages, the virtualenv, the package.
+# Idempotent: re-running it only installs what is missing.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+need_apt=()
+command -v espeak-ng >/dev/null || need_apt+=(espeak-ng)
+command -v redis-server >/dev/null || need_apt+=(redis-server)
+if ((${#need_apt[@]})); then
+    echo "setup: apt-get install ${need_apt[*]}"
+    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need_apt[@]}") >/dev/null
+fi
+
+if [ ! -x .venv/bin/python ]; then
+    python3 -m venv .venv
+fi
+# torch==2.13.0 (CPU build) is pinned in pyproject.toml: pip takes it from local disk.
+.venv/bin/python -m pip install -q --upgrade pip 2>&1 | grep -v WARNING || true
+.venv/bin/python -m pip install -q -e '.[dev]' 2>&1 | grep -v WARNING || true
+.venv/bin/python -c "import vitaserve, torch, transformers" || { echo "setup: install failed" >&2; exit 1; }
+echo "setup: ready (.venv)"
