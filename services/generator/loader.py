@@ -1,0 +1,123 @@
+"""Load and save VITA-Audio weights in the official format (sharded safetensors + index).
+
+Loading is strict: every key of the model must be in the files with the same shape, and the files
+may hold nothing else; otherwise `CheckpointError` names the keys. Weights are built on the meta
+device and assigned, so a 7B checkpoint is never materialised twice.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from vitaserve.generator.config import CheckpointError, LMConfig
+from vitaserve.generator.model import VitaAudioLM
+
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+          "float16": torch.float16, "fp16": torch.float16}
+
+
+def parse_dtype(name: str | torch.dtype) -> torch.dtype:
+    if isinstance(name, torch.dtype):
+        return name
+    if name not in DTYPES:
+        raise ValueError(f"unknown dtype {name!r}; choose one of {', '.join(DTYPES)}")
+    return DTYPES[name]
+
+
+def weight_files(folder: Path) -> list[Path]:
+    """The safetensors files of a folder: those the index names, or the single model.safetensors."""
+    index = folder / "model.safetensors.index.json"
+    if index.exists():
+        weight_map = json.loads(index.read_text()).get("weight_map", {})
+        files = sorted(set(weight_map.values()))
+        missing = [f for f in files if not (folder / f).exists()]
+        if missing:
+            raise CheckpointError(f"{folder}: the index names missing shard(s) {', '.join(missing)}")
+        return [folder / f for f in files]
+    single = folder / "model.safetensors"
+    if single.exists():
+        return [single]
+    raise CheckpointError(f"{folder}: no model.safetensors.index.json or model.safetensors")
+
+
+def _describe(keys: list[str], limit: int = 8) -> str:
+    shown = ", ".join(keys[:limit])
+    return shown + (f" (and {len(keys) - limit} more)" if len(keys) > limit else "")
+
+
+def load_state_dict_strict(model: torch.nn.Module, files: list[Path], dtype: torch.dtype, device) -> None:
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    tied = getattr(model, "config", None) is not None and model.config.tie_word_embeddings
+    if tied:
+        expected.pop("lm_head.weight", None)
+    found: dict[str, tuple[int, ...]] = {}
+    for path in files:
+        with safe_open(str(path), framework="pt", device="cpu") as f:
+            for key in f.keys():
+                found[key] = tuple(f.get_slice(key).get_shape())
+    missing = sorted(set(expected) - set(found))
+    unexpected = sorted(set(found) - set(expected))
+    misshaped = sorted(
+        f"{k} (file {list(found[k])}, model {list(expected[k])})"
+        for k in set(expected) & set(found)
+        if found[k] != expected[k]
+    )
+    problems = []
+    if missing:
+        problems.append(f"missing keys: {_describe(missing)}")
+    if unexpected:
+        problems.append(f"unexpected keys: {_describe(unexpected)}")
+    if misshaped:
+        problems.append(f"mis-shaped keys: {_describe(misshaped)}")
+    if problems:
+        raise CheckpointError(f"checkpoint does not match config.json: {'; '.join(problems)}")
+    state = {}
+    for path in files:
+        with safe_open(str(path), framework="pt", device="cpu") as f:
+            for key in f.keys():
+                state[key] = f.get_tensor(key).to(device=device, dtype=dtype)
+    if tied:
+        state["lm_head.weight"] = state["model.embed_tokens.weight"]
+    model.load_state_dict(state, strict=True, assign=True)
+
+
+def load_lm(folder: str | Path, device: str | torch.device = "cpu", dtype: str | torch.dtype = "float32") -> VitaAudioLM:
+    """Build the model from config.json and load its weights strictly, in `dtype` on `device`."""
+    folder = Path(folder)
+    cfg = LMConfig.from_folder(folder)
+    dtype = parse_dtype(dtype)
+    files = weight_files(folder)
+    with torch.device("meta"):
+        model = VitaAudioLM(cfg)
+    load_state_dict_strict(model, files, dtype, torch.device(device))
+    return model.eval().requires_grad_(False)
+
+
+def save_lm_weights(model: VitaAudioLM, folder: str | Path, max_shard_bytes: int = 2 * 1024**3) -> None:
+    """Write sharded safetensors + model.safetensors.index.json, named as the released files are."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    state = {k: v.contiguous() for k, v in model.state_dict().items()}
+    shards: list[dict[str, torch.Tensor]] = [{}]
+    size = 0
+    for key, tensor in state.items():
+        nbytes = tensor.numel() * tensor.element_size()
+        if shards[-1] and size + nbytes > max_shard_bytes:
+            shards.append({})
+            size = 0
+        shards[-1][key] = tensor
+        size += nbytes
+    n = len(shards)
+    weight_map = {}
+    for i, shard in enumerate(shards, start=1):
+        name = f"model-{i:05d}-of-{n:05d}.safetensors"
+        save_file(shard, str(folder / name), metadata={"format": "pt"})
+        weight_map.update({k: name for k in shard})
+    total = sum(t.numel() * t.element_size() for t in state.values())
+    index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
+    (folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")

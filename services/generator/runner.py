@@ -1,0 +1,79 @@
+"""Run the forwards of many sequences' step plans together, and pick their tokens.
+
+Plans of the same kind (backbone, or the same MCTP module) share one forward: rows are padded to the
+longest plan, padding is marked with cache index -1 (never written, never attended). One lm_head
+product covers the last row of every plan: batching is what makes MCTP steps cheap, since each one
+multiplies by the whole 168072-row lm_head.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+
+import torch
+
+from vitaserve.generator.model import BatchIndex, VitaAudioLM
+from vitaserve.generator.sampling import select_token
+from vitaserve.generator.sequence import StepPlan
+
+
+def forward_plans(model: VitaAudioLM, plans: list[StepPlan]) -> list[torch.Tensor]:
+    """Hidden rows [T_i, H] for each plan (all of one kind and module)."""
+    kind, module = plans[0].kind, plans[0].module
+    device = model.lm_head.weight.device
+    width = max(len(p.ids) for p in plans)
+    ids = torch.zeros(len(plans), width, dtype=torch.long)
+    rope = torch.zeros(len(plans), width, dtype=torch.long)
+    cache_index = torch.full((len(plans), width), -1, dtype=torch.long)
+    for b, p in enumerate(plans):
+        t = len(p.ids)
+        ids[b, :t] = torch.tensor(p.ids)
+        rope[b, :t] = torch.arange(p.rope_start, p.rope_start + t)
+        cache_index[b, :t] = torch.arange(p.cache_start, p.cache_start + t)
+    if int(cache_index.max()) >= model.max_len:
+        raise ValueError(f"sequence longer than the KV cache ({model.max_len} tokens)")
+    slots = torch.tensor([p.seq.slot for p in plans])
+    batch = BatchIndex(slots.to(device), cache_index.to(device))
+    ids, rope = ids.to(device), rope.to(device)
+    if kind == "M":
+        out = model.forward_backbone(ids, rope, batch)
+    else:
+        hidden = torch.zeros(len(plans), width, model.config.hidden_size, dtype=out_dtype(model), device=device)
+        for b, p in enumerate(plans):
+            hidden[b, : len(p.ids)] = p.hidden
+        out = model.forward_mtp(module, ids, hidden, rope, batch)
+    return [out[b, : len(p.ids)] for b, p in enumerate(plans)]
+
+
+def out_dtype(model: VitaAudioLM) -> torch.dtype:
+    return model.lm_head.weight.dtype
+
+
+@torch.inference_mode()
+def run_step(model: VitaAudioLM, plans: list[StepPlan]) -> list[int]:
+    """One forward per (kind, module) group, one lm_head product, one token per plan; commits them."""
+    groups: dict[tuple[str, int], list[int]] = defaultdict(list)
+    for i, p in enumerate(plans):
+        groups[(p.kind, p.module)].append(i)
+    hidden: list[torch.Tensor | None] = [None] * len(plans)
+    for members in groups.values():
+        for i, h in zip(members, forward_plans(model, [plans[i] for i in members])):
+            hidden[i] = h
+    last = torch.stack([h[-1] for h in hidden])
+    logits = model.logits(last).float()
+    tokens = []
+    for p, h, row in zip(plans, hidden, logits):
+        seq = p.seq
+        token = select_token(row, seen_ids_of(seq, row.device), seq.sampling, seq.generator)
+        seq.commit(p, h, token)
+        tokens.append(token)
+    return tokens
+
+
+def seen_ids_of(seq, device) -> torch.Tensor:
+    """Every id of the sequence, as the repetition penalty needs (cached, grows with the sequence)."""
+    if seq.sampling.repetition_penalty == 1.0:
+        return torch.empty(0, dtype=torch.long, device=device)
+    if seq.seen_ids is None or seq.seen_ids.numel() != len(seq.ids):
+        seq.seen_ids = torch.tensor(seq.ids, dtype=torch.long, device=device)
+    return seq.seen_ids

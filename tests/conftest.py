@@ -1,0 +1,19 @@
+"""Shared fixtures: tiny checkpoints generated once per test session in the official formats."""
+
+from __future__ import annotations
+
+import pytest
+
+
+@pytest.fixture(scope="session")
+def tiny_lm_dir(tmp_path_factory):
+    from vitaserve.generator.checkpoint import write_lm_checkpoint
+
+    return write_lm_checkpoint(tmp_path_factory.mktemp("ckpt") / "lm", "tiny", seed=0)
+
+
+@pytest.fixture(scope="session")
+def tiny_lm(tiny_lm_dir):
+    from vitaserve.generator.generate import LanguageModel
+
+    return LanguageModel.from_folder(tiny_lm_dir, num_slots=4, max_len=512)
