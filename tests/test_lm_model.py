@@ -152,3 +152,45 @@ def test_bad_prompts_rejected(tiny_lm, bad, match):
 def test_context_overflow_rejected(tiny_lm):
     with pytest.raises(ValueError, match="exceeds the context"):
         list(generate(tiny_lm, [1] * 500, "boost", GREEDY, max_new_tokens=100))
+
+
+def test_engine_batched_calls_equal_each_alone(tiny_lm):
+    """Sequences of different lengths and modes batched in one engine give their lone tokens."""
+    from vitaserve.generator.engine import Engine, Request
+
+    specs = [("a", 7, "boost", 30), ("b", 23, "balance", 25), ("c", 3, "vanilla", 12), ("d", 15, "turbo", 33),
+             ("e", 11, [2, 3, 1, 5], 20)]
+    alone = {
+        rid: [e.token_id for e in generate(tiny_lm, random_prompt(tiny_lm, n, seed=10 + n), mode, GREEDY,
+                                           max_new_tokens=m, stop_ids=())]
+        for rid, n, mode, m in specs
+    }
+    engine = Engine(tiny_lm)  # 4 slots: the fifth call waits for a free slot
+    for rid, n, mode, m in specs:
+        engine.add(Request(rid, random_prompt(tiny_lm, n, seed=10 + n), mode, GREEDY, m, stop_ids=()))
+    got = {rid: [] for rid, *_ in specs}
+    steps = 0
+    while engine.has_work():
+        for rid, event in engine.step():
+            got[rid].append(event.token_id)
+        steps += 1
+    assert got == alone
+    assert steps < sum(m for *_, m in specs)  # calls really ran together
+
+
+def test_engine_cancel_frees_slot_and_keeps_others(tiny_lm):
+    from vitaserve.generator.engine import Engine, Request
+
+    engine = Engine(tiny_lm)
+    prompt = random_prompt(tiny_lm, 9, seed=42)
+    alone = [e.token_id for e in generate(tiny_lm, prompt, "boost", GREEDY, max_new_tokens=20, stop_ids=())]
+    engine.add(Request("keep", prompt, "boost", GREEDY, 20, stop_ids=()))
+    engine.add(Request("drop", random_prompt(tiny_lm, 5, seed=43), "turbo", GREEDY, 20, stop_ids=()))
+    got = []
+    for i in range(20):
+        if i == 3:
+            assert engine.cancel("drop")
+        got += [e.token_id for rid, e in engine.step() if rid == "keep"]
+    assert got == alone and not engine.has_work()
+    with pytest.raises(ValueError, match="inference mode"):
+        engine.add(Request("bad", prompt, "1,11", GREEDY, 5))

@@ -52,9 +52,10 @@ def out_dtype(model: VitaAudioLM) -> torch.dtype:
 @torch.inference_mode()
 def run_step(model: VitaAudioLM, plans: list[StepPlan]) -> list[int]:
     """One forward per (kind, module) group, one lm_head product, one token per plan; commits them."""
-    groups: dict[tuple[str, int], list[int]] = defaultdict(list)
+    # prefills (many rows) run apart from one-row steps, so short rows are not padded to a prompt
+    groups: dict[tuple[str, int, bool], list[int]] = defaultdict(list)
     for i, p in enumerate(plans):
-        groups[(p.kind, p.module)].append(i)
+        groups[(p.kind, p.module, len(p.ids) > 1)].append(i)
     hidden: list[torch.Tensor | None] = [None] * len(plans)
     for members in groups.values():
         for i, h in zip(members, forward_plans(model, [plans[i] for i in members])):

@@ -1,0 +1,118 @@
+"""`vita-audio bench`: benchmarks that print a table and write one JSON object per run."""
+
+from __future__ import annotations
+
+import argparse
+
+from vitaserve.cli.generate import add_model_args
+
+
+def subparser_init(subparsers) -> None:
+    p = subparsers.add_parser("bench", help="benchmarks (language model, engine, codec); JSON out",
+                              description="Benchmarks. Each prints a table and, with --json, one JSON object.")
+    sub = p.add_subparsers(dest="bench", metavar="WHAT", required=True)
+
+    lm = sub.add_parser("lm", help="one call at a time: first audio chunk and tokens/s per mode",
+                        description="Time to the first audio chunk (11th new token: 1 backbone + 10 MCTP tokens "
+                                    "after a --prompt-len prompt) and tokens/s, per inference mode, greedy.")
+    add_model_args(lm)
+    lm.add_argument("--modes", default="vanilla,balance,boost,turbo")
+    lm.add_argument("--prompt-len", type=int, default=32)
+    lm.add_argument("--max-new-tokens", type=int, default=64)
+    lm.add_argument("--repeats", type=int, default=3)
+    _common(lm)
+    lm.set_defaults(func=cmd_lm)
+
+    eng = sub.add_parser("engine", help="the batching engine: N calls together",
+                         description="N calls submitted together to the continuous-batching engine, each with its "
+                                     "own random prompt, greedy: aggregate tokens/s and first-chunk p50/p95.")
+    add_model_args(eng)
+    eng.add_argument("--concurrency", type=int, default=16)
+    eng.add_argument("--mode", default="boost")
+    eng.add_argument("--prompt-len", type=int, default=32)
+    eng.add_argument("--max-new-tokens", type=int, default=64)
+    _common(eng)
+    eng.set_defaults(func=cmd_engine)
+
+    codec = sub.add_parser("codec", help="speech tokenizer and decoder speed",
+                           description="Tokenizer ms per second of audio (5 s input), decoder time to first PCM and "
+                                       "real-time factors, one shot and streamed.")
+    codec.add_argument("--tokenizer", required=True)
+    codec.add_argument("--decoder", required=True)
+    codec.add_argument("--device", default="cpu")
+    _common(codec)
+    codec.set_defaults(func=cmd_codec)
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--json", action="store_true", help="print the result as one JSON object")
+    p.add_argument("--out", help="also write the JSON to this file")
+
+
+def _emit(args, result: dict, table: list[dict]) -> int:
+    import json
+    import subprocess
+
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                                check=False).stdout.strip() or None
+    except OSError:
+        commit = None
+    result = {**result, "commit": commit}
+    if args.json:
+        print(json.dumps(result))
+    else:
+        if table:
+            cols = list(table[0])
+            print("  ".join(f"{c:>16}" for c in cols))
+            for row in table:
+                print("  ".join(f"{row[c]!s:>16}" for c in cols))
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(result, f, indent=2)
+    return 0
+
+
+def _device_info(args) -> dict:
+    import platform
+
+    import torch
+
+    if args.device.startswith("cuda"):
+        return {"device": torch.cuda.get_device_name(), "torch": torch.__version__}
+    return {"device": f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)",
+            "torch": torch.__version__}
+
+
+def cmd_lm(args) -> int:
+    from vitaserve.cli.generate import load_model, resolve_dtype
+    from vitaserve.generator.benchmark import bench_modes
+
+    lm = load_model(args)
+    rows = bench_modes(lm, args.modes.split(","), args.prompt_len, args.max_new_tokens, args.repeats)
+    by_mode = {r["mode"]: r for r in rows}
+    result = {"bench": "lm", **_device_info(args), "dtype": resolve_dtype(args), "checkpoint": str(args.lm),
+              "params": sum(p.numel() for p in lm.model.parameters()), "prompt_len": args.prompt_len,
+              "max_new_tokens": args.max_new_tokens, "modes": rows}
+    if "vanilla" in by_mode and "boost" in by_mode:
+        result["vanilla_over_boost_first_chunk"] = round(
+            by_mode["vanilla"]["first_chunk_ms"] / by_mode["boost"]["first_chunk_ms"], 2)
+    return _emit(args, result, rows)
+
+
+def cmd_engine(args) -> int:
+    from vitaserve.cli.generate import load_model, resolve_dtype
+    from vitaserve.generator.benchmark import bench_engine
+
+    lm = load_model(args, num_slots=args.concurrency)
+    row = bench_engine(lm, args.concurrency, args.mode, args.prompt_len, args.max_new_tokens)
+    result = {"bench": "engine", **_device_info(args), "dtype": resolve_dtype(args), "checkpoint": str(args.lm),
+              "prompt_len": args.prompt_len, "max_new_tokens": args.max_new_tokens, **row}
+    return _emit(args, result, [row])
+
+
+def cmd_codec(args) -> int:
+    from vitaserve.decoder.benchmark import run_codec_benchmark
+
+    row = run_codec_benchmark(args.tokenizer, args.decoder, device=args.device)
+    return _emit(args, {"bench": "codec", **_device_info(args), **row}, [row])

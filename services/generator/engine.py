@@ -1,0 +1,101 @@
+"""Continuous batching over the static KV cache: every running call advances one token per step.
+
+`step()` is schedule, run, postprocess (nano-vllm's shape): waiting requests take free cache slots,
+each running sequence contributes the plan of its next token (a backbone or an MCTP step of its own
+schedule), `run_step` batches plans of the same kind, and finished sequences free their slots.
+The engine is synchronous and single-threaded; the Triton adapter drives it from its own thread.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from dataclasses import dataclass, field
+
+import torch
+
+from vitaserve.generator.generate import LanguageModel, TokenEvent, validate_prompt
+from vitaserve.generator.runner import run_step
+from vitaserve.generator.sampling import SamplingParams
+from vitaserve.generator.sequence import Sequence
+
+
+@dataclass
+class Request:
+    request_id: str
+    prompt_ids: list[int]
+    mode: str | list[int] | None = None
+    sampling: SamplingParams | None = None
+    max_new_tokens: int = 256
+    stop_ids: tuple[int, ...] | None = None
+
+
+@dataclass
+class _Running:
+    request: Request
+    seq: Sequence
+    stop: set[int]
+    started: float = field(default_factory=time.perf_counter)
+
+
+class Engine:
+    def __init__(self, lm: LanguageModel):
+        self.lm = lm
+        self.waiting: deque[tuple[Request, float]] = deque()
+        self.running: dict[str, _Running] = {}
+        self.free_slots = list(range(lm.model.num_slots))[::-1]
+
+    def add(self, request: Request) -> None:
+        """Queue a call; invalid prompts and settings raise ValueError here, before any GPU work."""
+        validate_prompt(self.lm, request.prompt_ids, request.max_new_tokens)
+        self.lm.schedule(request.mode)
+        if request.request_id in self.running or any(r.request_id == request.request_id for r, _ in self.waiting):
+            raise ValueError(f"request id {request.request_id!r} is already in use")
+        self.waiting.append((request, time.perf_counter()))
+
+    def cancel(self, request_id: str) -> bool:
+        """Drop a call at once (barge-in); its slot is free for the next step."""
+        if request_id in self.running:
+            self.free_slots.append(self.running.pop(request_id).seq.slot)
+            return True
+        before = len(self.waiting)
+        self.waiting = deque((r, t) for r, t in self.waiting if r.request_id != request_id)
+        return len(self.waiting) != before
+
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def _admit(self) -> None:
+        device = self.lm.model.lm_head.weight.device
+        while self.waiting and self.free_slots:
+            request, queued = self.waiting.popleft()
+            sampling = request.sampling or SamplingParams.from_defaults(self.lm.defaults)
+            seq = Sequence(
+                slot=self.free_slots.pop(), ids=list(request.prompt_ids), schedule=self.lm.schedule(request.mode),
+                num_modules=self.lm.config.num_nextn_predict_layers, sampling=sampling,
+                generator=sampling.make_generator(device),
+            )
+            stop = set(self.lm.stop_ids() if request.stop_ids is None else request.stop_ids)
+            self.running[request.request_id] = _Running(request, seq, stop, started=queued)
+
+    def step(self) -> list[tuple[str, TokenEvent]]:
+        """Advance every running call by one token; returns (request id, event) pairs."""
+        self._admit()
+        if not self.running:
+            return []
+        items = list(self.running.items())
+        kinds = [r.seq.next_step for _, r in items]
+        tokens = run_step(self.lm.model, [r.seq.plan() for _, r in items])
+        if self.lm.model.lm_head.weight.device.type == "cuda":
+            torch.cuda.synchronize()
+        now = time.perf_counter()
+        out = []
+        for (rid, run), (kind, module), token in zip(items, kinds, tokens):
+            index = run.seq.num_new - 1
+            finished = token in run.stop or index == run.request.max_new_tokens - 1
+            event = TokenEvent(index, token, kind, module, self.lm.vocab.is_audio(token), now - run.started, finished)
+            out.append((rid, event))
+            if finished:
+                self.free_slots.append(run.seq.slot)
+                del self.running[rid]
+        return out
