@@ -62,7 +62,7 @@ def test_cached_backbone_prefill_then_steps_equals_transformers(tiny_lm):
         # prefill 12 rows in slot 2, then 3-row and 1-row chunks: the cache must give the same logits
         outs = []
         for lo, hi in [(0, 12), (12, 15), (15, 16), (16, 20)]:
-            batch = BatchIndex(torch.tensor([2]), torch.arange(lo, hi)[None])
+            batch = BatchIndex([2], [lo], [hi - lo], "cpu")
             h = model.forward_backbone(torch.tensor([ids[lo:hi]]), torch.arange(lo, hi)[None], batch)
             outs.append(model.logits(h)[0])
     torch.testing.assert_close(torch.cat(outs), want, rtol=1e-4, atol=1e-5)

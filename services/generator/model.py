@@ -31,22 +31,16 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        dtype = x.dtype
-        x = x.float()
-        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x.to(dtype)
+        return self.weight * F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps).to(x.dtype)
 
 
-def rope_cos_sin(
-    positions: torch.Tensor, head_dim: int, theta: float, dtype: torch.dtype
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos/sin [B, T, head_dim] for integer positions [B, T]; computed in fp32 as Qwen2 does."""
-    inv_freq = 1.0 / (
-        theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64, device=positions.device).float() / head_dim)
-    )
-    freqs = positions.float()[..., None] * inv_freq
+def rope_table(max_len: int, head_dim: int, theta: float, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """fp32 cos/sin [max_len, head_dim] for positions 0..max_len-1, computed as Qwen2 computes them
+    (inv_freq times position in fp32), so a lookup equals the on-the-fly values bit for bit."""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64, device=device).float() / head_dim))
+    freqs = torch.arange(max_len, device=device).float()[:, None] * inv_freq
     emb = torch.cat((freqs, freqs), dim=-1)
-    return emb.cos().to(dtype), emb.sin().to(dtype)
+    return emb.cos(), emb.sin()
 
 
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -75,10 +69,13 @@ class KVCache(nn.Module):
 
     def update(self, batch: "BatchIndex", k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Write k/v [B, kvh, T, D] at the valid (slot, index) pairs; return [B, kvh, kv_len, D] to attend."""
-        k_rows = k.transpose(1, 2)[batch.valid]  # [N, kvh, D]
-        v_rows = v.transpose(1, 2)[batch.valid]
-        self.k_cache[batch.flat_slots, :, batch.flat_index] = k_rows
-        self.v_cache[batch.flat_slots, :, batch.flat_index] = v_rows
+        if batch.single:
+            slot, start, n = batch.slot_range[0], batch.starts[0], batch.lengths[0]
+            self.k_cache[slot, :, start : start + n] = k[0]
+            self.v_cache[slot, :, start : start + n] = v[0]
+        else:
+            self.k_cache[batch.flat_slots, :, batch.flat_index] = k.transpose(1, 2)[batch.valid]  # [N, kvh, D]
+            self.v_cache[batch.flat_slots, :, batch.flat_index] = v.transpose(1, 2)[batch.valid]
         if batch.slot_range is not None:  # contiguous slots: a view, no copy
             lo, hi = batch.slot_range
             return self.k_cache[lo:hi, :, : batch.kv_len], self.v_cache[lo:hi, :, : batch.kv_len]
@@ -86,25 +83,34 @@ class KVCache(nn.Module):
 
 
 class BatchIndex:
-    """Where a forward's rows live: slot of each batch row and cache index of each (row, t).
+    """Where a forward's rows live, shared by all its layers.
 
-    cache_index [B, T] with -1 for padding. Built once per forward and shared by all layers.
+    Row b holds lengths[b] valid entries (the rest of the width is padding) written at cache indices
+    starts[b].. in slot slots[b]. Built from Python lists so no device sync is needed. A lone row
+    takes a fast path: plain slice writes, and no mask when it is a single token.
     """
 
-    def __init__(self, slots: torch.Tensor, cache_index: torch.Tensor):
-        self.slots = slots
-        self.cache_index = cache_index
+    def __init__(self, slots: list[int], starts: list[int], lengths: list[int], device):
+        width = max(lengths)
+        self.kv_len = max(s + n for s, n in zip(starts, lengths))
+        self.single = len(slots) == 1
+        self.slot_range = (slots[0], slots[0] + len(slots)) if slots == list(range(slots[0], slots[0] + len(slots))) else None
+        self.slots = torch.tensor(slots, device=device)
+        self.starts, self.lengths = starts, lengths
+        cache_index = torch.full((len(slots), width), -1, dtype=torch.long)
+        for b, (s, n) in enumerate(zip(starts, lengths)):
+            cache_index[b, :n] = torch.arange(s, s + n)
+        cache_index = cache_index.to(device)
         self.valid = cache_index >= 0
-        b_idx = torch.arange(slots.shape[0], device=slots.device)[:, None].expand_as(cache_index)
-        self.flat_slots = slots[b_idx[self.valid]]
+        b_idx = torch.arange(len(slots), device=device)[:, None].expand_as(cache_index)
+        self.flat_slots = self.slots[b_idx[self.valid]]
         self.flat_index = cache_index[self.valid]
-        self.kv_len = int(cache_index.max().item()) + 1
-        ks = torch.arange(self.kv_len, device=cache_index.device)
-        # [B, 1, T, kv_len]: key k visible to query (b, t) iff k <= its cache index
-        self.mask = (ks[None, None, :] <= cache_index[:, :, None])[:, None]
-        s = slots.tolist()
-        contiguous = s == list(range(s[0], s[0] + len(s)))
-        self.slot_range = (s[0], s[0] + len(s)) if contiguous else None
+        if self.single and width == 1:
+            self.mask = None  # one query at the end of the cache sees every key
+        else:
+            ks = torch.arange(self.kv_len, device=device)
+            # [B, 1, T, kv_len]: key k visible to query (b, t) iff k <= its cache index; padding sees key 0
+            self.mask = (ks[None, None, :] <= cache_index.clamp(min=0)[:, :, None])[:, None]
 
 
 class Attention(nn.Module):
@@ -179,6 +185,7 @@ class VitaAudioLM(nn.Module):
         self.mtp_hidden_norms = nn.ModuleList(RMSNorm(h, cfg.rms_norm_eps) for _ in range(n))
         self.num_slots = 0
         self.max_len = 0
+        self._rope_cache: tuple[torch.Tensor, torch.Tensor] | None = None
 
     # -- caches -------------------------------------------------------------------------------
     def setup_caches(self, num_slots: int, max_len: int) -> None:
@@ -192,8 +199,16 @@ class VitaAudioLM(nn.Module):
         self.num_slots, self.max_len = num_slots, max_len
 
     # -- forwards -----------------------------------------------------------------------------
+    def _rope(self, rope_pos: torch.Tensor, dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        n = int(rope_pos.max()) + 1
+        if self._rope_cache is None or self._rope_cache[0].shape[0] < n:
+            size = max(n, self.max_len, 1)
+            self._rope_cache = rope_table(size, self.config.dim_per_head, self.config.rope_theta, rope_pos.device)
+        cos, sin = self._rope_cache
+        return cos[rope_pos].to(dtype), sin[rope_pos].to(dtype)
+
     def _run_layers(self, x, layer_ids, rope_pos, batch):
-        cos, sin = rope_cos_sin(rope_pos, self.config.dim_per_head, self.config.rope_theta, x.dtype)
+        cos, sin = self._rope(rope_pos, x.dtype)
         for i in layer_ids:
             x = self.model.layers[i](x, cos, sin, batch)
         return self.model.norm(x)

@@ -21,19 +21,16 @@ def forward_plans(model: VitaAudioLM, plans: list[StepPlan]) -> list[torch.Tenso
     """Hidden rows [T_i, H] for each plan (all of one kind and module)."""
     kind, module = plans[0].kind, plans[0].module
     device = model.lm_head.weight.device
-    width = max(len(p.ids) for p in plans)
+    lengths = [len(p.ids) for p in plans]
+    width = max(lengths)
     ids = torch.zeros(len(plans), width, dtype=torch.long)
     rope = torch.zeros(len(plans), width, dtype=torch.long)
-    cache_index = torch.full((len(plans), width), -1, dtype=torch.long)
     for b, p in enumerate(plans):
-        t = len(p.ids)
-        ids[b, :t] = torch.tensor(p.ids)
-        rope[b, :t] = torch.arange(p.rope_start, p.rope_start + t)
-        cache_index[b, :t] = torch.arange(p.cache_start, p.cache_start + t)
-    if int(cache_index.max()) >= model.max_len:
+        ids[b, : lengths[b]] = torch.tensor(p.ids)
+        rope[b, : lengths[b]] = torch.arange(p.rope_start, p.rope_start + lengths[b])
+    if max(p.cache_start + n for p, n in zip(plans, lengths)) > model.max_len:
         raise ValueError(f"sequence longer than the KV cache ({model.max_len} tokens)")
-    slots = torch.tensor([p.seq.slot for p in plans])
-    batch = BatchIndex(slots.to(device), cache_index.to(device))
+    batch = BatchIndex([p.seq.slot for p in plans], [p.cache_start for p in plans], lengths, device)
     ids, rope = ids.to(device), rope.to(device)
     if kind == "M":
         out = model.forward_backbone(ids, rope, batch)
