@@ -110,3 +110,48 @@ def test_sampling_params_validation():
         SamplingParams(top_p=0).validated()
     with pytest.raises(ValueError, match="temperature"):
         SamplingParams(do_sample=True, temperature=0).validated()
+
+
+def test_7b_preset_has_the_released_shapes():
+    """The 7b preset is never written in CI; its config and module shapes are checked on the meta device."""
+    from vitaserve.generator.checkpoint import config_dict
+    from vitaserve.generator.config import LMConfig
+    from vitaserve.generator.model import VitaAudioLM
+
+    raw = config_dict("7b")
+    assert {k: raw[k] for k in ("hidden_size", "intermediate_size", "num_attention_heads", "num_key_value_heads",
+                                "num_hidden_layers", "num_nextn_predict_layers", "vocab_size", "rope_theta",
+                                "bos_token_id", "eos_token_id")} == {
+        "hidden_size": 3584, "intermediate_size": 18944, "num_attention_heads": 28, "num_key_value_heads": 4,
+        "num_hidden_layers": 38, "num_nextn_predict_layers": 10, "vocab_size": 168072, "rope_theta": 1e6,
+        "bos_token_id": 151643, "eos_token_id": 151645}
+    with torch.device("meta"):
+        model = VitaAudioLM(LMConfig.from_dict(raw))
+    shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    assert shapes["mtp_projs.0.weight"] == (3584, 7168)
+    assert shapes["model.layers.37.self_attn.k_proj.weight"] == (512, 3584)
+    assert shapes["lm_head.weight"] == (168072, 3584)
+    assert "model.layers.38.mlp.up_proj.weight" not in shapes
+
+
+def test_mini_preset_is_the_228m_benchmark_shape():
+    from vitaserve.generator.checkpoint import config_dict
+    from vitaserve.generator.config import LMConfig
+    from vitaserve.generator.model import VitaAudioLM
+
+    with torch.device("meta"):
+        model = VitaAudioLM(LMConfig.from_dict(config_dict("mini")))
+    n = sum(p.numel() for p in model.parameters())
+    assert 220e6 < n < 236e6
+
+
+def test_generate_cli_prints_json(tiny_lm_dir, capsys):
+    from vitaserve.cli.main import main
+
+    assert main(["generate", "--lm", str(tiny_lm_dir), "--prompt-ids", "1,2,3", "--mode", "turbo", "--greedy",
+                 "--max-new-tokens", "12", "--ignore-eos", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["kinds"] == "M" + "m" * 10 + "M" and len(out["tokens"]) == 12 == len(out["token_ms"])
+    assert out["first_chunk_ms"] == out["token_ms"][10]
+    assert main(["generate", "--lm", str(tiny_lm_dir), "--prompt-ids", "1,2", "--mode", "1,11"]) == 2
+    assert "MCTP modules" in capsys.readouterr().err
