@@ -1,0 +1,103 @@
+"""Triton python-backend adapter over vitaserve's generation engine (decoupled mode).
+
+Thin on purpose: parse tensors, submit to the engine thread, send one response per token, end every
+request with the FINAL flag, honour cancellation. The model and its batching live in vitaserve.
+"""
+
+import json
+import site
+import uuid
+
+import numpy as np
+import triton_python_backend_utils as pb_utils
+
+FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
+
+
+def _optional(request, name, cast):
+    tensor = pb_utils.get_input_tensor_by_name(request, name)
+    if tensor is None:
+        return None
+    value = tensor.as_numpy().reshape(-1)[0]
+    return cast(value.decode() if isinstance(value, bytes) else value)
+
+
+class TritonPythonModel:
+    def initialize(self, args):
+        config = json.loads(args["model_config"])
+        if not pb_utils.using_decoupled_model_transaction_policy(config):
+            raise pb_utils.TritonModelException("vita_generator must run in decoupled mode")
+        params = {k: v["string_value"] for k, v in config.get("parameters", {}).items()}
+        if params.get("site_packages"):
+            site.addsitedir(params["site_packages"])  # processes its .pth files (editable installs)
+        if not params.get("lm_dir"):
+            raise pb_utils.TritonModelException("parameter lm_dir (the VITA-Audio checkpoint folder) is empty")
+        from vitaserve.generator.engine import Request
+        from vitaserve.generator.engine_service import EngineService, RequestCancelled
+        from vitaserve.generator.generate import LanguageModel
+        from vitaserve.generator.sampling import SamplingParams
+
+        device = params.get("device") or "cpu"
+        dtype = params.get("dtype") or ("float32" if device == "cpu" else "bfloat16")
+        self.lm = LanguageModel.from_folder(params["lm_dir"], device=device, dtype=dtype,
+                                            max_len=int(params.get("max_len") or 4096),
+                                            num_slots=int(params.get("num_slots") or 16))
+        self.Request, self.SamplingParams, self.Cancelled = Request, SamplingParams, RequestCancelled
+        self.service = EngineService(self.lm)
+
+    def execute(self, requests):
+        for request in requests:
+            sender = request.get_response_sender()
+            try:
+                gen_request = self._parse(request)
+            except (ValueError, TypeError) as exc:
+                sender.send(pb_utils.InferenceResponse(error=pb_utils.TritonError(f"invalid request: {exc}")),
+                            flags=FINAL)
+                continue
+            self.service.submit(gen_request, self._on_token(sender), self._on_done(sender),
+                                is_cancelled=request.is_cancelled)
+        return None
+
+    def _parse(self, request):
+        prompt = pb_utils.get_input_tensor_by_name(request, "PROMPT_IDS").as_numpy().reshape(-1).tolist()
+        greedy = _optional(request, "GREEDY", bool)
+        sampling = self.SamplingParams.from_defaults(
+            self.lm.defaults, do_sample=False if greedy else None,
+            temperature=_optional(request, "TEMPERATURE", float), top_k=_optional(request, "TOP_K", int),
+            top_p=_optional(request, "TOP_P", float),
+            repetition_penalty=_optional(request, "REPETITION_PENALTY", float), seed=_optional(request, "SEED", int),
+        )
+        mode = _optional(request, "MODE", str) or None
+        self.lm.schedule(mode)  # validates early, with a message the client can read
+        return self.Request(
+            request_id=request.request_id() or uuid.uuid4().hex, prompt_ids=[int(t) for t in prompt], mode=mode,
+            sampling=sampling, max_new_tokens=_optional(request, "MAX_NEW_TOKENS", int) or 1024,
+        )
+
+    @staticmethod
+    def _on_token(sender):
+        def send(event):
+            outputs = [
+                pb_utils.Tensor("TOKEN_ID", np.array([event.token_id], dtype=np.int64)),
+                pb_utils.Tensor("IS_AUDIO", np.array([event.is_audio], dtype=np.bool_)),
+                pb_utils.Tensor("STEP_KIND", np.array([event.kind.encode()], dtype=np.object_)),
+                pb_utils.Tensor("INDEX", np.array([event.index], dtype=np.int32)),
+            ]
+            sender.send(pb_utils.InferenceResponse(output_tensors=outputs))
+
+        return send
+
+    def _on_done(self, sender):
+        def done(error):
+            if error is None:
+                sender.send(flags=FINAL)
+            elif isinstance(error, self.Cancelled):
+                sender.send(pb_utils.InferenceResponse(
+                    error=pb_utils.TritonError("cancelled", pb_utils.TritonError.CANCELLED)), flags=FINAL)
+            else:
+                sender.send(pb_utils.InferenceResponse(error=pb_utils.TritonError(str(error))), flags=FINAL)
+
+        return done
+
+    def finalize(self):
+        self.service.stop()

@@ -1,0 +1,122 @@
+"""The engine on its own thread: many callers submit, one loop batches them all.
+
+Callers (the Triton adapter, tests) hand over a request with three callbacks: `on_token` for each
+TokenEvent, `on_done(error)` exactly once at the end (None on success), and optional `is_cancelled`
+polled every step (Triton's request.is_cancelled). Torch never runs on the callers' threads.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import structlog
+
+from vitaserve.generator.engine import Engine, Request
+from vitaserve.generator.generate import LanguageModel, TokenEvent
+
+log = structlog.get_logger(__name__)
+
+
+class RequestCancelled(Exception):
+    """The caller cancelled (barge-in, hang-up, client gone)."""
+
+
+@dataclass
+class _Callbacks:
+    on_token: Callable[[TokenEvent], None]
+    on_done: Callable[[Exception | None], None]
+    is_cancelled: Callable[[], bool] | None
+
+
+class EngineService:
+    def __init__(self, lm: LanguageModel, name: str = "vita-engine"):
+        self.engine = Engine(lm)
+        self._inbox: list[tuple[Request, _Callbacks]] = []
+        self._cancels: set[str] = set()
+        self._callbacks: dict[str, _Callbacks] = {}
+        self._wake = threading.Condition()
+        self._stopping = False
+        self._thread = threading.Thread(target=self._loop, name=name, daemon=True)
+        self._thread.start()
+
+    # -- caller side (any thread) ------------------------------------------------------------
+    def submit(self, request: Request, on_token, on_done, is_cancelled=None) -> None:
+        with self._wake:
+            if self._stopping:
+                raise RuntimeError("the engine is shutting down")
+            self._inbox.append((request, _Callbacks(on_token, on_done, is_cancelled)))
+            self._wake.notify()
+
+    def cancel(self, request_id: str) -> None:
+        with self._wake:
+            self._cancels.add(request_id)
+            self._wake.notify()
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """Finish: every pending and running request ends with an error; the thread exits."""
+        with self._wake:
+            self._stopping = True
+            self._wake.notify()
+        self._thread.join(timeout)
+
+    def load(self) -> dict:
+        return {"running": len(self.engine.running), "waiting": len(self.engine.waiting) + len(self._inbox),
+                "free_slots": len(self.engine.free_slots)}
+
+    # -- engine thread -----------------------------------------------------------------------
+    def _finish(self, rid: str, error: Exception | None) -> None:
+        cb = self._callbacks.pop(rid, None)
+        if cb is not None:
+            try:
+                cb.on_done(error)
+            except Exception:  # a broken caller must not stop the loop for everyone else
+                log.exception("on_done callback failed", request_id=rid)
+
+    def _take_inbox(self) -> bool:
+        with self._wake:
+            while not (self._inbox or self._cancels or self._stopping or self.engine.has_work()):
+                self._wake.wait()
+            inbox, self._inbox = self._inbox, []
+            cancels, self._cancels = self._cancels, set()
+            stopping = self._stopping
+        for request, cb in inbox:
+            try:
+                self.engine.add(request)
+                self._callbacks[request.request_id] = cb
+            except ValueError as exc:
+                cb.on_done(exc)
+        for rid, cb in list(self._callbacks.items()):
+            if rid in cancels or (cb.is_cancelled is not None and cb.is_cancelled()):
+                self.engine.cancel(rid)
+                self._finish(rid, RequestCancelled(f"request {rid} cancelled"))
+        return not stopping
+
+    def _loop(self) -> None:
+        while self._take_inbox():
+            if not self.engine.has_work():
+                continue
+            try:
+                events = self.engine.step()
+            except Exception as exc:  # fail every running call clearly; keep serving new ones
+                log.exception("engine step failed")
+                for rid in list(self._callbacks):
+                    self.engine.cancel(rid)
+                    self._finish(rid, exc)
+                continue
+            for rid, event in events:
+                cb = self._callbacks.get(rid)
+                if cb is None:
+                    continue
+                try:
+                    cb.on_token(event)
+                except Exception as exc:
+                    self.engine.cancel(rid)
+                    self._finish(rid, exc)
+                    continue
+                if event.finished:
+                    self._finish(rid, None)
+        for rid in list(self._callbacks):
+            self.engine.cancel(rid)
+            self._finish(rid, RuntimeError("the engine stopped"))
