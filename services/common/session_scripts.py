@@ -1,0 +1,164 @@
+"""Lua scripts of the session store: each write checks and writes in one atomic step.
+
+Why Lua and not WATCH/MULTI: a fenced write is one round trip and cannot lose a race between the
+check and the write (Redis runs a script alone); WATCH needs a retry loop per conflict.
+
+Every script refreshes the TTL of every key it touches (idle sessions expire, live ones do not).
+Writes that change turn state carry an `op` id (a fresh uuid per Python call) and store it: a retry
+of the same call after a lost reply finds its own op id and answers "done" instead of reporting
+itself as a conflicting writer. Any other writer in between replaces the op id, so the retry is
+then, correctly, stale.
+
+Replies are arrays whose first element is a status word:
+  ok | done (this op was already applied) | missing | ended | exists | stale (+ what, + value)
+"""
+
+from __future__ import annotations
+
+# Shared prelude: server clock (one clock for all replicas) and the fence check.
+# KEYS[1] is the session hash in every script that uses gate().
+_PRELUDE = """
+local function now()
+  local t = redis.call('TIME')
+  return t[1] .. '.' .. string.format('%06d', tonumber(t[2]))
+end
+-- nil, fields when the caller may write; else the reply to return
+local function gate(owner, fence, op)
+  if redis.call('EXISTS', KEYS[1]) == 0 then return {'missing'} end
+  local f = redis.call('HMGET', KEYS[1], 'status', 'owner', 'fence', 'op', 'turn')
+  if op ~= '' and f[4] == op then return {'done', tonumber(f[5]), tonumber(f[3])} end
+  if f[1] == 'ended' then return {'ended'} end
+  if f[2] ~= owner then return {'stale', 'owner', f[2]} end
+  if fence ~= '' and f[3] ~= fence then return {'stale', 'fence', f[3]} end
+  return nil, f
+end
+local function refresh(ttl)
+  redis.call('PEXPIRE', KEYS[1], ttl)
+  redis.call('PEXPIRE', KEYS[2], ttl)
+end
+"""
+
+# KEYS[1] session hash   KEYS[2] history list
+# ARGV[1] op id   ARGV[2] ttl ms   ARGV[3] owner   ARGV[4..] config field, value pairs
+# returns {'ok'} | {'done'} (retry of this op) | {'exists'} (id taken: never for a uuid4)
+CREATE = """
+if redis.call('EXISTS', KEYS[1]) == 1 then
+  if redis.call('HGET', KEYS[1], 'op') == ARGV[1] then return {'done'} end
+  return {'exists'}
+end
+local t = now()
+redis.call('DEL', KEYS[2])
+redis.call('HSET', KEYS[1], 'created_at', t, 'updated_at', t, 'turn', 0, 'status', 'active',
+           'owner', ARGV[3], 'fence', 0, 'op', ARGV[1], unpack(ARGV, 4))
+refresh(ARGV[2])
+return {'ok'}
+"""
+
+# KEYS[1] session hash   KEYS[2] history list
+# ARGV[1] expected turn   ARGV[2] owner   ARGV[3] fence ('' = not checked)   ARGV[4] op id
+# ARGV[5] ttl ms
+# returns {'ok', new turn} | {'done', turn} | {'missing'} | {'ended'} | {'stale', what, value}
+# An unfinished turn (status in_turn) of the same owner is abandoned: its number is not reused.
+BEGIN_TURN = """
+local reply, f = gate(ARGV[2], ARGV[3], ARGV[4])
+if reply then return reply end
+local turn = tonumber(f[5])
+if turn ~= tonumber(ARGV[1]) then return {'stale', 'turn', f[5]} end
+turn = turn + 1
+redis.call('HSET', KEYS[1], 'turn', turn, 'status', 'in_turn', 'op', ARGV[4], 'updated_at', now())
+refresh(ARGV[5])
+return {'ok', turn}
+"""
+
+# KEYS[1] session hash   KEYS[2] history list
+# ARGV[1] turn   ARGV[2] owner   ARGV[3] fence ('' = not checked)   ARGV[4] op id   ARGV[5] ttl ms
+# ARGV[6] turn record (JSON)   ARGV[7] max turns kept (the oldest are trimmed)
+# returns {'ok', history length} | {'done', turn} | {'missing'} | {'ended'} | {'stale', what, value}
+COMMIT_TURN = """
+local reply, f = gate(ARGV[2], ARGV[3], ARGV[4])
+if reply then return reply end
+if tonumber(f[5]) ~= tonumber(ARGV[1]) then return {'stale', 'turn', f[5]} end
+if f[1] ~= 'in_turn' then return {'stale', 'committed', f[5]} end
+redis.call('RPUSH', KEYS[2], ARGV[6])
+redis.call('LTRIM', KEYS[2], -tonumber(ARGV[7]), -1)
+redis.call('HSET', KEYS[1], 'status', 'active', 'op', ARGV[4], 'updated_at', now())
+refresh(ARGV[5])
+return {'ok', redis.call('LLEN', KEYS[2])}
+"""
+
+# KEYS[1] session hash   KEYS[2] history list
+# ARGV[1] new owner   ARGV[2] op id   ARGV[3] ttl ms
+# returns {'ok', fence, HGETALL, LRANGE} | {'done', ...same} | {'missing'} | {'ended'}
+# The new owner gets a bumped fence; an unfinished turn of the old owner is abandoned (status
+# back to active), so the old owner's begin/commit fail on the owner and the fence.
+CLAIM = """
+if redis.call('EXISTS', KEYS[1]) == 0 then return {'missing'} end
+local f = redis.call('HMGET', KEYS[1], 'status', 'op')
+local word = 'done'
+if f[2] ~= ARGV[2] then
+  if f[1] == 'ended' then return {'ended'} end
+  redis.call('HINCRBY', KEYS[1], 'fence', 1)
+  redis.call('HSET', KEYS[1], 'owner', ARGV[1], 'status', 'active', 'op', ARGV[2],
+             'updated_at', now())
+  word = 'ok'
+end
+refresh(ARGV[3])
+return {word, tonumber(redis.call('HGET', KEYS[1], 'fence')), redis.call('HGETALL', KEYS[1]),
+        redis.call('LRANGE', KEYS[2], 0, -1)}
+"""
+
+# KEYS[1] session hash   KEYS[2] history list
+# ARGV[1] owner ('' = anyone)   ARGV[2] fence ('' = not checked)   ARGV[3] ttl ms
+# returns {'ok'} (also when already ended) | {'missing'} | {'stale', what, value}
+END = """
+local st = redis.call('HGET', KEYS[1], 'status')
+if not st then return {'missing'} end
+if st == 'ended' then return {'ok'} end
+if ARGV[1] ~= '' then
+  local reply = gate(ARGV[1], ARGV[2], '')
+  if reply then return reply end
+end
+redis.call('HSET', KEYS[1], 'status', 'ended', 'updated_at', now())
+refresh(ARGV[3])
+return {'ok'}
+"""
+
+# KEYS[1] session hash   KEYS[2] history list
+# ARGV[1] ttl ms
+# returns {'ok'} | {'missing'}      (keep-alive for a connected but silent caller)
+TOUCH = """
+if redis.call('EXISTS', KEYS[1]) == 0 then return {'missing'} end
+refresh(ARGV[1])
+return {'ok'}
+"""
+
+# KEYS[1] decoder state hash
+# ARGV[1] seq   ARGV[2] data   ARGV[3] ttl ms
+# returns {'ok'} | {'done'} (same seq and bytes already stored: a retry)
+#       | {'missing'} (seq > 0 but nothing stored) | {'stale', 'seq', stored seq}
+PUT_DECODER_STATE = """
+local cur = redis.call('HGET', KEYS[1], 'seq')
+local seq = tonumber(ARGV[1])
+if not cur then
+  if seq ~= 0 then return {'missing'} end
+else
+  if seq == tonumber(cur) and redis.call('HGET', KEYS[1], 'data') == ARGV[2] then
+    redis.call('PEXPIRE', KEYS[1], ARGV[3])
+    return {'done'}
+  end
+  if seq ~= tonumber(cur) + 1 then return {'stale', 'seq', cur} end
+end
+redis.call('HSET', KEYS[1], 'seq', seq, 'data', ARGV[2])
+redis.call('PEXPIRE', KEYS[1], ARGV[3])
+return {'ok'}
+"""
+
+SESSION_SCRIPTS = {
+    "create": CREATE, "begin_turn": BEGIN_TURN, "commit_turn": COMMIT_TURN,
+    "claim": CLAIM, "end": END, "touch": TOUCH,
+}
+
+
+def session_script(name: str) -> str:
+    """The full text of a session script: the shared prelude + its body."""
+    return _PRELUDE + SESSION_SCRIPTS[name]

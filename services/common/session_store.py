@@ -1,0 +1,364 @@
+"""Redis-backed session state: each call's conversation (any gateway replica can continue a call)
+and each audio stream's decoder state (any decoder replica can serve the next chunk).
+
+Writes are Lua scripts (session_scripts.py) fenced by the turn counter, the owner and a fencing
+token; a loser gets StaleWriteError and nothing of its write lands. Transient Redis failures are
+retried here with tenacity, bounded in attempts and total time; only reads and writes that are
+idempotent or fenced are retried (every script recognises its own replay), and when the budget is
+spent the caller gets StoreUnavailable (gRPC UNAVAILABLE).
+
+The store owns the retry policy: build the client with `connect_redis()` (no client-side retries,
+short socket timeouts). redis-py's default client retries 10 times with backoff by itself, which
+multiplies the attempts and the time to fail.
+"""
+
+from __future__ import annotations
+
+import uuid
+from typing import Any, Awaitable, Callable
+
+import redis.asyncio as aioredis
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import ReadOnlyError, TryAgainError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+from tenacity import (
+    AsyncRetrying,
+    RetryCallState,
+    retry_if_exception_type,
+    stop_after_attempt,
+    stop_after_delay,
+    wait_exponential,
+)
+
+from vitaserve.common import keys
+from vitaserve.common.session_scripts import PUT_DECODER_STATE, SESSION_SCRIPTS, session_script
+from vitaserve.common.session_types import (
+    RecordTooLarge,
+    SessionConfig,
+    SessionEnded,
+    SessionError,
+    SessionInputError,
+    SessionNotFound,
+    SessionRecord,
+    StaleWriteError,
+    StoreUnavailable,
+    TurnRecord,
+    record_from_redis,
+)
+
+__all__ = [
+    "SessionStore", "connect_redis", "SessionConfig", "SessionRecord", "TurnRecord",
+    "SessionError", "SessionNotFound", "SessionEnded", "StaleWriteError", "StoreUnavailable",
+    "SessionInputError", "RecordTooLarge",
+]
+
+# Transient: the connection failed or timed out (includes BusyLoadingError while Redis loads),
+# a replica became read-only during a failover, a cluster slot is migrating.
+TRANSIENT = (RedisConnectionError, RedisTimeoutError, ReadOnlyError, TryAgainError)
+
+OnRetry = Callable[[str, int, BaseException], None]
+
+
+def connect_redis(url: str = "redis://localhost:6379/0", *, timeout_s: float = 2.0,
+                  max_connections: int | None = None) -> aioredis.Redis:
+    """A client fit for SessionStore: bytes replies, short timeouts, no retries of its own."""
+    return aioredis.Redis.from_url(
+        url, decode_responses=False, socket_timeout=timeout_s, socket_connect_timeout=timeout_s,
+        retry=Retry(NoBackoff(), 0), max_connections=max_connections,
+    )
+
+
+def _word(reply: list) -> str:
+    w = reply[0]
+    return w.decode() if isinstance(w, bytes) else str(w)
+
+
+def _count(name: str, v: Any) -> int:
+    if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+        raise SessionInputError(f"{name} must be a non-negative integer, got {v!r}")
+    return v
+
+
+def _s(v: Any) -> str:
+    return v.decode() if isinstance(v, bytes) else str(v)
+
+
+class SessionStore:
+    """Sessions and decoder stream states of one namespace in one Redis."""
+
+    def __init__(
+        self,
+        redis: aioredis.Redis,
+        namespace: str = keys.DEFAULT_NAMESPACE,
+        session_ttl_s: int = keys.SESSION_TTL_S,
+        decoder_state_ttl_s: int = keys.DECODER_STATE_TTL_S,
+        *,
+        max_turns: int = keys.MAX_HISTORY_TURNS,
+        max_turn_bytes: int = keys.MAX_TURN_BYTES,
+        max_system_prompt_bytes: int = keys.MAX_SYSTEM_PROMPT_BYTES,
+        max_decoder_state_bytes: int = keys.MAX_DECODER_STATE_BYTES,
+        retry_attempts: int = keys.RETRY_ATTEMPTS,
+        retry_max_s: float = keys.RETRY_MAX_S,
+        on_retry: OnRetry | None = None,
+    ) -> None:
+        if redis.get_connection_kwargs().get("decode_responses"):
+            raise SessionInputError(
+                "SessionStore needs a Redis client with decode_responses=False "
+                "(decoder states are raw bytes); use connect_redis()"
+            )
+        for name, v in (("session_ttl_s", session_ttl_s),
+                        ("decoder_state_ttl_s", decoder_state_ttl_s),
+                        ("max_turns", max_turns), ("max_turn_bytes", max_turn_bytes),
+                        ("max_system_prompt_bytes", max_system_prompt_bytes),
+                        ("max_decoder_state_bytes", max_decoder_state_bytes),
+                        ("retry_attempts", retry_attempts)):
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise SessionInputError(f"{name} must be a positive integer, got {v!r}")
+        if not retry_max_s > 0:
+            raise SessionInputError(f"retry_max_s must be > 0, got {retry_max_s!r}")
+        try:
+            self.namespace = keys.check_namespace(namespace)
+        except keys.InvalidKeyPart as e:
+            raise SessionInputError(str(e)) from None
+        self.redis = redis
+        self.session_ttl_ms = session_ttl_s * 1000
+        self.decoder_state_ttl_ms = decoder_state_ttl_s * 1000
+        self.max_turns = max_turns
+        self.max_turn_bytes = max_turn_bytes
+        self.max_system_prompt_bytes = max_system_prompt_bytes
+        self.max_decoder_state_bytes = max_decoder_state_bytes
+        self.retry_attempts = retry_attempts
+        self.retry_max_s = retry_max_s
+        self.on_retry = on_retry
+        # Registered once; redis-py loads a script again by itself after NOSCRIPT (Redis restart).
+        self._scripts = {n: redis.register_script(session_script(n)) for n in SESSION_SCRIPTS}
+        self._put_state = redis.register_script(PUT_DECODER_STATE)
+
+    # ---- plumbing -------------------------------------------------------------------------
+
+    async def _retrying(self, what: str, fn: Callable[[], Awaitable[Any]]) -> Any:
+        """Run fn, retrying transient Redis failures; StoreUnavailable once the budget is spent."""
+
+        def before_sleep(state: RetryCallState) -> None:
+            if self.on_retry is not None and state.outcome is not None:
+                self.on_retry(what, state.attempt_number, state.outcome.exception())
+
+        retrying = AsyncRetrying(
+            retry=retry_if_exception_type(TRANSIENT),
+            stop=stop_after_attempt(self.retry_attempts) | stop_after_delay(self.retry_max_s),
+            wait=wait_exponential(multiplier=keys.RETRY_BACKOFF_S, max=keys.RETRY_BACKOFF_CAP_S),
+            before_sleep=before_sleep,
+            reraise=True,
+        )
+        try:
+            async for attempt in retrying:
+                with attempt:
+                    return await fn()
+        except TRANSIENT as e:
+            n = retrying.statistics.get("attempt_number", 1)
+            raise StoreUnavailable(
+                f"Redis unavailable while trying to {what} "
+                f"({n} attempt{'s' if n != 1 else ''}): {type(e).__name__}: {e}"
+            ) from e
+
+    async def _run(self, what: str, script: str, keys_: list[str], args: list[Any]) -> list:
+        s = self._scripts[script]
+        return await self._retrying(what, lambda: s(keys=keys_, args=args))
+
+    def _keys(self, session_id: str) -> list[str]:
+        try:
+            keys.check_session_id(session_id)
+        except keys.InvalidKeyPart as e:
+            raise SessionInputError(str(e)) from None
+        return [keys.session_key(self.namespace, session_id),
+                keys.history_key(self.namespace, session_id)]
+
+    def _state_key(self, stream_id: str) -> str:
+        try:
+            keys.check_stream_id(stream_id)
+        except keys.InvalidKeyPart as e:
+            raise SessionInputError(str(e)) from None
+        return keys.decoder_state_key(self.namespace, stream_id)
+
+    @staticmethod
+    def _owner(owner: str) -> str:
+        if not isinstance(owner, str) or not owner or len(owner) > 256:
+            raise SessionInputError(
+                f"owner must be a non-empty string of at most 256 characters, got {owner!r}"
+            )
+        return owner
+
+    @staticmethod
+    def _fence(fence: int | None) -> str:
+        if fence is None:
+            return ""
+        return str(_count("fence", fence))
+
+    @staticmethod
+    def _raise_for(reply: list, session_id: str, action: str) -> None:
+        """Map a script's refusal to the store's errors; return on ok/done."""
+        word = _word(reply)
+        if word in ("ok", "done"):
+            return
+        if word == "missing":
+            raise SessionNotFound(f"session {session_id} not found (unknown id, or expired)")
+        if word == "ended":
+            raise SessionEnded(f"session {session_id} has ended; cannot {action}")
+        if word == "stale":
+            what, value = _s(reply[1]), _s(reply[2])
+            why = {
+                "owner": f"the call is now owned by {value!r}" if value
+                else "the session has no owner yet (claim it first)",
+                "fence": f"the session was claimed again (fence is now {value})",
+                "turn": f"the turn counter is {value}",
+                "committed": f"turn {value} was already committed",
+            }.get(what, f"{what} is {value}")
+            raise StaleWriteError(f"cannot {action} on session {session_id}: {why}")
+        raise SessionError(f"unexpected reply {reply!r} to {action} on session {session_id}")
+
+    # ---- sessions -------------------------------------------------------------------------
+
+    async def create(self, config: SessionConfig, owner: str = "") -> str:
+        """Start a session; returns its id (uuid4 hex). `owner` may be set now or by claim()."""
+        if not isinstance(config, SessionConfig):
+            raise SessionInputError(f"config must be a SessionConfig, got {type(config).__name__}")
+        if owner != "":
+            self._owner(owner)
+        n = len(config.system_prompt.encode())
+        if n > self.max_system_prompt_bytes:
+            raise RecordTooLarge(
+                f"system prompt is {n} bytes, over the limit of {self.max_system_prompt_bytes}"
+            )
+        session_id = uuid.uuid4().hex
+        fields = ["mode", config.mode, "codec", config.codec, "sample_rate", config.sample_rate,
+                  "system_prompt", config.system_prompt]
+        reply = await self._run("create a session", "create", self._keys(session_id),
+                                [uuid.uuid4().hex, self.session_ttl_ms, owner, *fields])
+        if _word(reply) == "exists":  # a uuid4 collision: cannot happen in practice
+            raise SessionError(f"session id {session_id} already exists")
+        return session_id
+
+    async def get(self, session_id: str) -> SessionRecord | None:
+        """The session with its history, or None if unknown/expired. Does not refresh the TTL."""
+        k = self._keys(session_id)
+
+        async def read() -> list:
+            async with self.redis.pipeline(transaction=True) as p:  # one consistent snapshot
+                p.hgetall(k[0])
+                p.lrange(k[1], 0, -1)
+                return await p.execute()
+
+        fields, history = await self._retrying("read a session", read)
+        if not fields:
+            return None
+        return record_from_redis(session_id, fields, history)
+
+    async def history(self, session_id: str) -> list[TurnRecord]:
+        """The finished turns (at most max_turns, oldest first); SessionNotFound if unknown."""
+        rec = await self.get(session_id)
+        if rec is None:
+            raise SessionNotFound(f"session {session_id} not found (unknown id, or expired)")
+        return rec.history
+
+    async def begin_turn(self, session_id: str, expected_turn: int, owner: str,
+                         fence: int | None = None) -> int:
+        """Start turn expected_turn + 1 and return its number. Fails with StaleWriteError if the
+        counter moved (another writer began a turn) or another owner holds the call. A turn of the
+        same owner left unfinished (status in_turn) is abandoned; its number is never reused."""
+        args = [_count("expected_turn", expected_turn), self._owner(owner), self._fence(fence),
+                uuid.uuid4().hex, self.session_ttl_ms]
+        reply = await self._run("begin a turn", "begin_turn", self._keys(session_id), args)
+        self._raise_for(reply, session_id, f"begin turn {expected_turn + 1}")
+        return int(reply[1])
+
+    async def commit_turn(self, session_id: str, turn: int, record: TurnRecord, owner: str,
+                          fence: int | None = None) -> None:
+        """Append the finished turn to the history (the oldest trimmed past max_turns). Only the
+        owner of the turn in progress may commit it, once."""
+        if not isinstance(record, TurnRecord):
+            raise SessionInputError(f"record must be a TurnRecord, got {type(record).__name__}")
+        if record.turn != turn:
+            raise SessionInputError(
+                f"record is for turn {record.turn}, but turn {turn!r} is being committed"
+            )
+        data = record.to_json()
+        if len(data) > self.max_turn_bytes:
+            raise RecordTooLarge(
+                f"turn {turn} record is {len(data)} bytes, over the limit of {self.max_turn_bytes}"
+            )
+        args = [turn, self._owner(owner), self._fence(fence), uuid.uuid4().hex,
+                self.session_ttl_ms, data, self.max_turns]
+        reply = await self._run("commit a turn", "commit_turn", self._keys(session_id), args)
+        self._raise_for(reply, session_id, f"commit turn {turn}")
+
+    async def claim(self, session_id: str, owner: str) -> SessionRecord:
+        """Take over the call (resume on another replica): the new owner, a bumped fence, and the
+        session as it is now. The old owner's later writes fail with StaleWriteError; its
+        unfinished turn is abandoned."""
+        args = [self._owner(owner), uuid.uuid4().hex, self.session_ttl_ms]
+        reply = await self._run("claim a session", "claim", self._keys(session_id), args)
+        self._raise_for(reply, session_id, "claim it")
+        flat = reply[2]
+        fields = dict(zip(flat[0::2], flat[1::2]))
+        return record_from_redis(session_id, fields, reply[3])
+
+    async def end(self, session_id: str, owner: str | None = None,
+                  fence: int | None = None) -> None:
+        """Mark the call ended (kept until its TTL, so a late resume gets SessionEnded, not
+        NotFound). With `owner`, only that owner may end it. Idempotent."""
+        who = "" if owner is None else self._owner(owner)
+        args = [who, self._fence(fence), self.session_ttl_ms]
+        reply = await self._run("end a session", "end", self._keys(session_id), args)
+        self._raise_for(reply, session_id, "end it")
+
+    async def touch(self, session_id: str) -> None:
+        """Refresh the TTL of a connected but idle call (on hold, a long silence)."""
+        reply = await self._run("refresh a session", "touch", self._keys(session_id),
+                                [self.session_ttl_ms])
+        self._raise_for(reply, session_id, "refresh it")
+
+    # ---- decoder stream state -------------------------------------------------------------
+
+    async def put_decoder_state(self, stream_id: str, seq: int, data: bytes) -> None:
+        """Store a stream's state after chunk `seq`: only if seq is the stored seq + 1, or 0 for
+        a new stream. StaleWriteError if another replica stored this or a later seq first;
+        SessionNotFound if seq > 0 and nothing is stored (expired or deleted)."""
+        key = self._state_key(stream_id)
+        _count("seq", seq)
+        if not isinstance(data, (bytes, bytearray, memoryview)):
+            raise SessionInputError(f"decoder state must be bytes, got {type(data).__name__}")
+        data = bytes(data)
+        if len(data) > self.max_decoder_state_bytes:
+            raise RecordTooLarge(
+                f"decoder state of stream {stream_id} is {len(data)} bytes, "
+                f"over the limit of {self.max_decoder_state_bytes}"
+            )
+        reply = await self._retrying(
+            "store a decoder state",
+            lambda: self._put_state(keys=[key], args=[seq, data, self.decoder_state_ttl_ms]),
+        )
+        word = _word(reply)
+        if word == "missing":
+            raise SessionNotFound(
+                f"decoder stream {stream_id} has no stored state (expired or deleted); "
+                f"seq {seq} needs seq {seq - 1} stored first"
+            )
+        if word == "stale":
+            raise StaleWriteError(
+                f"decoder stream {stream_id} holds seq {_s(reply[2])}; cannot store seq {seq} "
+                "(only the next seq, or 0 for a new stream)"
+            )
+
+    async def get_decoder_state(self, stream_id: str) -> tuple[int, bytes] | None:
+        key = self._state_key(stream_id)
+        seq, data = await self._retrying("read a decoder state",
+                                         lambda: self.redis.hmget(key, ["seq", "data"]))
+        if seq is None or data is None:
+            return None
+        return int(seq), bytes(data)
+
+    async def delete_decoder_state(self, stream_id: str) -> None:
+        key = self._state_key(stream_id)
+        await self._retrying("delete a decoder state", lambda: self.redis.delete(key))

@@ -1,0 +1,454 @@
+"""Session store against a real redis-server (no mocks): round trips, TTLs, fencing, claims,
+decoder state seq fencing, Redis down, trimming and size limits."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import time
+import uuid
+
+import pytest
+
+from vitaserve.common import keys
+from vitaserve.common.session_store import (
+    RecordTooLarge,
+    SessionConfig,
+    SessionEnded,
+    SessionInputError,
+    SessionNotFound,
+    SessionStore,
+    StaleWriteError,
+    StoreUnavailable,
+    TurnRecord,
+    connect_redis,
+)
+
+pytestmark = pytest.mark.skipif(shutil.which("redis-server") is None, reason="needs redis-server")
+
+CFG = SessionConfig(mode="boost", codec="mulaw", sample_rate=8000, system_prompt="Be brief.")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_redis(workdir, port: int) -> subprocess.Popen:
+    """Start redis-server and return once it logs that it accepts connections (an event)."""
+    os.makedirs(workdir, exist_ok=True)
+    proc = subprocess.Popen(
+        ["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--dir", str(workdir),
+         "--save", "", "--appendonly", "no"],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )
+    lines = []
+    for line in proc.stdout:
+        lines.append(line)
+        if "Ready to accept connections" in line:
+            return proc
+    proc.wait()
+    raise RuntimeError("redis-server did not start:\n" + "".join(lines))
+
+
+def stop_redis(proc: subprocess.Popen) -> None:
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGCONT)  # in case a test stopped it
+        proc.terminate()
+        proc.wait(timeout=10)
+    proc.stdout.close()
+
+
+@pytest.fixture(scope="session")
+def redis_url(tmp_path_factory):
+    port = free_port()
+    proc = start_redis(tmp_path_factory.mktemp("redis"), port)
+    yield f"redis://127.0.0.1:{port}/0"
+    stop_redis(proc)
+
+
+@contextlib.asynccontextmanager
+async def open_store(url: str, **kw):
+    """A store in a fresh namespace (tests never see each other's keys) and a raw client."""
+    r = connect_redis(url, timeout_s=kw.pop("timeout_s", 2.0))
+    try:
+        yield SessionStore(r, namespace="t" + uuid.uuid4().hex[:12], **kw), r
+    finally:
+        await r.aclose()
+
+
+def turn(n: int, text: str = "", interrupted: bool = False) -> TurnRecord:
+    return TurnRecord(turn=n, user_audio=[n, 16383, 0], assistant_ids=[151665, n, 168071],
+                      text=text or f"answer {n}", interrupted=interrupted)
+
+
+async def play_turns(store: SessionStore, sid: str, owner: str, n: int, start: int = 0) -> None:
+    for i in range(start, start + n):
+        t = await store.begin_turn(sid, i, owner)
+        assert t == i + 1
+        await store.commit_turn(sid, t, turn(t), owner)
+
+
+def test_create_get_history_round_trip(redis_url):
+    async def body():
+        async with open_store(redis_url) as (store, _):
+            sid = await store.create(CFG, owner="gw-a/1")
+            assert len(sid) == 32 and int(sid, 16) >= 0
+            rec = await store.get(sid)
+            assert rec.config == CFG and rec.turn == 0 and rec.status == "active"
+            assert rec.owner == "gw-a/1" and rec.fence == 0 and rec.history == []
+            assert rec.created_at == rec.updated_at > 1.6e9
+
+            t = await store.begin_turn(sid, 0, "gw-a/1")
+            assert t == 1 and (await store.get(sid)).status == "in_turn"
+            first = TurnRecord(turn=1, user_audio=list(range(0, 16384, 97)), assistant_ids=[5, 6],
+                               text="héllo 你好", interrupted=True)
+            await store.commit_turn(sid, 1, first, "gw-a/1")
+            await play_turns(store, sid, "gw-a/1", 1, start=1)
+
+            rec = await store.get(sid)
+            assert rec.turn == 2 and rec.status == "active" and rec.updated_at >= rec.created_at
+            assert rec.history == [first, turn(2)]
+            assert await store.history(sid) == [first, turn(2)]
+            assert await store.get(uuid.uuid4().hex) is None
+
+    asyncio.run(body())
+
+
+def test_every_key_has_a_ttl_and_every_write_refreshes_it(redis_url):
+    async def body():
+        async with open_store(redis_url, session_ttl_s=600, decoder_state_ttl_s=60) as (store, r):
+            sid = await store.create(CFG, owner="o")
+            await play_turns(store, sid, "o", 1)
+            await store.put_decoder_state("s1", 0, b"x")
+            found = [k async for k in r.scan_iter(match=f"{store.namespace}:*")]
+            assert len(found) == 3  # session hash, history list, decoder state
+            for k in found:
+                ttl = await r.pttl(k)
+                limit = 60_000 if b":decoder:" in k else 600_000
+                assert 0 < ttl <= limit, (k, ttl)
+
+            hkey, lkey = store._keys(sid)
+            writes = [
+                lambda: store.begin_turn(sid, 1, "o"),
+                lambda: store.commit_turn(sid, 2, turn(2), "o"),
+                lambda: store.claim(sid, "o2"),
+                lambda: store.touch(sid),
+                lambda: store.end(sid, owner="o2"),
+            ]
+            for write in writes:
+                for k in (hkey, lkey):
+                    assert await r.pexpire(k, 5000)
+                await write()
+                for k in (hkey, lkey):
+                    assert 5000 < await r.pttl(k) <= 600_000
+
+            dkey = keys.decoder_state_key(store.namespace, "s1")
+            assert await r.pexpire(dkey, 5000)
+            await store.put_decoder_state("s1", 1, b"y")
+            assert 5000 < await r.pttl(dkey) <= 60_000
+
+    asyncio.run(body())
+
+
+def test_concurrent_writers_exactly_one_wins_and_history_is_intact(redis_url):
+    async def body():
+        async with open_store(redis_url) as (store, _):
+            sid = await store.create(CFG, owner="gw")
+            await play_turns(store, sid, "gw", 2)
+
+            # Eight writers (a retry, a duplicate task) race to begin turn 3.
+            res = await asyncio.gather(*(store.begin_turn(sid, 2, "gw") for _ in range(8)),
+                                       return_exceptions=True)
+            assert res.count(3) == 1
+            assert all(isinstance(x, StaleWriteError) for x in res if x != 3)
+
+            # Eight writers race to commit turn 3, each with a different record.
+            recs = [turn(3, text=f"writer {i}") for i in range(8)]
+            res = await asyncio.gather(*(store.commit_turn(sid, 3, rec, "gw") for rec in recs),
+                                       return_exceptions=True)
+            winners = [i for i, x in enumerate(res) if x is None]
+            assert len(winners) == 1
+            assert all(isinstance(x, StaleWriteError) for x in res if x is not None)
+            assert "already committed" in str(next(x for x in res if x is not None))
+
+            rec = await store.get(sid)
+            assert rec.turn == 3 and rec.status == "active"
+            assert rec.history == [turn(1), turn(2), recs[winners[0]]]
+
+    asyncio.run(body())
+
+
+def test_claim_by_a_new_owner_fences_out_the_old_one(redis_url):
+    async def body():
+        async with open_store(redis_url) as (store, _):
+            sid = await store.create(CFG, owner="gw-a/1")
+            await play_turns(store, sid, "gw-a/1", 1)
+            assert await store.begin_turn(sid, 1, "gw-a/1") == 2  # replica A dies mid-turn 2
+
+            rec = await store.claim(sid, "gw-b/7")
+            assert (rec.owner, rec.fence, rec.status, rec.turn) == ("gw-b/7", 1, "active", 2)
+            assert rec.history == [turn(1)] and rec.config == CFG
+
+            with pytest.raises(StaleWriteError, match="owned by 'gw-b/7'"):
+                await store.commit_turn(sid, 2, turn(2), "gw-a/1")
+            with pytest.raises(StaleWriteError):
+                await store.begin_turn(sid, 2, "gw-a/1")
+            with pytest.raises(StaleWriteError):
+                await store.end(sid, owner="gw-a/1")
+
+            # B continues; the abandoned turn 2 is never reused.
+            assert await store.begin_turn(sid, 2, "gw-b/7", fence=rec.fence) == 3
+            await store.commit_turn(sid, 3, turn(3), "gw-b/7", fence=rec.fence)
+
+            # The same owner string claiming again still fences out its older handler.
+            again = await store.claim(sid, "gw-b/7")
+            assert again.fence == 2
+            with pytest.raises(StaleWriteError, match="fence is now 2"):
+                await store.begin_turn(sid, 3, "gw-b/7", fence=1)
+            assert await store.history(sid) == [turn(1), turn(3)]
+
+    asyncio.run(body())
+
+
+def test_unknown_malformed_and_ended_sessions(redis_url):
+    async def body():
+        async with open_store(redis_url) as (store, _):
+            ghost = uuid.uuid4().hex
+            assert await store.get(ghost) is None
+            calls = [
+                store.history(ghost), store.begin_turn(ghost, 0, "o"),
+                store.commit_turn(ghost, 1, turn(1), "o"), store.claim(ghost, "o"),
+                store.end(ghost), store.touch(ghost),
+            ]
+            for call in calls:
+                with pytest.raises(SessionNotFound, match=ghost):
+                    await call
+            for bad in ("not-a-session", ghost.upper(), "a{b}" * 8, 42):
+                with pytest.raises(SessionInputError):
+                    await store.get(bad)
+
+            sid = await store.create(CFG)  # no owner yet: writes need a claim first
+            with pytest.raises(StaleWriteError, match="no owner yet"):
+                await store.begin_turn(sid, 0, "o")
+            await store.claim(sid, "o")
+            await play_turns(store, sid, "o", 1)
+            await store.end(sid, owner="o")
+            await store.end(sid)  # idempotent
+            assert (await store.get(sid)).status == "ended"
+            with pytest.raises(SessionEnded):
+                await store.begin_turn(sid, 1, "o")
+            with pytest.raises(SessionEnded):
+                await store.claim(sid, "o2")
+            assert await store.history(sid) == [turn(1)]
+
+    asyncio.run(body())
+
+
+def test_retried_script_after_a_lost_reply_is_not_a_conflict(redis_url):
+    """Replay the exact script call (same op id), as tenacity does after a lost reply."""
+
+    async def body():
+        async with open_store(redis_url) as (store, _):
+            sid = await store.create(CFG, owner="o")
+            k = store._keys(sid)
+            args = [0, "o", "", "op-1", store.session_ttl_ms]
+            first = await store._run("begin", "begin_turn", k, args)
+            replay = await store._run("begin", "begin_turn", k, args)
+            assert (first[0], first[1], replay[0], replay[1]) == (b"ok", 1, b"done", 1)
+            other = await store._run("begin", "begin_turn", k, [0, "o", "", "op-2", 1000])
+            assert other[0] == b"stale"
+
+            rec = turn(1).to_json()
+            cargs = [1, "o", "", "op-3", store.session_ttl_ms, rec, 10]
+            assert (await store._run("c", "commit_turn", k, cargs))[0] == b"ok"
+            assert (await store._run("c", "commit_turn", k, cargs))[0] == b"done"
+            assert await store.history(sid) == [turn(1)]
+
+    asyncio.run(body())
+
+
+def test_decoder_state_seq_fencing(redis_url):
+    async def body():
+        async with open_store(redis_url) as (store, _):
+            blob = bytes(range(256)) * 1200  # ~300 KB, every byte value
+            assert await store.get_decoder_state("call-1:turn-1") is None
+            await store.put_decoder_state("call-1:turn-1", 0, blob)
+            assert await store.get_decoder_state("call-1:turn-1") == (0, blob)
+
+            with pytest.raises(StaleWriteError, match="holds seq 0"):
+                await store.put_decoder_state("call-1:turn-1", 2, b"too early")
+            with pytest.raises(StaleWriteError):
+                await store.put_decoder_state("call-1:turn-1", 0, b"restart over it")
+            assert await store.get_decoder_state("call-1:turn-1") == (0, blob)
+
+            await store.put_decoder_state("call-1:turn-1", 1, blob[::-1])
+            await store.put_decoder_state("call-1:turn-1", 1, blob[::-1])  # a retry: accepted
+            with pytest.raises(StaleWriteError, match="holds seq 1"):
+                await store.put_decoder_state("call-1:turn-1", 1, b"another replica")
+            assert await store.get_decoder_state("call-1:turn-1") == (1, blob[::-1])
+
+            with pytest.raises(SessionNotFound, match="no stored state"):
+                await store.put_decoder_state("never-started", 3, b"x")
+            await store.delete_decoder_state("call-1:turn-1")
+            assert await store.get_decoder_state("call-1:turn-1") is None
+            await store.delete_decoder_state("call-1:turn-1")  # idempotent
+
+            for bad_id in ("", "has space", "{tag}", "x" * 129):
+                with pytest.raises(SessionInputError):
+                    await store.put_decoder_state(bad_id, 0, b"x")
+            for bad_seq in (-1, 1.0, True):
+                with pytest.raises(SessionInputError):
+                    await store.put_decoder_state("s", bad_seq, b"x")
+            with pytest.raises(SessionInputError):
+                await store.put_decoder_state("s", 0, "not bytes")
+
+    asyncio.run(body())
+
+
+def test_history_is_trimmed_to_max_turns(redis_url):
+    async def body():
+        async with open_store(redis_url, max_turns=3) as (store, r):
+            sid = await store.create(CFG, owner="o")
+            await play_turns(store, sid, "o", 5)
+            rec = await store.get(sid)
+            assert rec.turn == 5 and [t.turn for t in rec.history] == [3, 4, 5]
+            assert await r.llen(store._keys(sid)[1]) == 3
+
+    asyncio.run(body())
+
+
+def test_size_limits_and_bad_records_lose_nothing(redis_url):
+    async def body():
+        async with open_store(redis_url, max_turn_bytes=2000, max_system_prompt_bytes=100,
+                              max_decoder_state_bytes=1000) as (store, _):
+            sid = await store.create(CFG, owner="o")
+            await play_turns(store, sid, "o", 1)
+            await store.begin_turn(sid, 1, "o")
+            big = TurnRecord(turn=2, user_audio=list(range(1000)))
+            with pytest.raises(RecordTooLarge, match="over the limit of 2000") as e:
+                await store.commit_turn(sid, 2, big, "o")
+            assert isinstance(e.value, ValueError)
+            with pytest.raises(SessionInputError, match="record is for turn 1"):
+                await store.commit_turn(sid, 2, turn(1), "o")
+            # Nothing was written: the turn is still open and commits normally.
+            assert (await store.get(sid)).status == "in_turn"
+            await store.commit_turn(sid, 2, turn(2), "o")
+            assert await store.history(sid) == [turn(1), turn(2)]
+
+            with pytest.raises(RecordTooLarge):
+                await store.create(SessionConfig("boost", "pcm16", 16000, "é" * 51))
+            with pytest.raises(RecordTooLarge):
+                await store.put_decoder_state("s", 0, b"\0" * 1001)
+            assert await store.get_decoder_state("s") is None
+
+    asyncio.run(body())
+
+
+@pytest.mark.parametrize("kwargs", [
+    dict(turn=0), dict(turn=1, user_audio=[1.5]), dict(turn=1, user_audio=[-1]),
+    dict(turn=1, assistant_ids=[True]), dict(turn=1, assistant_ids="123"),
+    dict(turn=1, text=None), dict(turn=1, interrupted=1), dict(turn=1, user_audio=[2**31]),
+])
+def test_bad_turn_records_are_value_errors(kwargs):
+    with pytest.raises(ValueError):
+        TurnRecord(**kwargs)
+
+
+@pytest.mark.parametrize("args", [
+    ("", "mulaw", 8000), ("boost", "", 8000), ("boost", "mulaw", 0), ("boost", "mulaw", "8000"),
+    ("boost", "mulaw", 8000, None),
+])
+def test_bad_session_configs_are_value_errors(args):
+    with pytest.raises(ValueError):
+        SessionConfig(*args)
+
+
+def test_client_with_decoded_responses_is_refused(redis_url):
+    import redis.asyncio as aioredis
+
+    with pytest.raises(SessionInputError, match="decode_responses=False"):
+        SessionStore(aioredis.Redis.from_url(redis_url, decode_responses=True))
+    with pytest.raises(SessionInputError, match="namespace"):
+        SessionStore(connect_redis(redis_url), namespace="a{b}")
+
+
+def test_redis_down_fails_fast_with_store_unavailable():
+    retries = []
+
+    async def body():
+        port = free_port()  # nothing listens there
+        r = connect_redis(f"redis://127.0.0.1:{port}/0", timeout_s=0.5)
+        store = SessionStore(r, retry_attempts=3, retry_max_s=5.0,
+                             on_retry=lambda what, n, exc: retries.append((what, n)))
+        t0 = time.monotonic()
+        with pytest.raises(StoreUnavailable, match=r"create a session \(3 attempts\)"):
+            await store.create(CFG, owner="o")
+        with pytest.raises(StoreUnavailable):
+            await store.get_decoder_state("s")
+        elapsed = time.monotonic() - t0
+        await r.aclose()
+        return elapsed
+
+    elapsed = asyncio.run(body())
+    assert elapsed < 3.0
+    assert [n for what, n in retries if what == "create a session"] == [1, 2]
+
+
+def test_redis_killed_or_hung_mid_call(tmp_path):
+    port = free_port()
+    proc = start_redis(tmp_path / "r", port)
+
+    async def body():
+        r = connect_redis(f"redis://127.0.0.1:{port}/0", timeout_s=0.3)
+        store = SessionStore(r, retry_attempts=2, retry_max_s=2.0)
+        try:
+            sid = await store.create(CFG, owner="o")
+            await play_turns(store, sid, "o", 1)
+            proc.send_signal(signal.SIGSTOP)  # hung: connects, never answers -> timeouts
+            with pytest.raises(StoreUnavailable, match="TimeoutError"):
+                await store.begin_turn(sid, 1, "o")
+            proc.send_signal(signal.SIGCONT)
+            proc.terminate()
+            proc.wait(timeout=10)
+            with pytest.raises(StoreUnavailable, match="ConnectionError"):
+                await store.get(sid)
+        finally:
+            await r.aclose()
+
+    try:
+        asyncio.run(body())
+    finally:
+        stop_redis(proc)
+
+
+def test_transient_failure_is_retried_until_redis_is_back(tmp_path):
+    """The first attempt finds no Redis; the retry hook starts one; the write then succeeds."""
+    port = free_port()
+    procs = []
+
+    def bring_redis_up(what, attempt, exc):
+        if not procs:
+            procs.append(start_redis(tmp_path / "late", port))
+
+    async def body():
+        r = connect_redis(f"redis://127.0.0.1:{port}/0", timeout_s=1.0)
+        store = SessionStore(r, retry_attempts=3, on_retry=bring_redis_up)
+        try:
+            sid = await store.create(CFG, owner="o")
+            assert (await store.get(sid)).owner == "o"
+        finally:
+            await r.aclose()
+
+    try:
+        asyncio.run(body())
+        assert len(procs) == 1
+    finally:
+        for p in procs:
+            stop_redis(p)
