@@ -6,6 +6,7 @@ request with the FINAL flag, honour cancellation. The model and its batching liv
 
 import json
 import site
+import threading
 import uuid
 
 import numpy as np
@@ -44,6 +45,22 @@ class TritonPythonModel:
                                             num_slots=int(params.get("num_slots") or 16))
         self.Request, self.SamplingParams, self.Cancelled = Request, SamplingParams, RequestCancelled
         self.service = EngineService(self.lm)
+        # Requests in flight in this instance's engine: what the autoscaler and tests read.
+        self.in_flight = 0
+        self.lock = threading.Lock()
+        # the families must outlive their metrics: keep them on self
+        self.in_flight_family = family = pb_utils.MetricFamily(name="vita_generator_requests_in_flight",
+                                       description="generation requests running or queued in the engine",
+                                       kind=pb_utils.MetricFamily.GAUGE)
+        self.in_flight_metric = family.Metric(labels={"model": "vita_generator"})
+        self.tokens_family = tokens = pb_utils.MetricFamily(name="vita_generator_tokens_total", description="tokens generated",
+                                       kind=pb_utils.MetricFamily.COUNTER)
+        self.tokens_metric = tokens.Metric(labels={"model": "vita_generator"})
+
+    def _count(self, delta):
+        with self.lock:
+            self.in_flight += delta
+            self.in_flight_metric.set(self.in_flight)
 
     def execute(self, requests):
         for request in requests:
@@ -54,6 +71,7 @@ class TritonPythonModel:
                 sender.send(pb_utils.InferenceResponse(error=pb_utils.TritonError(f"invalid request: {exc}")),
                             flags=FINAL)
                 continue
+            self._count(+1)
             self.service.submit(gen_request, self._on_token(sender), self._on_done(sender),
                                 is_cancelled=request.is_cancelled)
         return None
@@ -74,14 +92,15 @@ class TritonPythonModel:
             sampling=sampling, max_new_tokens=_optional(request, "MAX_NEW_TOKENS", int) or 1024,
         )
 
-    @staticmethod
-    def _on_token(sender):
+    def _on_token(self, sender):
         def send(event):
+            self.tokens_metric.increment(1)
             outputs = [
                 pb_utils.Tensor("TOKEN_ID", np.array([event.token_id], dtype=np.int64)),
                 pb_utils.Tensor("IS_AUDIO", np.array([event.is_audio], dtype=np.bool_)),
                 pb_utils.Tensor("STEP_KIND", np.array([event.kind.encode()], dtype=np.object_)),
                 pb_utils.Tensor("INDEX", np.array([event.index], dtype=np.int32)),
+                pb_utils.Tensor("FINISHED", np.array([event.finished], dtype=np.bool_)),
             ]
             sender.send(pb_utils.InferenceResponse(output_tensors=outputs))
 
@@ -89,6 +108,7 @@ class TritonPythonModel:
 
     def _on_done(self, sender):
         def done(error):
+            self._count(-1)
             if error is None:
                 sender.send(flags=FINAL)
             elif isinstance(error, self.Cancelled):
