@@ -1,0 +1,77 @@
+"""Run an asyncio gRPC server the same way in every service: health, reflection, metrics, drain.
+
+On SIGTERM/SIGINT the health status turns NOT_SERVING (load balancers and the gateway's clients stop
+sending new calls), then running calls get `grace_s` to finish before the server stops.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+from collections.abc import Awaitable, Callable
+
+import grpc
+import structlog
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+from prometheus_client import start_http_server
+
+log = structlog.get_logger(__name__)
+
+MAX_MESSAGE_BYTES = 4 * 1024 * 1024
+
+
+def make_server(max_message_bytes: int = MAX_MESSAGE_BYTES) -> grpc.aio.Server:
+    return grpc.aio.server(options=[
+        ("grpc.max_receive_message_length", max_message_bytes),
+        ("grpc.max_send_message_length", max_message_bytes),
+        ("grpc.keepalive_time_ms", 20_000),
+        ("grpc.keepalive_permit_without_calls", 1),
+        ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
+    ])
+
+
+class ServiceRunner:
+    """Owns a server with health checking and reflection for the given service names."""
+
+    def __init__(self, server: grpc.aio.Server, service_names: list[str], port: int, host: str = "0.0.0.0"):
+        self.server = server
+        self.health = health.aio.HealthServicer()
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
+        self.service_names = service_names
+        reflection.enable_server_reflection([*service_names, health.SERVICE_NAME, reflection.SERVICE_NAME], server)
+        self.port = server.add_insecure_port(f"{host}:{port}")
+        self._stop = asyncio.Event()
+
+    async def start(self) -> None:
+        await self.server.start()
+        for name in ["", *self.service_names]:
+            await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
+
+    async def drain(self, grace_s: float, on_drain: Callable[[], Awaitable[None]] | None = None) -> None:
+        await self.health.enter_graceful_shutdown()  # every service NOT_SERVING
+        if on_drain is not None:
+            await on_drain()
+        await self.server.stop(grace_s)
+
+    def request_stop(self) -> None:
+        self._stop.set()
+
+    async def serve_until_signal(self, grace_s: float, on_drain=None) -> None:
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self._stop.set)
+        await self._stop.wait()
+        log.info("draining", grace_s=grace_s)
+        await self.drain(grace_s, on_drain)
+        log.info("stopped")
+
+
+def start_metrics(port: int) -> None:
+    """Prometheus /metrics on its own port (0 = off)."""
+    if port:
+        start_http_server(port)
+
+
+def status_name(code: grpc.StatusCode) -> str:
+    return code.name

@@ -1,0 +1,41 @@
+"""Every Prometheus metric of every service, in one module; latency buckets in milliseconds.
+
+These names are the autoscaling signals the Helm chart reads (active streams per gateway pod,
+decode streams per decoder pod); the chart's tests read them from here.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import Counter, Gauge, Histogram
+
+LATENCY_MS = (5, 10, 25, 50, 75, 100, 150, 200, 300, 500, 750, 1000, 1500, 2000, 3000, 5000, 10000, 30000)
+
+# -- gateway ------------------------------------------------------------------------------------
+GATEWAY_ACTIVE_STREAMS = Gauge("vita_gateway_active_streams", "Converse streams open on this replica")
+GATEWAY_TURNS = Counter("vita_gateway_turns_total", "turns answered", ["outcome"])  # completed|interrupted|failed
+GATEWAY_FIRST_AUDIO_MS = Histogram("vita_gateway_first_audio_ms",
+                                   "end of the caller's utterance -> first audio chunk sent", ["mode"],
+                                   buckets=LATENCY_MS)
+GATEWAY_STAGE_MS = Histogram("vita_gateway_stage_ms", "per-turn time of each stage before the first audio",
+                             ["stage"], buckets=LATENCY_MS)  # encode|first_token|first_block|first_decode
+GATEWAY_ERRORS = Counter("vita_gateway_errors_total", "calls and turns that failed, by gRPC status", ["code"])
+GATEWAY_DRAINING = Gauge("vita_gateway_draining", "1 while this replica refuses new calls (shutdown)")
+
+# -- encoder ------------------------------------------------------------------------------------
+ENCODER_REQUESTS = Counter("vita_encoder_requests_total", "Encode calls, by gRPC status", ["code"])
+ENCODER_QUEUE_MS = Histogram("vita_encoder_queue_ms", "wait before a batch picked the request up",
+                             buckets=LATENCY_MS)
+ENCODER_COMPUTE_MS = Histogram("vita_encoder_compute_ms", "tokenizer forward per batch", buckets=LATENCY_MS)
+ENCODER_BATCH_SIZE = Histogram("vita_encoder_batch_size", "requests per forward", buckets=(1, 2, 4, 8, 16, 32, 64))
+ENCODER_IN_FLIGHT = Gauge("vita_encoder_in_flight", "Encode calls being served")
+
+# -- decoder ------------------------------------------------------------------------------------
+DECODER_REQUESTS = Counter("vita_decoder_requests_total", "DecodeBlock calls, by gRPC status", ["code"])
+DECODER_ACTIVE_STREAMS = Gauge("vita_decoder_active_streams", "decode blocks being computed on this replica")
+DECODER_QUEUE_MS = Histogram("vita_decoder_queue_ms", "wait for a decode worker", buckets=LATENCY_MS)
+DECODER_BLOCK_MS = Histogram("vita_decoder_block_ms", "compute time of one block", ["first"], buckets=LATENCY_MS)
+DECODER_STATE_BYTES = Histogram("vita_decoder_state_bytes", "serialised stream state size",
+                                buckets=(1e3, 1e4, 5e4, 1e5, 2e5, 5e5, 1e6, 2e6, 5e6))
+
+# -- redis (any service) ------------------------------------------------------------------------
+STORE_RETRIES = Counter("vita_store_retries_total", "transient Redis failures retried", ["what"])
