@@ -15,7 +15,7 @@ from vitaserve.gateway import codecs
 from vitaserve.gateway.chunker import PRESETS, ChunkPlan, ChunkPlanError, TokenChunker
 from vitaserve.gateway.codecs import (AudioFormatError, PayloadError, SampleValueError, UnknownCodecError,
                                       UnsupportedRateError, decode_audio, encode_audio)
-from vitaserve.gateway.resample import ResampleError, StreamResampler, resample
+from vitaserve.common.resample import ResampleError, StreamResampler, resample
 from vitaserve.gateway.vad import (SileroVad, SpeechEnded, SpeechStarted, VadConfig, VadConfigError,
                                    VadInputError, VoiceActivityDetector, shared_model)
 

@@ -1,0 +1,93 @@
+"""The Encoder gRPC service: PCM in, GLM-4-Voice audio token ids out; concurrent calls batched."""
+
+from __future__ import annotations
+
+import time
+
+import grpc
+import numpy as np
+import structlog
+
+from vitaserve.api import encoder_pb2, encoder_pb2_grpc
+from vitaserve.common import metrics
+from vitaserve.common.batcher import MicroBatcher
+
+log = structlog.get_logger(__name__)
+
+TOKENIZER_RATE = 16000
+MAX_AUDIO_S = 120.0
+ALLOWED_RATES = (8000, 16000, 22050, 24000, 44100, 48000)
+
+
+def validate(request: encoder_pb2.EncodeRequest) -> np.ndarray:
+    """PCM16 bytes -> float32 16 kHz samples, or ValueError with the reason."""
+    if request.sample_rate not in ALLOWED_RATES:
+        raise ValueError(f"sample_rate {request.sample_rate} not supported; use one of {ALLOWED_RATES}")
+    if len(request.pcm16) % 2:
+        raise ValueError("pcm16 has an odd number of bytes: it must be whole 16-bit samples")
+    if not request.pcm16:
+        raise ValueError("pcm16 is empty")
+    seconds = len(request.pcm16) / 2 / request.sample_rate
+    if seconds > MAX_AUDIO_S:
+        raise ValueError(f"{seconds:.1f} s of audio is over the {MAX_AUDIO_S:.0f} s limit of one request")
+    samples = np.frombuffer(request.pcm16, dtype="<i2").astype(np.float32) / 32768.0
+    if request.sample_rate != TOKENIZER_RATE:
+        from vitaserve.common.resample import resample
+
+        samples = resample(samples, request.sample_rate, TOKENIZER_RATE)
+    return samples
+
+
+class EncoderServicer(encoder_pb2_grpc.EncoderServicer):
+    def __init__(self, tokenizer, max_batch: int = 16, max_wait_ms: float = 5.0):
+        self.tokenizer = tokenizer
+        self.batcher: MicroBatcher[np.ndarray, list[int]] = MicroBatcher(
+            lambda waves: tokenizer.encode(list(waves), TOKENIZER_RATE), max_batch, max_wait_ms, self._observe)
+        self._last_batch = 1
+
+    def _observe(self, size: int, compute_ms: float, queue_ms: list[float]) -> None:
+        metrics.ENCODER_BATCH_SIZE.observe(size)
+        metrics.ENCODER_COMPUTE_MS.observe(compute_ms)
+        for q in queue_ms:
+            metrics.ENCODER_QUEUE_MS.observe(q)
+        self._last_batch = size
+
+    async def Encode(self, request, context):
+        start = time.perf_counter()
+        try:
+            samples = validate(request)
+        except ValueError as exc:
+            metrics.ENCODER_REQUESTS.labels("INVALID_ARGUMENT").inc()
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        metrics.ENCODER_IN_FLIGHT.inc()
+        try:
+            tokens = await self.batcher.submit(samples)
+        except ValueError as exc:  # the tokenizer's own checks (e.g. non-finite audio)
+            metrics.ENCODER_REQUESTS.labels("INVALID_ARGUMENT").inc()
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        finally:
+            metrics.ENCODER_IN_FLIGHT.dec()
+        total_ms = (time.perf_counter() - start) * 1000
+        metrics.ENCODER_REQUESTS.labels("OK").inc()
+        return encoder_pb2.EncodeResponse(tokens=tokens, audio_s=len(samples) / TOKENIZER_RATE,
+                                          compute_ms=total_ms, batch_size=self._last_batch)
+
+
+async def serve(tokenizer_dir: str, port: int, metrics_port: int = 0, device: str = "cpu",
+                max_batch: int = 16, max_wait_ms: float = 5.0, grace_s: float = 10.0, ready=None) -> None:
+    from vitaserve.common.grpc_server import ServiceRunner, make_server, start_metrics
+    from vitaserve.encoder.tokenizer import SpeechTokenizer
+
+    tokenizer = SpeechTokenizer.from_pretrained(tokenizer_dir, device=device)
+    servicer = EncoderServicer(tokenizer, max_batch, max_wait_ms)
+    server = make_server()
+    encoder_pb2_grpc.add_EncoderServicer_to_server(servicer, server)
+    runner = ServiceRunner(server, [encoder_pb2.DESCRIPTOR.services_by_name["Encoder"].full_name], port)
+    start_metrics(metrics_port)
+    servicer.batcher.start()
+    await runner.start()
+    log.info("encoder serving", port=runner.port, tokenizer=tokenizer_dir)
+    if ready is not None:
+        ready(runner)
+    await runner.serve_until_signal(grace_s)
+    await servicer.batcher.stop()
