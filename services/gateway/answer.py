@@ -1,0 +1,132 @@
+"""One spoken answer: generation streamed from Triton, cut into blocks, decoded, sent as audio.
+
+Generation and decoding overlap: a producer reads tokens (text deltas go out at once, audio tokens
+fill the chunker) and a consumer decodes full blocks in order and sends them in the caller's codec.
+Cancelling the answer (barge-in) cancels both: the Triton stream and the decoder call in flight.
+What was actually delivered is tracked, so the history records only what the caller heard.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from vitaserve.common.resample import StreamResampler
+from vitaserve.gateway.chunker import ChunkPlan, TokenChunker
+from vitaserve.gateway.codecs import encode_audio
+from vitaserve.gateway.generator_client import GenerationOptions
+from vitaserve.generator.detokenize import TextStream
+
+DECODER_RATE = 22050
+
+
+@dataclass(frozen=True)
+class OutputFormat:
+    codec: str
+    sample_rate: int
+
+
+@dataclass
+class AnswerProgress:
+    """What happened so far; readable after a cancellation too."""
+
+    generated: list[int] = field(default_factory=list)
+    delivered_upto: int = 0  # generated[:delivered_upto] reached the caller (text, and audio heard)
+    text: str = ""
+    audio_tokens: int = 0
+    text_tokens: int = 0
+    chunks_sent: int = 0
+    audio_sent_s: float = 0.0
+    # perf_counter() instants of the first of each; None until they happen
+    first_token_at: float | None = None
+    first_block_at: float | None = None
+    first_audio_at: float | None = None
+    first_text_at: float | None = None
+    first_decode_ms: float | None = None
+
+
+@dataclass
+class AnswerSinks:
+    text: Callable[[str], Awaitable[None]]
+    audio: Callable[[bytes, int, float], Awaitable[None]]  # (payload, seq, duration s)
+
+
+async def speak(deps, prompt_ids: list[int], opts: GenerationOptions, fmt: OutputFormat, sinks: AnswerSinks,
+                progress: AnswerProgress, plan: ChunkPlan, stream_prefix: str = "") -> AnswerProgress:
+    """Run one answer to its end (or until cancelled); fills `progress` as it goes."""
+    vocab, stream_id = deps.vocab, f"{stream_prefix or 'tts'}:{uuid.uuid4().hex}"
+    text_stream = TextStream(deps.text_tokenizer, vocab.endoftext_id)
+    chunker = TokenChunker(plan)
+    blocks: asyncio.Queue[tuple[list[int], bool, int]] = asyncio.Queue()
+    out_resampler = StreamResampler(DECODER_RATE, fmt.sample_rate)
+
+    async def produce() -> None:
+        async for token in deps.generator.generate(prompt_ids, opts):
+            progress.generated.append(token.token_id)
+            if progress.first_token_at is None:
+                progress.first_token_at = time.perf_counter()
+            if token.is_audio:
+                progress.audio_tokens += 1
+                block = chunker.push(vocab.audio_index(token.token_id))
+                if block:
+                    if progress.first_block_at is None:
+                        progress.first_block_at = time.perf_counter()
+                    await blocks.put((block, False, len(progress.generated)))
+            elif token.token_id < vocab.endoftext_id:
+                progress.text_tokens += 1
+                delta = text_stream.push(token.token_id)
+                if delta:
+                    await _send_text(delta)
+        tail = text_stream.flush()
+        if tail:
+            await _send_text(tail)
+        await blocks.put((chunker.flush(), True, len(progress.generated)))
+
+    async def _send_text(delta: str) -> None:
+        progress.text += delta
+        if progress.first_text_at is None:
+            progress.first_text_at = time.perf_counter()
+        await sinks.text(delta)
+        if progress.audio_tokens == 0:  # text before any audio is delivered as it goes out
+            progress.delivered_upto = len(progress.generated)
+
+    async def consume() -> None:
+        seq, finished = 0, False
+        try:
+            while True:
+                block, final, upto = await blocks.get()
+                if final and not block and seq == 0:
+                    break  # an answer without audio: nothing to decode
+                t = time.perf_counter()
+                pcm = await deps.decoder.decode_block(stream_id, seq, block, final)
+                if progress.first_decode_ms is None:
+                    progress.first_decode_ms = (time.perf_counter() - t) * 1000
+                pcm = out_resampler.process(pcm)
+                if final:
+                    pcm = np.concatenate([pcm, out_resampler.flush()])
+                if pcm.size:
+                    duration = pcm.size / fmt.sample_rate
+                    await sinks.audio(encode_audio(pcm, fmt.codec, fmt.sample_rate), progress.chunks_sent, duration)
+                    if progress.first_audio_at is None:
+                        progress.first_audio_at = time.perf_counter()
+                    progress.chunks_sent += 1
+                    progress.audio_sent_s += duration
+                progress.delivered_upto = upto
+                seq += 1
+                if final:
+                    finished = True
+                    break
+        finally:
+            if seq and not finished:  # cancelled mid-answer: drop the decoder's stream state now
+                await asyncio.shield(deps.decoder.end_stream(stream_id))
+
+    async with asyncio.TaskGroup() as group:
+        group.create_task(produce())
+        group.create_task(consume())
+    progress.delivered_upto = len(progress.generated)
+    return progress

@@ -1,0 +1,260 @@
+"""The whole pipeline against real servers: Redis, Triton, encoder, decoders and gateways on localhost."""
+
+from __future__ import annotations
+
+import asyncio
+import subprocess
+import urllib.request
+import wave
+
+import grpc
+import numpy as np
+import pytest
+
+from vitaserve.api import audio_pb2, conversation_pb2 as pb, conversation_pb2_grpc
+from vitaserve.common.resample import resample
+from vitaserve.gateway.codecs import decode_audio, encode_audio
+
+from cluster import InProcessCluster
+from servers import redis_server, triton_server
+
+MULAW_8K = audio_pb2.AudioFormat(codec=audio_pb2.AUDIO_CODEC_MULAW, sample_rate=8000)
+FRAME = 160  # 20 ms at 8 kHz
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory, tiny_lm_dir):
+    from vitaserve.decoder.checkpoint import write_decoder_checkpoint
+    from vitaserve.encoder.checkpoint import write_tokenizer_checkpoint
+
+    root = tiny_lm_dir.parent
+    if not (root / "tokenizer").exists():
+        write_tokenizer_checkpoint(root / "tokenizer", "tiny")
+        write_decoder_checkpoint(root / "decoder", "tiny")
+    return root
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory, ckpt):
+    work = tmp_path_factory.mktemp("cluster")
+    with redis_server(work) as redis_url, triton_server(work, ckpt / "lm") as triton:
+        c = InProcessCluster(ckpt, redis_url, triton["grpc"]).start()
+        c.redis_url = redis_url
+        try:
+            yield c
+        finally:
+            c.stop()
+
+
+@pytest.fixture(scope="module")
+def utterance(tmp_path_factory) -> np.ndarray:
+    """A real spoken question (espeak-ng), as 8 kHz float samples."""
+    path = tmp_path_factory.mktemp("speech") / "q.wav"
+    subprocess.run(["espeak-ng", "-w", str(path), "What is the weather like today?"], check=True)
+    with wave.open(str(path)) as w:
+        x = np.frombuffer(w.readframes(w.getnframes()), dtype="<i2").astype(np.float32) / 32768
+        rate = w.getframerate()
+    return resample(x, rate, 8000)
+
+
+def frames(samples: np.ndarray) -> list[bytes]:
+    return [encode_audio(samples[i : i + FRAME], "mulaw", 8000) for i in range(0, len(samples), FRAME)]
+
+
+def config(**kw) -> pb.ConverseRequest:
+    kw.setdefault("input_format", MULAW_8K)
+    kw.setdefault("max_new_tokens", 40)
+    kw.setdefault("sampling", audio_pb2.SamplingOptions(greedy=True))
+    return pb.ConverseRequest(config=pb.CallConfig(**kw))
+
+
+class Phone:
+    """A scripted caller: paced audio out, every server message recorded."""
+
+    def __init__(self, target: str):
+        self.channel = grpc.aio.insecure_channel(target)
+        self.stub = conversation_pb2_grpc.ConversationStub(self.channel)
+        self.outbox: asyncio.Queue = asyncio.Queue()
+        self.messages: list[pb.ConverseResponse] = []
+        self.events: dict[str, asyncio.Event] = {}
+
+    def event(self, name: str) -> asyncio.Event:
+        return self.events.setdefault(name, asyncio.Event())
+
+    async def _requests(self):
+        while (msg := await self.outbox.get()) is not None:
+            yield msg
+
+    async def run(self):
+        call = self.stub.Converse(self._requests())
+        try:
+            async for msg in call:
+                self.messages.append(msg)
+                kind = msg.WhichOneof("message")
+                self.event(kind).set()
+                if kind == "turn_finished":
+                    self.event(f"turn_finished:{msg.turn_finished.turn}").set()
+            return grpc.StatusCode.OK
+        except grpc.aio.AioRpcError as exc:
+            self.error = exc
+            return exc.code()
+        finally:
+            await self.channel.close()
+
+    async def speak(self, samples: np.ndarray, silence_s: float = 1.0, realtime: float = 1.0):
+        pad = np.zeros(int(silence_s * 8000), np.float32)
+        for f in frames(np.concatenate([pad[:1600], samples, pad])):
+            await self.outbox.put(pb.ConverseRequest(audio=pb.AudioFrame(data=f)))
+            await asyncio.sleep(0.02 / realtime)
+
+    async def control(self, action):
+        await self.outbox.put(pb.ConverseRequest(control=pb.Control(action=action)))
+
+    def of(self, kind: str):
+        return [getattr(m, kind) for m in self.messages if m.WhichOneof("message") == kind]
+
+
+async def wait(event: asyncio.Event, timeout: float = 60):
+    await asyncio.wait_for(event.wait(), timeout)
+
+
+def history(cluster, session_id):
+    from vitaserve.common.session_store import SessionStore, connect_redis
+
+    async def read():
+        store = SessionStore(connect_redis(cluster.redis_url))
+        try:
+            return await store.history(session_id)
+        finally:
+            await store.redis.aclose()
+
+    return asyncio.run(read())
+
+
+def test_two_turn_call_mulaw_8k(cluster, utterance):
+    async def main():
+        phone = Phone(cluster.gateway(0))
+        task = asyncio.create_task(phone.run())
+        await phone.outbox.put(config())
+        await phone.speak(utterance)
+        await wait(phone.event("turn_finished:1"))
+        await phone.speak(utterance)
+        await wait(phone.event("turn_finished:2"))
+        await phone.control(pb.Control.HANG_UP)
+        await phone.outbox.put(None)
+        return phone, await task
+
+    phone, code = asyncio.run(main())
+    assert code == grpc.StatusCode.OK
+    (started,) = phone.of("session_started")
+    assert not started.resumed and started.output_format.codec == audio_pb2.AUDIO_CODEC_MULAW
+    assert [m.turn for m in phone.of("speech_ended")] == [1, 2]
+    audio = phone.of("audio")
+    assert {a.turn for a in audio} == {1, 2}
+    assert all(a.format.codec == audio_pb2.AUDIO_CODEC_MULAW and a.format.sample_rate == 8000 for a in audio)
+    assert [a.seq for a in audio if a.turn == 1] == list(range(len([a for a in audio if a.turn == 1])))
+    pcm = decode_audio(b"".join(a.data for a in audio if a.turn == 1), "mulaw", 8000)
+    assert pcm.size > 8000 * 0.3 and np.abs(pcm).max() > 0  # random weights: noise, but real audio
+    finished = phone.of("turn_finished")
+    assert [f.turn for f in finished] == [1, 2]
+    for f in finished:
+        assert f.audio_tokens > 0 and 0 < f.timings.first_audio_ms < f.timings.total_ms
+        assert f.timings.encode_ms > 0 and f.mode == "boost"
+    turns = history(cluster, started.session_id)
+    assert [t.turn for t in turns] == [1, 2] and not any(t.interrupted for t in turns)
+    assert all(t.user_audio and t.assistant_ids for t in turns)
+
+
+def test_barge_in_cancels_and_history_keeps_only_what_was_sent(cluster, utterance):
+    async def main():
+        phone = Phone(cluster.gateway(0))
+        task = asyncio.create_task(phone.run())
+        await phone.outbox.put(config(max_new_tokens=900, sampling=audio_pb2.SamplingOptions(
+            greedy=True, repetition_penalty=1.0)))
+        await phone.speak(utterance)
+        await wait(phone.event("audio"))
+        await phone.speak(utterance, silence_s=0.2)  # the caller talks over the answer
+        await wait(phone.event("interrupted"))
+        await phone.control(pb.Control.HANG_UP)
+        await phone.outbox.put(None)
+        return phone, await task
+
+    phone, code = asyncio.run(main())
+    assert code == grpc.StatusCode.OK
+    (interrupted,) = phone.of("interrupted")
+    assert interrupted.turn == 1 and interrupted.audio_chunks_sent >= 1
+    turns = history(cluster, phone.of("session_started")[0].session_id)
+    assert turns[0].interrupted
+    assert 0 < len(turns[0].assistant_ids) < 900
+    sent_audio = sum(a.duration_s for a in phone.of("audio") if a.turn == 1)
+    assert interrupted.audio_sent_s == pytest.approx(sent_audio, rel=1e-6)
+
+
+def test_resume_on_another_gateway_continues_history(cluster, utterance):
+    async def first_leg():
+        phone = Phone(cluster.gateway(0))
+        task = asyncio.create_task(phone.run())
+        await phone.outbox.put(config())
+        await phone.speak(utterance)
+        await wait(phone.event("turn_finished:1"))
+        await phone.outbox.put(None)  # the replica "goes away": stream ends without hang-up
+        await task
+        return phone.of("session_started")[0].session_id
+
+    session_id = asyncio.run(first_leg())
+
+    async def second_leg():
+        phone = Phone(cluster.gateway(1))
+        task = asyncio.create_task(phone.run())
+        await phone.outbox.put(config(session_id=session_id))
+        await phone.speak(utterance)
+        await wait(phone.event("turn_finished:2"))
+        await phone.control(pb.Control.HANG_UP)
+        await phone.outbox.put(None)
+        return phone, await task
+
+    phone, code = asyncio.run(second_leg())
+    assert code == grpc.StatusCode.OK
+    (started,) = phone.of("session_started")
+    assert started.resumed and started.session_id == session_id and started.turns_so_far == 1
+    assert [t.turn for t in history(cluster, session_id)] == [1, 2]
+
+
+def test_synthesize_and_transcribe(cluster, utterance):
+    async def main():
+        async with grpc.aio.insecure_channel(cluster.gateway(0)) as channel:
+            stub = conversation_pb2_grpc.ConversationStub(channel)
+            chunks = [r async for r in stub.Synthesize(pb.SynthesizeRequest(
+                text="Hello there, how are you?", max_new_tokens=40, sampling=audio_pb2.SamplingOptions(greedy=True),
+                output_format=audio_pb2.AudioFormat(codec=audio_pb2.AUDIO_CODEC_PCM16, sample_rate=16000)))]
+            transcript = await stub.Transcribe(pb.TranscribeRequest(
+                audio=encode_audio(utterance, "mulaw", 8000), format=MULAW_8K))
+            return chunks, transcript
+
+    chunks, transcript = asyncio.run(main())
+    assert chunks[-1].WhichOneof("message") == "finished"
+    audio = [c.audio for c in chunks[:-1]]
+    assert audio and all(a.format.sample_rate == 16000 for a in audio)
+    assert chunks[-1].finished.audio_tokens > 0
+    assert transcript.audio_tokens_in > 0 and isinstance(transcript.text, str)
+
+
+def test_decoder_killed_mid_turn_is_survived_by_retry(cluster, utterance):
+    async def main():
+        phone = Phone(cluster.gateway(0))
+        task = asyncio.create_task(phone.run())
+        await phone.outbox.put(config(max_new_tokens=260, sampling=audio_pb2.SamplingOptions(
+            greedy=True, repetition_penalty=1.0)))
+        await phone.speak(utterance)
+        await wait(phone.event("audio"))
+        await asyncio.to_thread(cluster.kill_decoder, 0)
+        await wait(phone.event("turn_finished:1"), 120)
+        await phone.control(pb.Control.HANG_UP)
+        await phone.outbox.put(None)
+        return phone, await task
+
+    phone, code = asyncio.run(main())
+    assert code == grpc.StatusCode.OK
+    assert not phone.of("error"), phone.of("error")
+    (finished,) = phone.of("turn_finished")
+    assert len(phone.of("audio")) >= 3  # blocks after the kill were decoded by the other replica
