@@ -258,3 +258,102 @@ def test_decoder_killed_mid_turn_is_survived_by_retry(cluster, utterance):
     assert not phone.of("error"), phone.of("error")
     (finished,) = phone.of("turn_finished")
     assert len(phone.of("audio")) >= 3  # blocks after the kill were decoded by the other replica
+
+
+async def call_with(target: str, messages: list[pb.ConverseRequest], pace_s: float = 0.0):
+    """Send the messages (then half-close); return (status code, details, server messages)."""
+    async with grpc.aio.insecure_channel(target) as channel:
+        stub = conversation_pb2_grpc.ConversationStub(channel)
+
+        async def requests():
+            for m in messages:
+                yield m
+                if pace_s:
+                    await asyncio.sleep(pace_s)
+
+        got = []
+        try:
+            async for msg in stub.Converse(requests()):
+                got.append(msg)
+            return grpc.StatusCode.OK, "", got
+        except grpc.aio.AioRpcError as exc:
+            return exc.code(), exc.details(), got
+
+
+def audio_msg(data: bytes) -> pb.ConverseRequest:
+    return pb.ConverseRequest(audio=pb.AudioFrame(data=data))
+
+
+PCM16_16K = audio_pb2.AudioFormat(codec=audio_pb2.AUDIO_CODEC_PCM16, sample_rate=16000)
+
+
+@pytest.mark.parametrize("name,messages,code,words", [
+    ("audio before config", [audio_msg(b"\xff" * 160)], grpc.StatusCode.INVALID_ARGUMENT, "first message"),
+    ("no codec", [config(input_format=audio_pb2.AudioFormat(sample_rate=8000))],
+     grpc.StatusCode.INVALID_ARGUMENT, "codec"),
+    ("mu-law at 16 kHz", [config(input_format=audio_pb2.AudioFormat(codec=audio_pb2.AUDIO_CODEC_MULAW,
+                                                                    sample_rate=16000))],
+     grpc.StatusCode.INVALID_ARGUMENT, "8000"),
+    ("pcm16 at 11025", [config(input_format=audio_pb2.AudioFormat(codec=audio_pb2.AUDIO_CODEC_PCM16,
+                                                                  sample_rate=11025))],
+     grpc.StatusCode.INVALID_ARGUMENT, "11025"),
+    ("odd-length pcm16", [config(input_format=PCM16_16K), audio_msg(b"\x00" * 641)],
+     grpc.StatusCode.INVALID_ARGUMENT, "odd"),
+    ("config twice", [config(), config()], grpc.StatusCode.INVALID_ARGUMENT, "once"),
+    ("bad mode", [config(mode="1,11")], grpc.StatusCode.INVALID_ARGUMENT, "MCTP modules"),
+    ("unknown mode name", [config(mode="warp")], grpc.StatusCode.INVALID_ARGUMENT, "unknown inference mode"),
+    ("unknown session", [config(session_id="0" * 32)], grpc.StatusCode.NOT_FOUND, "session"),
+    ("malformed session", [config(session_id="../etc")], grpc.StatusCode.INVALID_ARGUMENT, "session"),
+    ("oversized message", [config(), audio_msg(b"\xff" * (2 * 1024 * 1024))], grpc.StatusCode.RESOURCE_EXHAUSTED, ""),
+    ("frame too big", [config(), audio_msg(b"\xff" * 100_000)], grpc.StatusCode.INVALID_ARGUMENT, "frame"),
+    ("faster than real time", [config()] + [audio_msg(b"\xff" * 8000)] * 5,
+     grpc.StatusCode.RESOURCE_EXHAUSTED, "real time"),
+])
+def test_bad_input_gets_a_clear_status(cluster, name, messages, code, words):
+    got_code, details, _ = asyncio.run(call_with(cluster.gateway(0), messages))
+    assert got_code == code, (name, got_code, details)
+    assert words.lower() in details.lower()
+
+
+def test_push_to_talk_turn_longer_than_the_maximum(cluster):
+    second = encode_audio(np.zeros(8000, np.float32), "mulaw", 8000)  # 1 s per message, paced to 1 s
+    messages = [config(push_to_talk=True)] + [audio_msg(second[i : i + 4000]) for i in range(0, 8000, 4000)] * 10
+    code, details, _ = asyncio.run(call_with(cluster.gateway(0), messages, pace_s=0.45))
+    assert code == grpc.StatusCode.OUT_OF_RANGE and "longer than 8" in details
+
+
+def test_bad_input_loses_nothing_else(cluster, utterance):
+    """A broken call next to a good one: the good call finishes its turn untouched."""
+
+    async def main():
+        phone = Phone(cluster.gateway(0))
+        task = asyncio.create_task(phone.run())
+        await phone.outbox.put(config(push_to_talk=True))
+        bad = asyncio.create_task(call_with(cluster.gateway(0), [config(), audio_msg(b"\xff" * 100_000)]))
+        await phone.speak(utterance, silence_s=0.1, realtime=1.0)
+        await phone.control(pb.Control.END_OF_UTTERANCE)
+        await wait(phone.event("turn_finished:1"))
+        await phone.control(pb.Control.HANG_UP)
+        await phone.outbox.put(None)
+        return await bad, phone, await task
+
+    (bad_code, _, _), phone, code = asyncio.run(main())
+    assert bad_code == grpc.StatusCode.INVALID_ARGUMENT
+    assert code == grpc.StatusCode.OK and phone.of("turn_finished") and not phone.of("error")
+
+
+def test_metrics_move(cluster, utterance):
+    from prometheus_client import REGISTRY
+
+    def value(name, **labels):
+        return REGISTRY.get_sample_value(name, labels) or 0.0
+
+    before_turns = value("vita_gateway_turns_total", outcome="completed")
+    before_first = value("vita_gateway_first_audio_ms_count", mode="boost")
+    before_batches = value("vita_encoder_batch_size_count")
+    test_two_turn_call_mulaw_8k(cluster, utterance)
+    assert value("vita_gateway_turns_total", outcome="completed") == before_turns + 2
+    assert value("vita_gateway_first_audio_ms_count", mode="boost") == before_first + 2
+    assert value("vita_encoder_batch_size_count") >= before_batches + 2
+    assert value("vita_gateway_active_streams") == 0
+    assert value("vita_decoder_block_ms_count", first="true") > 0

@@ -28,6 +28,7 @@ from vitaserve.gateway.config import GatewayDeps
 from vitaserve.gateway.generator_client import GenerationOptions, GeneratorError
 from vitaserve.gateway.vad import SpeechEnded, SpeechStarted, VadConfig, VoiceActivityDetector
 from vitaserve.generator.prompt import LUKE_SYSTEM, Turn
+from vitaserve.generator.schedule import Schedule
 
 log = structlog.get_logger(__name__)
 
@@ -55,11 +56,20 @@ def audio_format(fmt: audio_pb2.AudioFormat, what: str) -> OutputFormat:
 
 def generation_options(deps: GatewayDeps, mode: str, sampling: audio_pb2.SamplingOptions,
                        max_new_tokens: int) -> GenerationOptions:
+    """Options of one answer; a bad mode or sampling value raises CallError(INVALID_ARGUMENT)."""
+    mode = mode or deps.config.default_mode
+    try:
+        Schedule.parse(mode, deps.num_mtp_modules)
+    except ValueError as exc:
+        raise CallError(grpc.StatusCode.INVALID_ARGUMENT, f"mode: {exc}") from None
+    if max_new_tokens < 0:
+        raise CallError(grpc.StatusCode.INVALID_ARGUMENT, f"max_new_tokens must be >= 0, got {max_new_tokens}")
+
     def opt(name):
         return getattr(sampling, name) if sampling.HasField(name) else None
 
     return GenerationOptions(
-        mode=mode or deps.config.default_mode, max_new_tokens=max_new_tokens or deps.config.max_new_tokens,
+        mode=mode, max_new_tokens=max_new_tokens or deps.config.max_new_tokens,
         greedy=opt("greedy"), temperature=opt("temperature"), top_k=opt("top_k"), top_p=opt("top_p"),
         repetition_penalty=opt("repetition_penalty"), seed=opt("seed"))
 
@@ -91,11 +101,7 @@ class Call:
         self.out_fmt = (audio_format(config.output_format, "output_format")
                         if config.HasField("output_format") and config.output_format.codec else self.in_fmt)
         mode = config.mode or self.deps.config.default_mode
-        try:
-            self.opts = generation_options(self.deps, mode, config.sampling, config.max_new_tokens)
-            await asyncio.to_thread(self.deps.prompts.tts, "check")  # warm the tokenizer off the loop
-        except ValueError as exc:
-            raise CallError(grpc.StatusCode.INVALID_ARGUMENT, str(exc)) from None
+        self.opts = generation_options(self.deps, mode, config.sampling, config.max_new_tokens)
         self.system = config.system_prompt if config.HasField("system_prompt") else LUKE_SYSTEM
         self.push_to_talk = config.push_to_talk
         vad_opts = config.vad

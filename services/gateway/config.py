@@ -34,3 +34,4 @@ class GatewayDeps:
     text_tokenizer: Tokenizer
     vocab: AudioVocab
     prompts: PromptBuilder
+    num_mtp_modules: int  # from the checkpoint's config.json: modes are validated when a call opens

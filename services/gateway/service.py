@@ -162,12 +162,15 @@ def build_deps(lm_dir: str, encoder: str, decoder: str, triton: str, redis_url: 
     from vitaserve.generator.text_tokenizer import load_text_tokenizer
     from vitaserve.generator.vocab import AudioVocab
 
+    from vitaserve.generator.config import LMConfig
+
     tokenizer = load_text_tokenizer(lm_dir)
     store = SessionStore(connect_redis(redis_url),
                          on_retry=lambda what, attempt, exc: metrics.STORE_RETRIES.labels(what).inc())
     return GatewayDeps(config=config, encoder=EncoderClient(encoder), decoder=DecoderClient(decoder),
                        generator=GeneratorClient(triton), store=store, text_tokenizer=tokenizer,
-                       vocab=AudioVocab.from_tokenizer(tokenizer), prompts=PromptBuilder(tokenizer))
+                       vocab=AudioVocab.from_tokenizer(tokenizer), prompts=PromptBuilder(tokenizer),
+                       num_mtp_modules=LMConfig.from_folder(lm_dir).num_nextn_predict_layers)
 
 
 async def serve(lm_dir: str, port: int, encoder: str, decoder: str, triton: str, redis_url: str,
