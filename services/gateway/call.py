@@ -122,6 +122,8 @@ class Call:
                 record = await store.claim(config.session_id, self.owner)
                 self.session_id = config.session_id
                 self.turns_done = record.turn
+                if not config.HasField("system_prompt"):  # the call keeps the persona it started with
+                    self.system = record.config.system_prompt
             else:
                 self.session_id = await store.create(
                     SessionConfig(mode=mode, codec=self.in_fmt.codec, sample_rate=self.in_fmt.sample_rate,
@@ -278,7 +280,7 @@ class Call:
                 turn=turn, mode=self.opts.mode, text=progress.text, text_tokens=progress.text_tokens,
                 audio_tokens=progress.audio_tokens, timings=timings)))
         except asyncio.CancelledError:
-            metrics.GATEWAY_TURNS.labels("interrupted").inc()
+            outcome = "interrupted"
             raise
         except (GeneratorError, grpc.aio.AioRpcError, StoreUnavailable, StaleWriteError) as exc:
             code = _code_of(exc)
