@@ -17,7 +17,9 @@ if [ ! -x .venv/bin/python ]; then
 fi
 # torch==2.13.0 (CPU build) is pinned in pyproject.toml: pip takes it from local disk.
 .venv/bin/python -m pip install -q --upgrade pip 2>&1 | grep -v WARNING || true
-.venv/bin/python -m pip install -q -e '.[dev]' 2>&1 | grep -v WARNING || true
+# vitaserve.api is generated from protos/ (the single source of truth) before the package installs
+.venv/bin/python -m pip install -q grpcio-tools 2>&1 | grep -v WARNING || true
 .venv/bin/python scripts/gen_protos.py
+.venv/bin/python -m pip install -q -e '.[dev]' 2>&1 | grep -v WARNING || true
 .venv/bin/python -c "import vitaserve.api.conversation_pb2_grpc, torch, transformers" || { echo "setup: install failed" >&2; exit 1; }
 echo "setup: ready (.venv)"
