@@ -7,6 +7,8 @@ cd "$(dirname "$0")/.."
 need_apt=()
 command -v espeak-ng >/dev/null || need_apt+=(espeak-ng)
 command -v redis-server >/dev/null || need_apt+=(redis-server)
+# the Triton python-backend stub embeds the system libpython3.11
+ldconfig -p | grep -q "libpython3.11.so.1.0" || need_apt+=(libpython3.11)
 if ((${#need_apt[@]})); then
     echo "setup: apt-get install ${need_apt[*]}"
     (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need_apt[@]}") >/dev/null
@@ -16,7 +18,6 @@ if [ ! -x .venv/bin/python ]; then
     python3 -m venv .venv
 fi
 # torch==2.13.0 (CPU build) is pinned in pyproject.toml: pip takes it from local disk.
-.venv/bin/python -m pip install -q --upgrade pip 2>&1 | grep -v WARNING || true
 # vitaserve.api is generated from protos/ (the single source of truth) before the package installs
 .venv/bin/python -m pip install -q grpcio-tools 2>&1 | grep -v WARNING || true
 .venv/bin/python scripts/gen_protos.py
