@@ -117,6 +117,7 @@ def save_lm_weights(model: VitaAudioLM, folder: str | Path, max_shard_bytes: int
     for i, shard in enumerate(shards, start=1):
         name = f"model-{i:05d}-of-{n:05d}.safetensors"
         save_file(shard, str(folder / name), metadata={"format": "pt"})
+        (folder / name).chmod(0o644)  # safetensors writes 0600; checkpoints are shared read-only
         weight_map.update({k: name for k in shard})
     total = sum(t.numel() * t.element_size() for t in state.values())
     index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
