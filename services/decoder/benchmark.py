@@ -1,0 +1,119 @@
+"""Codec benchmark: speech tokenizer speed and GLM-4-Voice decoder latency / real-time factor.
+
+Each measurement follows an uncounted warm-up of the same call. Numbers, as DESIGN.md defines them:
+  tokenizer_ms_per_audio_s          ms of tokenizer time per second of 16 kHz speech
+  decoder_first_pcm_ms              first block of 25 tokens, 10 ODE steps, not final (official stream)
+  decoder_first_pcm_ms_10tok_1step  VITA-Audio's first chunk: 10 tokens one shot, 1 ODE step
+  decoder_rtf_oneshot               real-time factor = wall seconds / audio seconds (lower is faster;
+                                    < 1 is faster than real time), 125 tokens (10 s) one shot
+  decoder_rtf_stream                the same 125 tokens streamed in blocks 25, 50, 50 (last final)
+Run: python -m vitaserve.decoder.benchmark --decoder DIR [--tokenizer DIR] [--device cpu]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from vitaserve.decoder.audio_decoder import SAMPLE_RATE, AudioDecoder
+
+ANSWER_TOKENS = 125  # a 10 s answer at 12.5 tokens/s
+STREAM_BLOCKS = (25, 50, 50)
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _timed(fn, device: torch.device, warmup: int = 1):
+    for _ in range(warmup):
+        fn()
+    _sync(device)
+    t = time.perf_counter()
+    out = fn()
+    _sync(device)
+    return out, time.perf_counter() - t
+
+
+def decoder_numbers(decoder: AudioDecoder, ode_steps: int = 10, seed: int = 0,
+                    stream_blocks=STREAM_BLOCKS, answer_tokens: int = ANSWER_TOKENS) -> dict:
+    """The four decoder numbers for one loaded decoder (random tokens, the official seeding)."""
+    rng = np.random.default_rng(seed)
+    tokens = rng.integers(0, 16384, answer_tokens).tolist()
+    dev = decoder.device
+    out: dict = {}
+
+    def first_block():
+        return decoder.decode_chunk(decoder.start_stream(), tokens[:25], finalize=False, ode_steps=ode_steps)
+
+    _, dt = _timed(first_block, dev)
+    out["decoder_first_pcm_ms"] = round(dt * 1000, 1)
+
+    def vita_first():
+        return decoder.decode_chunk(decoder.start_stream(mode="vita_redecode"), tokens[:10], finalize=False)
+
+    (pcm, _), dt = _timed(vita_first, dev)
+    out["decoder_first_pcm_ms_10tok_1step"] = round(dt * 1000, 1)
+
+    pcm, dt = _timed(lambda: decoder.decode(tokens, ode_steps=ode_steps), dev)
+    out["decoder_rtf_oneshot"] = round(dt / (pcm.shape[0] / SAMPLE_RATE), 3)
+
+    def stream():
+        return decoder.decode_stream(tokens, stream_blocks, ode_steps=ode_steps)
+
+    chunks, dt = _timed(stream, dev)
+    out["decoder_rtf_stream"] = round(dt / (sum(c.shape[0] for c in chunks) / SAMPLE_RATE), 3)
+    return out
+
+
+def tokenizer_number(tokenizer_dir: str | Path, device: str) -> dict:
+    """tokenizer_ms_per_audio_s from the encoder's own benchmark, or {} when that is not built."""
+    try:
+        from vitaserve.encoder.benchmark import tokenizer_ms_per_audio_s
+        from vitaserve.encoder.tokenizer import SpeechTokenizer
+    except ImportError:
+        return {}
+    tok = SpeechTokenizer.from_pretrained(tokenizer_dir, device=device)
+    return {"tokenizer_ms_per_audio_s": round(float(tokenizer_ms_per_audio_s(tok)), 1)}
+
+
+def _commit() -> str | None:
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                              cwd=Path(__file__).parent, timeout=5).stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def run_codec_benchmark(tokenizer_dir: str | Path | None, decoder_dir: str | Path, device: str = "cpu",
+                        dtype: torch.dtype = torch.float32) -> dict:
+    """One JSON-able dict: the numbers above plus device, threads, commit and the decoder's sizes."""
+    result: dict = {"device": device, "dtype": str(dtype).removeprefix("torch."),
+                    "threads": torch.get_num_threads(), "commit": _commit()}
+    if tokenizer_dir is not None:
+        result.update(tokenizer_number(tokenizer_dir, device))
+    decoder = AudioDecoder.from_pretrained(decoder_dir, device=device, dtype=dtype)
+    result["flow_params"] = sum(p.numel() for p in decoder.flow.parameters())
+    result["hift_params"] = sum(p.numel() for p in decoder.hift.parameters())
+    result.update(decoder_numbers(decoder))
+    return result
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--decoder", required=True)
+    p.add_argument("--tokenizer")
+    p.add_argument("--device", default="cpu")
+    args = p.parse_args(argv)
+    print(json.dumps(run_codec_benchmark(args.tokenizer, args.decoder, args.device)))
+
+
+if __name__ == "__main__":
+    main()
