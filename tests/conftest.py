@@ -3,6 +3,11 @@
 from __future__ import annotations
 
 import pytest
+import torch
+
+# Tests share 2 cores with the servers they start (Triton, the in-process cluster): one torch thread
+# per process avoids OpenMP threads spinning against each other, which slows everything tenfold.
+torch.set_num_threads(1)
 
 
 @pytest.fixture(scope="session")
