@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from vitaserve.common.wav import write_wav
+
 DEFAULT_CHUNKS = "25,50,100,150,200"  # GLM-4-Voice web demo blocks, the last size repeating
 
 
@@ -49,30 +51,6 @@ def parse_int_list(text: str, what: str) -> list[int]:
     if not values:
         raise CLIError(f"{what} is empty")
     return values
-
-
-def write_wav(path, pcm, sample_rate: int = 22050, as_float: bool = False) -> None:
-    """16-bit PCM via the stdlib wave module, or IEEE float (format 3), which wave cannot write."""
-    import struct
-    import wave
-
-    import numpy as np
-
-    pcm = np.asarray(pcm, dtype=np.float32)
-    if not as_float:
-        with wave.open(str(path), "wb") as w:
-            w.setnchannels(1)
-            w.setsampwidth(2)
-            w.setframerate(sample_rate)
-            w.writeframes((np.clip(pcm, -1.0, 1.0) * 32767).astype("<i2").tobytes())
-        return
-    data = pcm.astype("<f4").tobytes()
-    fmt = struct.pack("<HHIIHH", 3, 1, sample_rate, sample_rate * 4, 4, 32)
-    fact = struct.pack("<I", pcm.shape[0])
-    body = b"WAVE" + b"fmt " + struct.pack("<I", len(fmt)) + fmt + b"fact" + struct.pack("<I", 4) + fact
-    body += b"data" + struct.pack("<I", len(data)) + data
-    with open(path, "wb") as f:
-        f.write(b"RIFF" + struct.pack("<I", len(body)) + body)
 
 
 def cmd(args: argparse.Namespace) -> int:

@@ -17,6 +17,9 @@ SUBCOMMANDS = [
     "encode",
     "decode",
     "bench",
+    "serve",
+    "up",
+    "call",
 ]
 
 

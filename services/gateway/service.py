@@ -6,7 +6,6 @@ import asyncio
 import socket
 
 import grpc
-import numpy as np
 import structlog
 
 from vitaserve.api import audio_pb2, conversation_pb2 as pb, conversation_pb2_grpc
