@@ -65,7 +65,7 @@ def speech(espeak_wav):
     """(22050 Hz mono float32 as espeak-ng writes it, the same resampled to 16 kHz with soxr)."""
     import soxr
 
-    from vitaserve.cli.encode import read_wav
+    from vitaserve.common.wav import read_wav
 
     audio, rate = read_wav(espeak_wav)
     assert rate == 22050 and audio.shape[0] == 1
@@ -330,7 +330,7 @@ def test_cli_encode_bad_file_is_one_line(tiny_tok_dir, tmp_path, capsys):
 def test_read_wav_formats(tmp_path):
     import wave
 
-    from vitaserve.cli.encode import read_wav
+    from vitaserve.common.wav import read_wav
 
     pcm = (np.array([[0, 16384, -32768], [100, -100, 32767]], np.int16)).T.copy()
     with wave.open(str(tmp_path / "s16.wav"), "wb") as w:
