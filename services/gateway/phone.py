@@ -1,0 +1,142 @@
+"""A phone-like client of the Conversation service: real-time 20 ms frames out, everything in.
+
+`run_call` is what `vita-audio call` and the load test use: it sends one utterance per turn, paced
+as a caller speaks, then silence (the server's VAD ends the utterance) or END_OF_UTTERANCE, waits for
+the answer, and hangs up. Latency is measured here, at the caller: from the last frame of the
+utterance to the first audio chunk.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import dataclass, field
+
+import grpc
+import numpy as np
+
+from vitaserve.api import audio_pb2, conversation_pb2 as pb, conversation_pb2_grpc
+from vitaserve.gateway.codecs import check_format, encode_audio
+
+CODEC_ENUM = {"pcm16": audio_pb2.AUDIO_CODEC_PCM16, "mulaw": audio_pb2.AUDIO_CODEC_MULAW,
+              "alaw": audio_pb2.AUDIO_CODEC_ALAW}
+FRAME_S = 0.02
+
+
+@dataclass
+class TurnResult:
+    turn: int
+    first_audio_ms: float | None = None  # caller side: last utterance frame -> first audio chunk
+    first_text_ms: float | None = None
+    audio: bytearray = field(default_factory=bytearray)  # in the call's codec
+    audio_s: float = 0.0
+    chunks: int = 0
+    chunk_arrivals: list[float] = field(default_factory=list)  # seconds after the utterance ended
+    chunk_durations: list[float] = field(default_factory=list)
+    text: str = ""
+    server_timings: dict = field(default_factory=dict)
+    interrupted: bool = False
+    error: str = ""
+
+
+@dataclass
+class CallResult:
+    session_id: str = ""
+    turns: list[TurnResult] = field(default_factory=list)
+    status: str = "OK"
+    details: str = ""
+
+
+async def run_call(target: str, utterances: list[np.ndarray], rate: int, codec: str = "mulaw", mode: str = "",
+                   push_to_talk: bool = False, silence_s: float = 1.0, max_new_tokens: int = 0,
+                   greedy: bool | None = None, turn_timeout_s: float = 120.0) -> CallResult:
+    """One call with one turn per utterance (float samples at `rate`)."""
+    codec = check_format(codec, rate)
+    frame = int(rate * FRAME_S)
+    result = CallResult()
+    outbox: asyncio.Queue = asyncio.Queue()
+    turn_done = asyncio.Event()
+    state = {"turn": None, "t_end": None}
+    sampling = audio_pb2.SamplingOptions(greedy=greedy) if greedy is not None else audio_pb2.SamplingOptions()
+    fmt = audio_pb2.AudioFormat(codec=CODEC_ENUM[codec], sample_rate=rate)
+    await outbox.put(pb.ConverseRequest(config=pb.CallConfig(
+        input_format=fmt, mode=mode, push_to_talk=push_to_talk, max_new_tokens=max_new_tokens, sampling=sampling)))
+
+    async def requests():
+        while (msg := await outbox.get()) is not None:
+            yield msg
+
+    async def send_paced(samples: np.ndarray) -> None:
+        loop = asyncio.get_running_loop()
+        start = loop.time()
+        for i, offset in enumerate(range(0, len(samples), frame)):
+            await outbox.put(pb.ConverseRequest(audio=pb.AudioFrame(data=encode_audio(
+                samples[offset : offset + frame], codec, rate))))
+            await asyncio.sleep(max(0.0, start + (i + 1) * FRAME_S - loop.time()))
+
+    async def speak() -> None:
+        for n, utterance in enumerate(utterances, start=1):
+            turn_done.clear()
+            state["turn"] = TurnResult(turn=n)
+            await send_paced(utterance)
+            state["t_end"] = time.perf_counter()
+            if push_to_talk:
+                await outbox.put(pb.ConverseRequest(control=pb.Control(action=pb.Control.END_OF_UTTERANCE)))
+            silence = asyncio.create_task(send_paced(np.zeros(int(silence_s * rate), np.float32)))
+            await asyncio.wait_for(turn_done.wait(), turn_timeout_s)
+            silence.cancel()
+            result.turns.append(state["turn"])
+        await outbox.put(pb.ConverseRequest(control=pb.Control(action=pb.Control.HANG_UP)))
+        await outbox.put(None)
+
+    def since_end() -> float:
+        return (time.perf_counter() - state["t_end"]) * 1000 if state["t_end"] else 0.0
+
+    async def receive(call) -> None:
+        async for msg in call:
+            kind = msg.WhichOneof("message")
+            turn: TurnResult | None = state["turn"]
+            if kind == "session_started":
+                result.session_id = msg.session_started.session_id
+            elif turn is None:
+                continue
+            elif kind == "audio":
+                if turn.first_audio_ms is None:
+                    turn.first_audio_ms = since_end()
+                turn.audio += msg.audio.data
+                turn.audio_s += msg.audio.duration_s
+                turn.chunks += 1
+                turn.chunk_arrivals.append(since_end() / 1000)
+                turn.chunk_durations.append(msg.audio.duration_s)
+            elif kind == "text":
+                if turn.first_text_ms is None:
+                    turn.first_text_ms = since_end()
+                turn.text += msg.text.text
+            elif kind == "turn_finished":
+                t = msg.turn_finished.timings
+                turn.server_timings = {f.name: getattr(t, f.name) for f in t.DESCRIPTOR.fields}
+                turn_done.set()
+            elif kind == "interrupted":
+                turn.interrupted = True
+            elif kind == "error":
+                turn.error = f"{msg.error.code}: {msg.error.message}"
+                turn_done.set()
+
+    async with grpc.aio.insecure_channel(target) as channel:
+        call = conversation_pb2_grpc.ConversationStub(channel).Converse(requests())
+        speaker = asyncio.create_task(speak())
+        receiver = asyncio.create_task(receive(call))
+        await asyncio.wait({speaker, receiver}, return_when=asyncio.FIRST_EXCEPTION)
+        if speaker.done() and not speaker.cancelled() and isinstance(speaker.exception(), asyncio.TimeoutError):
+            result.status, result.details = "DEADLINE_EXCEEDED", f"no answer within {turn_timeout_s:.0f} s"
+            call.cancel()
+        try:
+            await receiver
+        except grpc.aio.AioRpcError as exc:
+            result.status, result.details = exc.code().name, exc.details() or ""
+        except asyncio.CancelledError:
+            pass
+        finally:
+            speaker.cancel()
+            await asyncio.gather(speaker, return_exceptions=True)
+    return result
