@@ -194,3 +194,22 @@ def test_engine_cancel_frees_slot_and_keeps_others(tiny_lm):
     assert got == alone and not engine.has_work()
     with pytest.raises(ValueError, match="inference mode"):
         engine.add(Request("bad", prompt, "1,11", GREEDY, 5))
+
+
+def test_mtp_audio_head_is_off_by_default_and_only_touches_mcts_steps(tiny_lm_dir):
+    """The optional audio-rows head: backbone tokens unchanged, MCTP tokens always audio ids, and
+    identical to the full head whenever the full head's choice was an audio id."""
+    from vitaserve.generator.generate import LanguageModel
+
+    full = LanguageModel.from_folder(tiny_lm_dir, max_len=256)
+    fast = LanguageModel.from_folder(tiny_lm_dir, max_len=256, mtp_audio_head=True)
+    assert full.model.mtp_audio_rows is None
+    prompt = random_prompt(full, 12, seed=77)
+    a = list(generate(full, prompt, "turbo", GREEDY, max_new_tokens=11, stop_ids=()))
+    b = list(generate(fast, prompt, "turbo", GREEDY, max_new_tokens=11, stop_ids=()))
+    assert a[0].token_id == b[0].token_id  # the backbone step uses the whole head
+    assert all(e.is_audio for e in b[1:])
+    for x, y in zip(a[1:], b[1:]):
+        if x.token_id != y.token_id:
+            assert not x.is_audio  # the only allowed difference: the full head chose a non-audio id
+            break

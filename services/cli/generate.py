@@ -12,6 +12,9 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="cpu", help="cpu or cuda[:N] (default cpu)")
     p.add_argument("--dtype", default=None, help="float32, bfloat16 or float16 (default: float32 on cpu, bfloat16 on cuda)")
     p.add_argument("--max-len", type=int, default=4096, help="KV cache length per call (prompt + new tokens)")
+    p.add_argument("--mtp-audio-head", action="store_true",
+                   help="optional speed-up that CHANGES results: MCTP steps score only the 16384 audio rows "
+                        "of lm_head (~10x cheaper); off by default")
 
 
 def resolve_dtype(args) -> str:
@@ -25,7 +28,8 @@ def load_model(args, num_slots: int = 1):
 
     try:
         return LanguageModel.from_folder(args.lm, device=args.device, dtype=resolve_dtype(args),
-                                         max_len=args.max_len, num_slots=num_slots)
+                                         max_len=args.max_len, num_slots=num_slots,
+                                         mtp_audio_head=args.mtp_audio_head)
     except (CheckpointError, ValueError, FileNotFoundError) as exc:
         raise CLIError(str(exc)) from exc
 

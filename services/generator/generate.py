@@ -20,7 +20,7 @@ from vitaserve.generator.runner import run_step
 from vitaserve.generator.sampling import SamplingParams
 from vitaserve.generator.schedule import Schedule
 from vitaserve.generator.sequence import Sequence
-from vitaserve.generator.vocab import AudioVocab
+from vitaserve.generator.vocab import AUDIO_CODEBOOK_SIZE, AudioVocab
 
 
 @dataclass(frozen=True)
@@ -45,13 +45,17 @@ class LanguageModel:
     @classmethod
     def from_folder(
         cls, folder: str | Path, device: str = "cpu", dtype: str | torch.dtype = "float32",
-        max_len: int = 4096, num_slots: int = 1,
+        max_len: int = 4096, num_slots: int = 1, mtp_audio_head: bool = False,
     ) -> "LanguageModel":
+        """mtp_audio_head: the optional MCTP speed-up that changes results (see VitaAudioLM)."""
         folder = Path(folder)
         model = load_lm(folder, device=device, dtype=parse_dtype(dtype))
         model.setup_caches(num_slots, min(max_len, model.config.max_position_embeddings))
         cfg = model.config
-        return cls(model, cfg, GenerationDefaults.from_folder(folder), AudioVocab.from_config(cfg.bos_token_id, cfg.vocab_size), folder)
+        vocab = AudioVocab.from_config(cfg.bos_token_id, cfg.vocab_size)
+        if mtp_audio_head:
+            model.mtp_audio_rows = slice(vocab.audio_offset, vocab.audio_offset + AUDIO_CODEBOOK_SIZE)
+        return cls(model, cfg, GenerationDefaults.from_folder(folder), vocab, folder)
 
     def schedule(self, mode: str | list[int] | None) -> Schedule:
         """A named or custom mode; None means the checkpoint's own generation_config default."""

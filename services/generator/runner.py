@@ -58,7 +58,7 @@ def run_step(model: VitaAudioLM, plans: list[StepPlan]) -> list[int]:
         for i, h in zip(members, forward_plans(model, [plans[i] for i in members])):
             hidden[i] = h
     last = torch.stack([h[-1] for h in hidden])
-    logits = model.logits(last).float()
+    logits = head_logits(model, last, [p.kind == "m" for p in plans])
     tokens = []
     for p, h, row in zip(plans, hidden, logits):
         seq = p.seq
@@ -66,6 +66,21 @@ def run_step(model: VitaAudioLM, plans: list[StepPlan]) -> list[int]:
         seq.commit(p, h, token)
         tokens.append(token)
     return tokens
+
+
+def head_logits(model: VitaAudioLM, last: torch.Tensor, is_mtp: list[bool]) -> torch.Tensor:
+    """fp32 logits [B, V]. With model.mtp_audio_rows set, MCTP rows score only the audio ids and
+    every other id gets -inf (so sampling and the repetition penalty work unchanged)."""
+    rows = model.mtp_audio_rows
+    if rows is None or not any(is_mtp):
+        return model.logits(last).float()
+    out = torch.full((last.shape[0], model.config.vocab_size), float("-inf"), device=last.device)
+    mtp = [i for i, m in enumerate(is_mtp) if m]
+    full = [i for i, m in enumerate(is_mtp) if not m]
+    if full:
+        out[full] = model.logits(last[full]).float()
+    out[mtp, rows] = model.logits_rows(last[mtp], rows).float()
+    return out
 
 
 def seen_ids_of(seq, device) -> torch.Tensor:
