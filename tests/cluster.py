@@ -7,9 +7,8 @@ from __future__ import annotations
 
 import asyncio
 import threading
-from concurrent.futures import Future
 
-from vitaserve.api import conversation_pb2, conversation_pb2_grpc, decoder_pb2, decoder_pb2_grpc, encoder_pb2_grpc
+from vitaserve.api import conversation_pb2_grpc, decoder_pb2_grpc, encoder_pb2_grpc
 from vitaserve.common.grpc_server import ServiceRunner, make_server
 
 

@@ -2,8 +2,14 @@
 
 from __future__ import annotations
 
+import subprocess
+import wave
+
+import numpy as np
 import pytest
 import torch
+
+from vitaserve.common.resample import resample
 
 # Tests share 2 cores with the servers they start (Triton, the in-process cluster): one torch thread
 # per process avoids OpenMP threads spinning against each other, which slows everything tenfold.
@@ -22,3 +28,56 @@ def tiny_lm(tiny_lm_dir):
     from vitaserve.generator.generate import LanguageModel
 
     return LanguageModel.from_folder(tiny_lm_dir, num_slots=4, max_len=512)
+
+
+# -- the in-process cluster (real Redis, real Triton, real gRPC servers), shared by the suites ---------
+@pytest.fixture(scope="session")
+def ckpt(tmp_path_factory, tiny_lm_dir):
+    from vitaserve.decoder.checkpoint import write_decoder_checkpoint
+    from vitaserve.encoder.checkpoint import write_tokenizer_checkpoint
+
+    root = tiny_lm_dir.parent
+    if not (root / "tokenizer").exists():
+        write_tokenizer_checkpoint(root / "tokenizer", "tiny")
+        write_decoder_checkpoint(root / "decoder", "tiny")
+    return root
+
+
+@pytest.fixture(scope="session")
+def redis_url(tmp_path_factory):
+    from servers import redis_server
+
+    with redis_server(tmp_path_factory.mktemp("redis")) as url:
+        yield url
+
+
+@pytest.fixture(scope="session")
+def triton(tmp_path_factory, tiny_lm_dir):
+    """A real tritonserver with the tiny generator: {"grpc": addr, "metrics": url, "log": path}."""
+    from servers import triton_server
+
+    with triton_server(tmp_path_factory.mktemp("triton"), tiny_lm_dir) as t:
+        yield t
+
+
+@pytest.fixture(scope="session")
+def cluster(ckpt, redis_url, triton):
+    from cluster import InProcessCluster
+
+    c = InProcessCluster(ckpt, redis_url, triton["grpc"]).start()
+    c.redis_url = redis_url
+    try:
+        yield c
+    finally:
+        c.stop()
+
+
+@pytest.fixture(scope="session")
+def utterance(tmp_path_factory) -> np.ndarray:
+    """A real spoken question (espeak-ng), as 8 kHz float samples."""
+    path = tmp_path_factory.mktemp("speech") / "q.wav"
+    subprocess.run(["espeak-ng", "-w", str(path), "What is the weather like today?"], check=True)
+    with wave.open(str(path)) as w:
+        x = np.frombuffer(w.readframes(w.getnframes()), dtype="<i2").astype(np.float32) / 32768
+        rate = w.getframerate()
+    return resample(x, rate, 8000)

@@ -3,58 +3,16 @@
 from __future__ import annotations
 
 import asyncio
-import subprocess
-import urllib.request
-import wave
-
 import grpc
 import numpy as np
 import pytest
 
 from vitaserve.api import audio_pb2, conversation_pb2 as pb, conversation_pb2_grpc
-from vitaserve.common.resample import resample
 from vitaserve.gateway.codecs import decode_audio, encode_audio
 
-from cluster import InProcessCluster
-from servers import redis_server, triton_server
 
 MULAW_8K = audio_pb2.AudioFormat(codec=audio_pb2.AUDIO_CODEC_MULAW, sample_rate=8000)
 FRAME = 160  # 20 ms at 8 kHz
-
-
-@pytest.fixture(scope="module")
-def ckpt(tmp_path_factory, tiny_lm_dir):
-    from vitaserve.decoder.checkpoint import write_decoder_checkpoint
-    from vitaserve.encoder.checkpoint import write_tokenizer_checkpoint
-
-    root = tiny_lm_dir.parent
-    if not (root / "tokenizer").exists():
-        write_tokenizer_checkpoint(root / "tokenizer", "tiny")
-        write_decoder_checkpoint(root / "decoder", "tiny")
-    return root
-
-
-@pytest.fixture(scope="module")
-def cluster(tmp_path_factory, ckpt):
-    work = tmp_path_factory.mktemp("cluster")
-    with redis_server(work) as redis_url, triton_server(work, ckpt / "lm") as triton:
-        c = InProcessCluster(ckpt, redis_url, triton["grpc"]).start()
-        c.redis_url = redis_url
-        try:
-            yield c
-        finally:
-            c.stop()
-
-
-@pytest.fixture(scope="module")
-def utterance(tmp_path_factory) -> np.ndarray:
-    """A real spoken question (espeak-ng), as 8 kHz float samples."""
-    path = tmp_path_factory.mktemp("speech") / "q.wav"
-    subprocess.run(["espeak-ng", "-w", str(path), "What is the weather like today?"], check=True)
-    with wave.open(str(path)) as w:
-        x = np.frombuffer(w.readframes(w.getnframes()), dtype="<i2").astype(np.float32) / 32768
-        rate = w.getframerate()
-    return resample(x, rate, 8000)
 
 
 def frames(samples: np.ndarray) -> list[bytes]:

@@ -16,25 +16,13 @@ def vita(*args, timeout=600):
                           timeout=timeout)
 
 
-@pytest.fixture(scope="module")
-def codec_dirs(tiny_lm_dir):
-    from vitaserve.decoder.checkpoint import write_decoder_checkpoint
-    from vitaserve.encoder.checkpoint import write_tokenizer_checkpoint
-
-    root = tiny_lm_dir.parent
-    if not (root / "tokenizer").exists():
-        write_tokenizer_checkpoint(root / "tokenizer", "tiny")
-        write_decoder_checkpoint(root / "decoder", "tiny")
-    return root
-
-
-def test_up_with_a_call_writes_the_answer_and_stops_everything(tmp_path, codec_dirs):
+def test_up_with_a_call_writes_the_answer_and_stops_everything(tmp_path, ckpt):
     question = tmp_path / "q.wav"
     subprocess.run(["espeak-ng", "-w", str(question), "Hello, what time is it?"], check=True)
     answer = tmp_path / "answer.wav"
     port = free_port()
-    done = vita("up", "--lm", str(codec_dirs / "lm"), "--tokenizer", str(codec_dirs / "tokenizer"),
-                "--decoder", str(codec_dirs / "decoder"), "--port", str(port), "--num-slots", "4", "--max-len", "1024",
+    done = vita("up", "--lm", str(ckpt / "lm"), "--tokenizer", str(ckpt / "tokenizer"),
+                "--decoder", str(ckpt / "decoder"), "--port", str(port), "--num-slots", "4", "--max-len", "1024",
                 "--call", str(question), "--out", str(answer), "--max-new-tokens", "60")
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert "gateway ready" in done.stdout and "first audio:" in done.stdout and "stopped" in done.stdout

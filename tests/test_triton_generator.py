@@ -11,15 +11,8 @@ from vitaserve.gateway.generator_client import GenerationOptions, GeneratorClien
 from vitaserve.generator.generate import generate
 from vitaserve.generator.sampling import SamplingParams
 
-from servers import triton_server
 
 GREEDY = GenerationOptions(mode="boost", max_new_tokens=40, greedy=True)
-
-
-@pytest.fixture(scope="module")
-def triton(tmp_path_factory, tiny_lm_dir):
-    with triton_server(tmp_path_factory.mktemp("triton"), tiny_lm_dir) as t:
-        yield t
 
 
 def offline(tiny_lm, prompt, mode, n):

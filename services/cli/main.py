@@ -20,6 +20,7 @@ SUBCOMMANDS = [
     "serve",
     "up",
     "call",
+    "loadtest",
 ]
 
 

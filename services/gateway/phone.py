@@ -49,14 +49,19 @@ class CallResult:
 
 async def run_call(target: str, utterances: list[np.ndarray], rate: int, codec: str = "mulaw", mode: str = "",
                    push_to_talk: bool = False, silence_s: float = 1.0, max_new_tokens: int = 0,
-                   greedy: bool | None = None, turn_timeout_s: float = 120.0) -> CallResult:
-    """One call with one turn per utterance (float samples at `rate`)."""
+                   greedy: bool | None = None, turn_timeout_s: float = 120.0,
+                   barge_in: list[bool] | None = None) -> CallResult:
+    """One call with one turn per utterance (float samples at `rate`). barge_in[i]: the caller starts
+    the next utterance as soon as the first audio of answer i arrives (talking over it)."""
     codec = check_format(codec, rate)
     frame = int(rate * FRAME_S)
     result = CallResult()
     outbox: asyncio.Queue = asyncio.Queue()
     turn_done = asyncio.Event()
+    first_audio = asyncio.Event()
     state = {"turn": None, "t_end": None}
+    by_turn: dict[int, TurnResult] = {}
+    barge_in = barge_in or [False] * len(utterances)
     sampling = audio_pb2.SamplingOptions(greedy=greedy) if greedy is not None else audio_pb2.SamplingOptions()
     fmt = audio_pb2.AudioFormat(codec=CODEC_ENUM[codec], sample_rate=rate)
     await outbox.put(pb.ConverseRequest(config=pb.CallConfig(
@@ -77,13 +82,15 @@ async def run_call(target: str, utterances: list[np.ndarray], rate: int, codec: 
     async def speak() -> None:
         for n, utterance in enumerate(utterances, start=1):
             turn_done.clear()
-            state["turn"] = TurnResult(turn=n)
+            first_audio.clear()
+            state["turn"] = by_turn[n] = TurnResult(turn=n)
             await send_paced(utterance)
             state["t_end"] = time.perf_counter()
             if push_to_talk:
                 await outbox.put(pb.ConverseRequest(control=pb.Control(action=pb.Control.END_OF_UTTERANCE)))
             silence = asyncio.create_task(send_paced(np.zeros(int(silence_s * rate), np.float32)))
-            await asyncio.wait_for(turn_done.wait(), turn_timeout_s)
+            interrupt = barge_in[n - 1] and n < len(utterances)
+            await asyncio.wait_for((first_audio if interrupt else turn_done).wait(), turn_timeout_s)
             silence.cancel()
             result.turns.append(state["turn"])
         await outbox.put(pb.ConverseRequest(control=pb.Control(action=pb.Control.HANG_UP)))
@@ -95,7 +102,8 @@ async def run_call(target: str, utterances: list[np.ndarray], rate: int, codec: 
     async def receive(call) -> None:
         async for msg in call:
             kind = msg.WhichOneof("message")
-            turn: TurnResult | None = state["turn"]
+            number = getattr(getattr(msg, kind), "turn", None) if kind != "session_started" else None
+            turn: TurnResult | None = by_turn.get(number, state["turn"])
             if kind == "session_started":
                 result.session_id = msg.session_started.session_id
             elif turn is None:
@@ -103,6 +111,7 @@ async def run_call(target: str, utterances: list[np.ndarray], rate: int, codec: 
             elif kind == "audio":
                 if turn.first_audio_ms is None:
                     turn.first_audio_ms = since_end()
+                    first_audio.set()
                 turn.audio += msg.audio.data
                 turn.audio_s += msg.audio.duration_s
                 turn.chunks += 1

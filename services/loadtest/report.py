@@ -1,0 +1,150 @@
+"""Pure functions from measured turns to the report: percentiles, starvation, tables, JSON, HTML."""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+from collections import Counter
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+
+PERCENTILES = (50, 90, 95, 99)
+
+
+@dataclass
+class TurnMeasurement:
+    mode: str
+    concurrency: int
+    call: int
+    turn: int
+    first_audio_ms: float | None
+    first_text_ms: float | None
+    duration_s: float
+    audio_s: float
+    chunks: int
+    starvation_s: float  # total time playback would have waited for audio after it started
+    max_gap_s: float
+    interrupted: bool
+    server: dict = field(default_factory=dict)
+    error: str = ""
+
+
+def playout_starvation(arrivals: list[float], durations: list[float]) -> tuple[float, float]:
+    """(total stall, longest stall) in s of a player that starts with the first chunk and plays
+    chunks back to back: a chunk arriving after the audio before it ran out is a stall."""
+    if not arrivals:
+        return 0.0, 0.0
+    end = arrivals[0] + durations[0]
+    total = longest = 0.0
+    for arrival, duration in zip(arrivals[1:], durations[1:]):
+        gap = arrival - end
+        if gap > 0:
+            total += gap
+            longest = max(longest, gap)
+        end = max(end, arrival) + duration
+    return total, longest
+
+
+def percentiles(values: list[float]) -> dict[str, float | None]:
+    if not values:
+        return {**{f"p{q}": None for q in PERCENTILES}, "max": None, "n": 0}
+    arr = np.asarray(values, dtype=float)
+    return {**{f"p{q}": round(float(np.percentile(arr, q)), 1) for q in PERCENTILES},
+            "max": round(float(arr.max()), 1), "n": int(arr.size)}
+
+
+def summarize(turns: list[TurnMeasurement], calls_failed: Counter) -> list[dict]:
+    """One row per (mode, concurrency)."""
+    rows = []
+    for key in sorted({(t.mode, t.concurrency) for t in turns} | set(calls_failed)):
+        mode, conc = key
+        group = [t for t in turns if (t.mode, t.concurrency) == key]
+        ok = [t for t in group if not t.error]
+        rows.append({
+            "mode": mode, "concurrency": conc, "turns": len(group), "turn_errors": len(group) - len(ok),
+            "calls_failed": calls_failed.get(key, 0),
+            "first_audio_ms": percentiles([t.first_audio_ms for t in ok if t.first_audio_ms is not None]),
+            "first_text_ms": percentiles([t.first_text_ms for t in ok if t.first_text_ms is not None]),
+            "turn_s": percentiles([t.duration_s for t in ok]),
+            "starved_turns": sum(t.starvation_s > 0 for t in ok),
+            "max_gap_s": percentiles([t.max_gap_s for t in ok]),
+            "interrupted": sum(t.interrupted for t in group),
+        })
+    return rows
+
+
+def text_table(rows: list[dict]) -> str:
+    head = f"{'mode':<9}{'calls':>6}{'turns':>6}{'err':>5}  first audio ms p50 / p90 / p95 / p99 / max   starved"
+    lines = [head, "-" * len(head)]
+    for r in rows:
+        fa = r["first_audio_ms"]
+        cells = " / ".join("-" if fa[k] is None else f"{fa[k]:.0f}" for k in ("p50", "p90", "p95", "p99", "max"))
+        lines.append(f"{r['mode']:<9}{r['concurrency']:>6}{r['turns']:>6}{r['turn_errors'] + r['calls_failed']:>5}"
+                     f"  {cells:<40}  {r['starved_turns']}")
+    return "\n".join(lines)
+
+
+def to_json(config: dict, rows: list[dict], turns: list[TurnMeasurement], errors: dict) -> str:
+    return json.dumps({"config": config, "summary": rows, "errors_by_code": errors,
+                       "turns": [asdict(t) for t in turns]}, indent=2)
+
+
+def _png(fig) -> str:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
+    return base64.b64encode(buf.getvalue()).decode()
+
+
+def plots(rows: list[dict], turns: list[TurnMeasurement]) -> dict[str, str]:
+    """Base64 PNGs: first-audio percentiles vs concurrency per mode; stalls per turn."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out = {}
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for i, mode in enumerate(sorted({r["mode"] for r in rows})):
+        mine = sorted((r for r in rows if r["mode"] == mode), key=lambda r: r["concurrency"])
+        xs = [r["concurrency"] for r in mine]
+        for q, style in (("p50", "-o"), ("p95", "--s"), ("p99", ":^")):  # one colour per mode
+            ys = [r["first_audio_ms"][q] if r["first_audio_ms"][q] is not None else np.nan for r in mine]
+            ax.plot(xs, ys, style, color=f"C{i}", label=f"{mode} {q}")
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("concurrent calls")
+    ax.set_ylabel("first audio (ms after the caller stopped)")
+    ax.set_title("First-audio latency vs concurrency")
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=8)
+    out["latency"] = _png(fig)
+    plt.close(fig)
+    fig, ax = plt.subplots(figsize=(7, 3))
+    labels = [f"{r['mode']}@{r['concurrency']}" for r in rows]
+    stalls = [[t.starvation_s for t in turns if (t.mode, t.concurrency) == (r["mode"], r["concurrency"]) and not t.error]
+              for r in rows]
+    ax.boxplot([s or [0.0] for s in stalls], tick_labels=labels)
+    ax.set_ylabel("playback stall per turn (s)")
+    ax.set_title("Starvation: audio arriving slower than real time")
+    ax.tick_params(axis="x", labelrotation=45)
+    out["starvation"] = _png(fig)
+    plt.close(fig)
+    return out
+
+
+def html_report(config: dict, rows: list[dict], turns: list[TurnMeasurement], errors: dict) -> str:
+    images = plots(rows, turns)
+    table = text_table(rows)
+    errs = ", ".join(f"{k}: {v}" for k, v in errors.items()) or "none"
+    return f"""<!doctype html><html><head><meta charset="utf-8"><title>vitaserve load test</title>
+<style>body{{font-family:sans-serif;max-width:900px;margin:2em auto}}pre{{background:#f4f4f4;padding:1em}}</style>
+</head><body><h1>Load test: first-audio latency under concurrency</h1>
+<p>target <code>{config.get('target')}</code>, codec {config.get('codec')} {config.get('rate')} Hz,
+{config.get('turns')} turns per call, modes {', '.join(config.get('modes', []))}; errors by code: {errs}</p>
+<img src="data:image/png;base64,{images['latency']}" alt="latency vs concurrency">
+<img src="data:image/png;base64,{images['starvation']}" alt="starvation">
+<h2>Summary</h2><pre>{table}</pre>
+<p>First audio: from the last voiced frame of the caller's utterance to the first audio chunk received,
+measured at the caller. Starved turns: turns whose audio arrived slower than it plays.</p>
+</body></html>"""
