@@ -88,6 +88,8 @@ def test_bad_mode_and_bad_prompt_are_rejected_clearly(triton):
 
 
 def test_cancel_stops_generation_in_the_engine(triton):
+    tokens_before = metric(triton, "vita_generator_tokens_total") or 0.0
+
     async def main():
         client = GeneratorClient(triton["grpc"])
         try:
@@ -107,4 +109,5 @@ def test_cancel_stops_generation_in_the_engine(triton):
 
     assert asyncio.run(main()) == 5
     assert metric(triton, "vita_generator_requests_in_flight") == 0
-    assert metric(triton, "vita_generator_tokens_total") < 900 + 200  # it did not run to the end
+    # the engine stopped soon after the cancel: far fewer than the 900 tokens asked for
+    assert metric(triton, "vita_generator_tokens_total") - tokens_before < 300
