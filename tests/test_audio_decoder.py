@@ -19,16 +19,6 @@ BLOCKS = [12, 20]  # -> 12, 20, 16: three blocks, the last one final
 STEPS = 2  # ODE steps: the tests check the plumbing, not the mel quality
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models are overhead-bound: one intra-op thread is faster, and does not spin-wait
-    against other processes on a loaded 2-core machine (10x slower there with 2 threads)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def decoder_dir(tmp_path_factory):
     return write_decoder_checkpoint(tmp_path_factory.mktemp("decoder"), "tiny", seed=0)

@@ -14,16 +14,6 @@ from vitaserve.decoder.stream_state import DecoderStreamState, StreamStateError
 CFG = HiftConfig(base_channels=32, f0_cond_channels=16)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models are overhead-bound: one intra-op thread is faster, and does not spin-wait
-    against other processes on a loaded 2-core machine (10x slower there with 2 threads)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def hift_file(tmp_path_factory):
     path = tmp_path_factory.mktemp("hift") / "hift.pt"

@@ -128,7 +128,7 @@ def test_misshaped_and_unexpected_keys_are_named(tiny_tok_dir, tmp_path):
 
     with pytest.raises(CheckpointError) as err:
         load_encoder(_rewrite(tiny_tok_dir, tmp_path / "t", edit))
-    assert "mis-shaped keys: codebook.weight (file [16383, 64], config.json wants [16384, 64])" in str(err.value)
+    assert "mis-shaped keys: codebook.weight (file [16383, 64], model [16384, 64])" in str(err.value)
     assert "unexpected keys: layer_norm.weight" in str(err.value)
 
 

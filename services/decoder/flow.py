@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from vitaserve.common.state_dict import shape_mismatch, shapes_of
 from vitaserve.decoder.conformer import BlockConformerEncoder
 from vitaserve.decoder.flow_config import (
     MEL_HOP,
@@ -205,28 +206,11 @@ def random_flow_state_dict(cfg: FlowConfig, seed: int = 0) -> dict[str, torch.Te
         return FlowModel(cfg).state_dict()
 
 
-def _describe(keys: list[str], limit: int = 8) -> str:
-    return ", ".join(keys[:limit]) + (f" (and {len(keys) - limit} more)" if len(keys) > limit else "")
-
-
 def check_state_dict(model: nn.Module, state: dict, source: str) -> None:
     """Strict key/shape check with one message naming missing, unexpected and mis-shaped keys."""
-    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-    found = {k: tuple(v.shape) for k, v in state.items()}
-    missing = sorted(set(expected) - set(found))
-    unexpected = sorted(set(found) - set(expected))
-    misshaped = sorted(
-        f"{k} (file {list(found[k])}, model {list(expected[k])})"
-        for k in set(expected) & set(found)
-        if found[k] != expected[k]
-    )
-    problems = [
-        f"{what}: {_describe(keys)}"
-        for what, keys in (("missing keys", missing), ("unexpected keys", unexpected), ("mis-shaped keys", misshaped))
-        if keys
-    ]
+    problems = shape_mismatch(shapes_of(model.state_dict()), shapes_of(state))
     if problems:
-        raise DecoderCheckpointError(f"{source} does not match config.yaml: {'; '.join(problems)}")
+        raise DecoderCheckpointError(f"{source} does not match config.yaml: {problems}")
 
 
 def load_flow(decoder_dir, device="cpu", dtype: torch.dtype = torch.float32) -> FlowModel:

@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from vitaserve.common.state_dict import shape_mismatch, shapes_of
 from vitaserve.decoder.flow_config import DecoderCheckpointError
 
 CheckpointError = DecoderCheckpointError  # one error type for every decoder weight file
@@ -312,22 +313,11 @@ class HiFTGenerator(nn.Module):
         return self.forward(mel, cache_source, generator, deterministic, phase_generator)
 
 
-def _describe(keys: list[str], limit: int = 6) -> str:
-    return ", ".join(keys[:limit]) + (f" (and {len(keys) - limit} more)" if len(keys) > limit else "")
-
-
 def load_state_dict_strict(model: nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
     """load_state_dict(strict=True) whose error names every missing, unexpected and mis-shaped key."""
-    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-    found = {k: tuple(v.shape) for k, v in state.items()}
-    missing = sorted(set(expected) - set(found))
-    unexpected = sorted(set(found) - set(expected))
-    misshaped = sorted(f"{k} (file {list(found[k])}, model {list(expected[k])})"
-                       for k in set(expected) & set(found) if found[k] != expected[k])
-    problems = [f"{what} keys: {_describe(keys)}" for what, keys in
-                (("missing", missing), ("unexpected", unexpected), ("mis-shaped", misshaped)) if keys]
+    problems = shape_mismatch(shapes_of(model.state_dict()), shapes_of(state))
     if problems:
-        raise CheckpointError(f"{source} does not match config.yaml: {'; '.join(problems)}")
+        raise CheckpointError(f"{source} does not match config.yaml: {problems}")
     model.load_state_dict(state, strict=True)
 
 

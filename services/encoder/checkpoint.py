@@ -18,6 +18,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from vitaserve.common.state_dict import shape_mismatch, shapes_of
 from vitaserve.encoder.config import CheckpointError, WhisperVQConfig
 from vitaserve.encoder.model import WhisperVQEncoder, sinusoids
 
@@ -119,11 +120,6 @@ PRESETS: dict[str, dict] = {
 }
 
 
-def _describe(keys: list[str], limit: int = 8) -> str:
-    shown = ", ".join(keys[:limit])
-    return shown + (f" (and {len(keys) - limit} more)" if len(keys) > limit else "")
-
-
 def weight_files(folder: Path) -> list[Path]:
     """model*.safetensors, as the official loader globs them (the released folder has one file)."""
     files = sorted(folder.glob("model*.safetensors"))
@@ -150,22 +146,9 @@ def load_encoder(
                 if key in tensors:
                     raise CheckpointError(f"{path.name}: key {key} appears in more than one file")
                 tensors[key] = f.get_tensor(key)
-    missing = sorted(set(expected) - set(tensors))
-    unexpected = sorted(set(tensors) - set(expected))
-    misshaped = sorted(
-        f"{k} (file {list(tensors[k].shape)}, config.json wants {list(expected[k])})"
-        for k in set(expected) & set(tensors)
-        if tuple(tensors[k].shape) != expected[k]
-    )
-    problems = []
-    if missing:
-        problems.append(f"missing keys: {_describe(missing)}")
-    if unexpected:
-        problems.append(f"unexpected keys: {_describe(unexpected)}")
-    if misshaped:
-        problems.append(f"mis-shaped keys: {_describe(misshaped)}")
+    problems = shape_mismatch(expected, shapes_of(tensors))
     if problems:
-        raise CheckpointError(f"{folder}: weights do not match config.json: {'; '.join(problems)}")
+        raise CheckpointError(f"{folder}: weights do not match config.json: {problems}")
     model.load_state_dict(tensors, strict=True, assign=True)
     model.to(device=device, dtype=dtype)
     model.eval().requires_grad_(False)

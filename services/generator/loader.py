@@ -14,6 +14,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from vitaserve.common.state_dict import shape_mismatch
 from vitaserve.generator.config import CheckpointError, LMConfig
 from vitaserve.generator.model import VitaAudioLM
 
@@ -45,11 +46,6 @@ def weight_files(folder: Path) -> list[Path]:
     raise CheckpointError(f"{folder}: no model.safetensors.index.json or model.safetensors")
 
 
-def _describe(keys: list[str], limit: int = 8) -> str:
-    shown = ", ".join(keys[:limit])
-    return shown + (f" (and {len(keys) - limit} more)" if len(keys) > limit else "")
-
-
 def load_state_dict_strict(model: torch.nn.Module, files: list[Path], dtype: torch.dtype, device) -> None:
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     tied = getattr(model, "config", None) is not None and model.config.tie_word_embeddings
@@ -60,22 +56,9 @@ def load_state_dict_strict(model: torch.nn.Module, files: list[Path], dtype: tor
         with safe_open(str(path), framework="pt", device="cpu") as f:
             for key in f.keys():
                 found[key] = tuple(f.get_slice(key).get_shape())
-    missing = sorted(set(expected) - set(found))
-    unexpected = sorted(set(found) - set(expected))
-    misshaped = sorted(
-        f"{k} (file {list(found[k])}, model {list(expected[k])})"
-        for k in set(expected) & set(found)
-        if found[k] != expected[k]
-    )
-    problems = []
-    if missing:
-        problems.append(f"missing keys: {_describe(missing)}")
-    if unexpected:
-        problems.append(f"unexpected keys: {_describe(unexpected)}")
-    if misshaped:
-        problems.append(f"mis-shaped keys: {_describe(misshaped)}")
+    problems = shape_mismatch(expected, found)
     if problems:
-        raise CheckpointError(f"checkpoint does not match config.json: {'; '.join(problems)}")
+        raise CheckpointError(f"checkpoint does not match config.json: {problems}")
     state = {}
     for path in files:
         with safe_open(str(path), framework="pt", device="cpu") as f:
