@@ -7,4 +7,4 @@ cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 mkdir -p out
 espeak-ng -w out/question.wav "Hello! What is the weather like in Paris today?"
-exec .venv/bin/vita-audio up --call out/question.wav --out answer.wav --codec mulaw --rate 8000 "$@"
+exec .venv/bin/vita-audio up --call out/question.wav --out answer.wav --codec mulaw --rate 8000 --max-new-tokens 300 "$@"
