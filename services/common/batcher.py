@@ -2,6 +2,10 @@
 
 Requests wait at most `max_wait_ms` for company (or until `max_batch` are queued); the batch runs on
 a worker thread so the event loop never runs torch. One batch at a time per model.
+
+If a batch raises, its requests are run again one by one, so only the request whose input caused
+the error gets it and the others still get their results. `stop()` fails every request still
+waiting, so no caller hangs on a stopped batcher.
 """
 
 from __future__ import annotations
@@ -16,6 +20,19 @@ In = TypeVar("In")
 Out = TypeVar("Out")
 
 
+class BatcherStopped(RuntimeError):
+    """The batcher was stopped (server shutdown) before this request was computed."""
+
+
+@dataclass(frozen=True)
+class BatchInfo:
+    """How one request was served: the forward it shared and how long it waited for it."""
+
+    size: int  # requests in the forward that computed this one
+    queue_ms: float  # from submit() to the start of that forward
+    compute_ms: float  # that forward's time
+
+
 @dataclass
 class _Item(Generic[In, Out]):
     value: In
@@ -26,12 +43,17 @@ class _Item(Generic[In, Out]):
 class MicroBatcher(Generic[In, Out]):
     def __init__(self, fn: Callable[[Sequence[In]], Sequence[Out]], max_batch: int = 16, max_wait_ms: float = 5.0,
                  on_batch: Callable[[int, float, list[float]], None] | None = None):
+        if max_batch < 1:
+            raise ValueError(f"max_batch must be >= 1, got {max_batch}")
+        if max_wait_ms < 0:
+            raise ValueError(f"max_wait_ms must be >= 0, got {max_wait_ms}")
         self.fn = fn
         self.max_batch = max_batch
         self.max_wait_s = max_wait_ms / 1000
         self.on_batch = on_batch  # (batch size, compute ms, queue ms of each request)
         self._queue: asyncio.Queue[_Item] = asyncio.Queue()
         self._task: asyncio.Task | None = None
+        self._running: list[_Item] = []
 
     def start(self) -> None:
         self._task = asyncio.get_running_loop().create_task(self._run())
@@ -40,38 +62,67 @@ class MicroBatcher(Generic[In, Out]):
         if self._task:
             self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)
+            self._task = None
+        pending = self._running
+        while not self._queue.empty():
+            pending.append(self._queue.get_nowait())
+        for item in pending:
+            if not item.future.done():
+                item.future.set_exception(BatcherStopped("the service is shutting down; retry on another replica"))
+        self._running = []
 
     async def submit(self, value: In) -> Out:
+        return (await self.submit_with_info(value))[0]
+
+    async def submit_with_info(self, value: In) -> tuple[Out, BatchInfo]:
+        if self._task is None:
+            raise BatcherStopped("the batcher is not running (call start() inside the event loop)")
         future = asyncio.get_running_loop().create_future()
         await self._queue.put(_Item(value, future, time.perf_counter()))
         return await future
 
+    async def _collect(self) -> list[_Item]:
+        items = self._running = [await self._queue.get()]  # stop() fails them if cancelled here
+        deadline = time.perf_counter() + self.max_wait_s
+        while len(items) < self.max_batch:
+            if not self._queue.empty():
+                items.append(self._queue.get_nowait())
+                continue
+            timeout = deadline - time.perf_counter()
+            if timeout <= 0:
+                break
+            try:
+                items.append(await asyncio.wait_for(self._queue.get(), timeout))
+            except asyncio.TimeoutError:
+                break
+        return [i for i in items if not i.future.cancelled()]
+
+    async def _forward(self, items: list[_Item]) -> None:
+        """Compute `items` in one call; on an error, each item alone (the error is one input's)."""
+        start = time.perf_counter()
+        try:
+            outs = await asyncio.to_thread(self.fn, [i.value for i in items])
+            if len(outs) != len(items):
+                raise RuntimeError(f"batched function returned {len(outs)} results for {len(items)} inputs")
+        except Exception as exc:
+            if len(items) == 1:
+                if not items[0].future.done():
+                    items[0].future.set_exception(exc)
+                return
+            for item in items:
+                await self._forward([item])
+            return
+        compute_ms = (time.perf_counter() - start) * 1000
+        queue_ms = [(start - i.queued_at) * 1000 for i in items]
+        if self.on_batch:
+            self.on_batch(len(items), compute_ms, queue_ms)
+        for item, out, q in zip(items, outs, queue_ms):
+            if not item.future.done():
+                item.future.set_result((out, BatchInfo(len(items), q, compute_ms)))
+
     async def _run(self) -> None:
         while True:
-            items = [await self._queue.get()]
-            deadline = time.perf_counter() + self.max_wait_s
-            while len(items) < self.max_batch:
-                timeout = deadline - time.perf_counter()
-                if timeout <= 0:
-                    break
-                try:
-                    items.append(await asyncio.wait_for(self._queue.get(), timeout))
-                except asyncio.TimeoutError:
-                    break
-            items = [i for i in items if not i.future.cancelled()]
-            if not items:
-                continue
-            start = time.perf_counter()
-            try:
-                outs = await asyncio.to_thread(self.fn, [i.value for i in items])
-            except Exception as exc:  # the whole batch failed: each caller gets the error
-                for item in items:
-                    if not item.future.done():
-                        item.future.set_exception(exc)
-                continue
-            compute_ms = (time.perf_counter() - start) * 1000
-            if self.on_batch:
-                self.on_batch(len(items), compute_ms, [(start - i.queued_at) * 1000 for i in items])
-            for item, out in zip(items, outs):
-                if not item.future.done():
-                    item.future.set_result(out)
+            items = self._running = await self._collect()
+            if items:
+                await self._forward(items)
+            self._running = []

@@ -2,75 +2,85 @@
 
 from __future__ import annotations
 
-import time
-
 import grpc
 import numpy as np
 import structlog
 
 from vitaserve.api import encoder_pb2, encoder_pb2_grpc
 from vitaserve.common import metrics
-from vitaserve.common.batcher import MicroBatcher
+from vitaserve.common.batcher import BatcherStopped, MicroBatcher
+from vitaserve.common.resample import resample
 
 log = structlog.get_logger(__name__)
 
 TOKENIZER_RATE = 16000
 MAX_AUDIO_S = 120.0
 ALLOWED_RATES = (8000, 16000, 22050, 24000, 44100, 48000)
+# the longest request (MAX_AUDIO_S at the highest rate) must reach validate() to get a clear error
+MAX_MESSAGE_BYTES = int(MAX_AUDIO_S * max(ALLOWED_RATES) * 2) + 64 * 1024
+
+
+class EncodeInputError(ValueError):
+    """A request the encoder cannot tokenize; the message says why (gRPC INVALID_ARGUMENT)."""
 
 
 def validate(request: encoder_pb2.EncodeRequest) -> np.ndarray:
-    """PCM16 bytes -> float32 16 kHz samples, or ValueError with the reason."""
+    """PCM16 bytes -> float32 16 kHz samples, or EncodeInputError with the reason."""
     if request.sample_rate not in ALLOWED_RATES:
-        raise ValueError(f"sample_rate {request.sample_rate} not supported; use one of {ALLOWED_RATES}")
+        raise EncodeInputError(f"sample_rate {request.sample_rate} not supported; use one of {ALLOWED_RATES}")
     if len(request.pcm16) % 2:
-        raise ValueError("pcm16 has an odd number of bytes: it must be whole 16-bit samples")
+        raise EncodeInputError("pcm16 has an odd number of bytes: it must be whole 16-bit samples")
     if not request.pcm16:
-        raise ValueError("pcm16 is empty")
+        raise EncodeInputError("pcm16 is empty")
     seconds = len(request.pcm16) / 2 / request.sample_rate
     if seconds > MAX_AUDIO_S:
-        raise ValueError(f"{seconds:.1f} s of audio is over the {MAX_AUDIO_S:.0f} s limit of one request")
+        raise EncodeInputError(f"{seconds:.1f} s of audio is over the {MAX_AUDIO_S:.0f} s limit of one request")
     samples = np.frombuffer(request.pcm16, dtype="<i2").astype(np.float32) / 32768.0
     if request.sample_rate != TOKENIZER_RATE:
-        from vitaserve.common.resample import resample
-
         samples = resample(samples, request.sample_rate, TOKENIZER_RATE)
+        if samples.size == 0:
+            raise EncodeInputError(f"{len(request.pcm16) // 2} samples at {request.sample_rate} Hz are "
+                                   f"shorter than one sample at {TOKENIZER_RATE} Hz")
     return samples
 
 
 class EncoderServicer(encoder_pb2_grpc.EncoderServicer):
+    """Validates each request, then lets the batcher share one tokenizer forward among concurrent calls."""
+
     def __init__(self, tokenizer, max_batch: int = 16, max_wait_ms: float = 5.0):
         self.tokenizer = tokenizer
         self.batcher: MicroBatcher[np.ndarray, list[int]] = MicroBatcher(
             lambda waves: tokenizer.encode(list(waves), TOKENIZER_RATE), max_batch, max_wait_ms, self._observe)
-        self._last_batch = 1
 
-    def _observe(self, size: int, compute_ms: float, queue_ms: list[float]) -> None:
+    @staticmethod
+    def _observe(size: int, compute_ms: float, queue_ms: list[float]) -> None:
         metrics.ENCODER_BATCH_SIZE.observe(size)
         metrics.ENCODER_COMPUTE_MS.observe(compute_ms)
         for q in queue_ms:
             metrics.ENCODER_QUEUE_MS.observe(q)
-        self._last_batch = size
 
     async def Encode(self, request, context):
-        start = time.perf_counter()
-        try:
-            samples = validate(request)
-        except ValueError as exc:
-            metrics.ENCODER_REQUESTS.labels("INVALID_ARGUMENT").inc()
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        code = "OK"
         metrics.ENCODER_IN_FLIGHT.inc()
         try:
-            tokens = await self.batcher.submit(samples)
-        except ValueError as exc:  # the tokenizer's own checks (e.g. non-finite audio)
-            metrics.ENCODER_REQUESTS.labels("INVALID_ARGUMENT").inc()
+            samples = validate(request)
+            tokens, info = await self.batcher.submit_with_info(samples)
+            return encoder_pb2.EncodeResponse(tokens=tokens, audio_s=len(samples) / TOKENIZER_RATE,
+                                              queue_ms=info.queue_ms, compute_ms=info.compute_ms,
+                                              batch_size=info.size)
+        except ValueError as exc:  # validate(), or the tokenizer's own checks
+            code = "INVALID_ARGUMENT"
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        except BatcherStopped as exc:
+            code = "UNAVAILABLE"
+            await context.abort(grpc.StatusCode.UNAVAILABLE, str(exc))
+        except Exception as exc:  # a bug or a device failure: say so, keep serving
+            code = "INTERNAL"
+            log.exception("encode failed")
+            await context.abort(grpc.StatusCode.INTERNAL, f"encoder failed: {type(exc).__name__}: {exc}")
         finally:
             metrics.ENCODER_IN_FLIGHT.dec()
-        total_ms = (time.perf_counter() - start) * 1000
-        metrics.ENCODER_REQUESTS.labels("OK").inc()
-        return encoder_pb2.EncodeResponse(tokens=tokens, audio_s=len(samples) / TOKENIZER_RATE,
-                                          compute_ms=total_ms, batch_size=self._last_batch)
+            metrics.ENCODER_REQUESTS.labels(code).inc()
 
 
 async def serve(tokenizer_dir: str, port: int, metrics_port: int = 0, device: str = "cpu",
@@ -80,7 +90,7 @@ async def serve(tokenizer_dir: str, port: int, metrics_port: int = 0, device: st
 
     tokenizer = SpeechTokenizer.from_pretrained(tokenizer_dir, device=device)
     servicer = EncoderServicer(tokenizer, max_batch, max_wait_ms)
-    server = make_server()
+    server = make_server(max_message_bytes=MAX_MESSAGE_BYTES)
     encoder_pb2_grpc.add_EncoderServicer_to_server(servicer, server)
     runner = ServiceRunner(server, [encoder_pb2.DESCRIPTOR.services_by_name["Encoder"].full_name], port)
     start_metrics(metrics_port)
