@@ -63,11 +63,39 @@ OnRetry = Callable[[str, int, BaseException], None]
 
 def connect_redis(url: str = "redis://localhost:6379/0", *, timeout_s: float = 2.0,
                   max_connections: int | None = None) -> aioredis.Redis:
-    """A client fit for SessionStore: bytes replies, short timeouts, no retries of its own."""
-    return aioredis.Redis.from_url(
-        url, decode_responses=False, socket_timeout=timeout_s, socket_connect_timeout=timeout_s,
-        retry=Retry(NoBackoff(), 0), max_connections=max_connections,
-    )
+    """A client fit for SessionStore: bytes replies, short timeouts, no retries of its own.
+
+    `redis://` / `rediss://` URLs name one server; `redis+sentinel://[:password@]h1:p1,h2:p2/service[/db]`
+    names Sentinels, and the client follows the current master of `service` across failovers.
+    """
+    options = dict(decode_responses=False, socket_timeout=timeout_s, socket_connect_timeout=timeout_s,
+                   retry=Retry(NoBackoff(), 0))
+    if url.startswith("redis+sentinel://"):
+        return _sentinel_master(url, options)
+    return aioredis.Redis.from_url(url, max_connections=max_connections, **options)
+
+
+def _sentinel_master(url: str, options: dict) -> aioredis.Redis:
+    from urllib.parse import unquote
+
+    from redis.asyncio.sentinel import Sentinel
+
+    rest = url[len("redis+sentinel://"):]
+    password = None
+    if "@" in rest:
+        auth, rest = rest.rsplit("@", 1)
+        password = unquote(auth.split(":", 1)[-1]) or None
+    hosts, _, path = rest.partition("/")
+    parts = [p for p in path.split("/") if p]
+    if not hosts or not parts:
+        raise ValueError("a sentinel URL looks like redis+sentinel://[:password@]host:port[,host:port]/service[/db]")
+    sentinels = []
+    for item in hosts.split(","):
+        host, _, port = item.rpartition(":")
+        sentinels.append((host or item, int(port) if host else 26379))
+    db = int(parts[1]) if len(parts) > 1 else 0
+    sentinel = Sentinel(sentinels, socket_timeout=options["socket_timeout"])
+    return sentinel.master_for(parts[0], password=password, db=db, **options)
 
 
 def _word(reply: list) -> str:
