@@ -93,6 +93,23 @@ class EngineService:
                 self._finish(rid, RequestCancelled(f"request {rid} cancelled"))
         return not stopping
 
+    def _deliver(self, events) -> None:
+        """Hand each event to its caller. A method of its own so that no callback (and no Triton
+        request or response sender it holds) outlives the step in a local of the loop: Triton does
+        not unload a model while any request object is still referenced."""
+        for rid, event in events:
+            cb = self._callbacks.get(rid)
+            if cb is None:
+                continue
+            try:
+                cb.on_token(event)
+            except Exception as exc:
+                self.engine.cancel(rid)
+                self._finish(rid, exc)
+                continue
+            if event.finished:
+                self._finish(rid, None)
+
     def _loop(self) -> None:
         while self._take_inbox():
             if not self.engine.has_work():
@@ -105,18 +122,7 @@ class EngineService:
                     self.engine.cancel(rid)
                     self._finish(rid, exc)
                 continue
-            for rid, event in events:
-                cb = self._callbacks.get(rid)
-                if cb is None:
-                    continue
-                try:
-                    cb.on_token(event)
-                except Exception as exc:
-                    self.engine.cancel(rid)
-                    self._finish(rid, exc)
-                    continue
-                if event.finished:
-                    self._finish(rid, None)
+            self._deliver(events)
         for rid in list(self._callbacks):
             self.engine.cancel(rid)
             self._finish(rid, RuntimeError("the engine stopped"))

@@ -23,6 +23,20 @@ def _optional(request, name, cast):
     return cast(value.decode() if isinstance(value, bytes) else value)
 
 
+class _Call:
+    """One request's Triton objects, dropped the moment it ends: Triton waits (its exit timeout) for
+    every request and response sender to be released before it unloads the model."""
+
+    def __init__(self, request, sender):
+        self.request, self.sender = request, sender
+
+    def is_cancelled(self):
+        return self.request is not None and self.request.is_cancelled()
+
+    def release(self):
+        self.request = self.sender = None
+
+
 class TritonPythonModel:
     def initialize(self, args):
         config = json.loads(args["model_config"])
@@ -72,8 +86,8 @@ class TritonPythonModel:
                             flags=FINAL)
                 continue
             self._count(+1)
-            self.service.submit(gen_request, self._on_token(sender), self._on_done(sender),
-                                is_cancelled=request.is_cancelled)
+            call = _Call(request, sender)
+            self.service.submit(gen_request, self._on_token(call), self._on_done(call), is_cancelled=call.is_cancelled)
         return None
 
     def _parse(self, request):
@@ -92,7 +106,7 @@ class TritonPythonModel:
             sampling=sampling, max_new_tokens=_optional(request, "MAX_NEW_TOKENS", int) or 1024,
         )
 
-    def _on_token(self, sender):
+    def _on_token(self, call):
         def send(event):
             self.tokens_metric.increment(1)
             outputs = [
@@ -102,13 +116,15 @@ class TritonPythonModel:
                 pb_utils.Tensor("INDEX", np.array([event.index], dtype=np.int32)),
                 pb_utils.Tensor("FINISHED", np.array([event.finished], dtype=np.bool_)),
             ]
-            sender.send(pb_utils.InferenceResponse(output_tensors=outputs))
+            call.sender.send(pb_utils.InferenceResponse(output_tensors=outputs))
 
         return send
 
-    def _on_done(self, sender):
+    def _on_done(self, call):
         def done(error):
             self._count(-1)
+            sender = call.sender
+            call.release()
             if error is None:
                 sender.send(flags=FINAL)
             elif isinstance(error, self.Cancelled):
