@@ -10,8 +10,9 @@ def _common(p: argparse.ArgumentParser, port: int) -> None:
     p.add_argument("--metrics-port", type=int, default=0, help="Prometheus /metrics port (0 = off)")
     p.add_argument("--grace-s", type=float, default=30.0,
                    help="on SIGTERM: health turns NOT_SERVING, running calls get this long to finish")
-    p.add_argument("--log-level", default="info")
-    p.add_argument("--log-format", choices=("json", "console"), default="json")
+    p.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
+    p.add_argument("--log-format", choices=("json", "console"), default="json",
+                   help="structlog output on stderr: JSON lines (default) or coloured console lines")
 
 
 def subparser_init(subparsers) -> None:
@@ -20,28 +21,33 @@ def subparser_init(subparsers) -> None:
                                           "checking, reflection, Prometheus metrics and graceful drain on SIGTERM.")
     sub = p.add_subparsers(dest="service", metavar="SERVICE", required=True)
 
-    enc = sub.add_parser("encoder", help="GLM-4-Voice speech tokenizer (vita.audio.v1.Encoder)")
-    enc.add_argument("--tokenizer", required=True, help="glm-4-voice-tokenizer folder")
+    enc = sub.add_parser("encoder", help="GLM-4-Voice speech tokenizer (vita.audio.v1.Encoder)",
+                         description="Speech -> audio token ids; concurrent requests are batched together.")
+    enc.add_argument("--tokenizer", required=True, metavar="DIR", help="glm-4-voice-tokenizer folder")
     enc.add_argument("--device", default="cpu")
     enc.add_argument("--max-batch", type=int, default=16, help="requests per forward")
     enc.add_argument("--max-wait-ms", type=float, default=5.0, help="how long a request waits for company")
     _common(enc, 50052)
 
-    dec = sub.add_parser("decoder", help="GLM-4-Voice flow + HiFT decoder (vita.audio.v1.Decoder)")
-    dec.add_argument("--decoder", required=True, help="glm-4-voice-decoder folder")
-    dec.add_argument("--redis", required=True, help="Redis URL holding the stream states")
+    dec = sub.add_parser("decoder", help="GLM-4-Voice flow + HiFT decoder (vita.audio.v1.Decoder)",
+                         description="Audio token ids -> PCM, streamed block by block; each stream's caches "
+                                     "live in Redis so any replica can decode its next block.")
+    dec.add_argument("--decoder", required=True, metavar="DIR", help="glm-4-voice-decoder folder")
+    dec.add_argument("--redis", required=True, metavar="URL", help="Redis URL holding the stream states")
     dec.add_argument("--device", default="cpu")
     dec.add_argument("--workers", type=int, default=1, help="blocks decoded at once")
     dec.add_argument("--ode-steps", type=int, default=10, help="flow ODE steps when a request says 0")
     dec.add_argument("--deterministic", action="store_true", help="zero noise: reproducible output")
     _common(dec, 50053)
 
-    gw = sub.add_parser("gateway", help="the public Conversation service")
-    gw.add_argument("--lm", required=True, help="VITA-Audio folder (its tokenizer and config are read)")
+    gw = sub.add_parser("gateway", help="the public Conversation service",
+                        description="vita.audio.v1.Conversation: phone-like calls (codec, VAD, barge-in), "
+                                    "encoder -> Triton generator -> decoder per turn, sessions in Redis.")
+    gw.add_argument("--lm", required=True, metavar="DIR", help="VITA-Audio folder (its tokenizer and config are read)")
     gw.add_argument("--encoder", required=True, help="encoder address (host:port, dns:///name:port, ipv4:a,b)")
     gw.add_argument("--decoder", required=True, help="decoder address (several replicas: dns:/// or ipv4:a,b)")
     gw.add_argument("--triton", required=True, help="Triton gRPC address (host:port)")
-    gw.add_argument("--redis", required=True, help="Redis URL for sessions")
+    gw.add_argument("--redis", required=True, metavar="URL", help="Redis URL for sessions")
     gw.add_argument("--mode", default="boost", help="default inference mode of calls that name none")
     _common(gw, 50051)
     p.set_defaults(func=cmd)

@@ -9,26 +9,33 @@ def subparser_init(subparsers) -> None:
         description="Start Redis, Triton (the tritonserver binary of nvidia-pytriton, on CPU), the encoder, "
                     "decoder and gateway on localhost, wait until each is ready, and print where they listen. "
                     "Without checkpoint folders it uses tiny random-weight checkpoints (generated once into "
-                    "--checkpoints). With --call it makes one call, writes the answer and stops; otherwise it "
-                    "runs until Ctrl-C, then stops everything.")
-    p.add_argument("--lm", help="VITA-Audio checkpoint folder")
-    p.add_argument("--tokenizer", help="glm-4-voice-tokenizer folder")
-    p.add_argument("--decoder", help="glm-4-voice-decoder folder")
-    p.add_argument("--checkpoints", default="checkpoints/tiny", help="where tiny checkpoints are made when needed")
-    p.add_argument("--port", type=int, default=50051, help="gateway port")
-    p.add_argument("--mode", default="boost", help="default inference mode")
+                    "--checkpoints; the answers are noise, the pipeline and timings are real). With --call it "
+                    "makes one call, writes the answer and stops; otherwise it runs until Ctrl-C or SIGTERM, "
+                    "then stops everything.")
+    p.add_argument("--lm", metavar="DIR", help="VITA-Audio checkpoint folder (give all three folders, or none)")
+    p.add_argument("--tokenizer", metavar="DIR", help="glm-4-voice-tokenizer folder")
+    p.add_argument("--decoder", metavar="DIR", help="glm-4-voice-decoder folder")
+    p.add_argument("--checkpoints", metavar="DIR", default="checkpoints/tiny",
+                   help="where the tiny checkpoints are made on first use (default checkpoints/tiny)")
+    p.add_argument("--port", type=int, default=50051, help="gateway port (default 50051)")
+    p.add_argument("--mode", default="boost", help="inference mode: vanilla, balance, boost, turbo (default boost)")
     p.add_argument("--num-slots", type=int, default=16, help="calls the generator batches at once")
-    p.add_argument("--max-len", type=int, default=4096, help="tokens per call in the KV cache")
-    p.add_argument("--call", dest="input", metavar="WAV", help="make one call with this question, then stop")
-    p.add_argument("--out", default="answer.wav", help="answer WAV for --call")
-    p.add_argument("--codec", default="mulaw", choices=("mulaw", "alaw", "pcm16"))
-    p.add_argument("--rate", type=int, default=8000)
-    p.add_argument("--push-to-talk", action="store_true")
-    p.add_argument("--max-new-tokens", type=int, default=0)
+    p.add_argument("--max-len", type=int, default=4096, help="tokens per call in the generator's KV cache")
+    p.add_argument("--logs", metavar="DIR", help="folder for the services' logs (default: a new temp folder)")
+    p.add_argument("--timeout-s", type=float, default=300.0, help="how long each service may take to be ready")
+    call = p.add_argument_group("one call (like `vita-audio call`)")
+    call.add_argument("--call", dest="input", metavar="WAV", help="make one call with this question, then stop")
+    call.add_argument("--out", default="answer.wav", help="answer WAV for --call (default answer.wav)")
+    call.add_argument("--codec", default="mulaw", help="wire codec: mulaw, alaw or pcm16 (default mulaw)")
+    call.add_argument("--rate", type=int, default=8000, help="wire sample rate (default 8000)")
+    call.add_argument("--push-to-talk", action="store_true", help="send END_OF_UTTERANCE instead of relying on VAD")
+    call.add_argument("--max-new-tokens", type=int, default=0, help="cap of the answer's tokens (0: server default)")
     p.set_defaults(func=cmd)
 
 
 def resolve_checkpoints(args):
+    """[lm, tokenizer, decoder] folders: the three given, or the tiny ones (made once)."""
+    import shutil
     from pathlib import Path
 
     from vitaserve.cli.main import CLIError
@@ -43,55 +50,91 @@ def resolve_checkpoints(args):
             raise CLIError(f"not a folder: {', '.join(missing)}")
         return folders
     root = Path(args.checkpoints)
-    parts = {"lm": "write_lm_checkpoint", "tokenizer": "write_tokenizer_checkpoint", "decoder": "write_decoder_checkpoint"}
-    for part in parts:
-        if not (root / part).exists():
-            print(f"making tiny {part} checkpoint in {root / part} ...", flush=True)
-            if part == "lm":
-                from vitaserve.generator.checkpoint import write_lm_checkpoint as write
-            elif part == "tokenizer":
-                from vitaserve.encoder.checkpoint import write_tokenizer_checkpoint as write
-            else:
-                from vitaserve.decoder.checkpoint import write_decoder_checkpoint as write
-            write(root / part, "tiny")
+    for part in ("lm", "tokenizer", "decoder"):
+        if (root / part).exists():
+            continue
+        print(f"making the tiny {part} checkpoint in {root / part} ...", flush=True)
+        if part == "lm":
+            from vitaserve.generator.checkpoint import write_lm_checkpoint as write
+        elif part == "tokenizer":
+            from vitaserve.encoder.checkpoint import write_tokenizer_checkpoint as write
+        else:
+            from vitaserve.decoder.checkpoint import write_decoder_checkpoint as write
+        partial = root / f".{part}.partial"  # an interrupted write must not pass for a checkpoint next time
+        try:
+            shutil.rmtree(partial, ignore_errors=True)
+            write(partial, "tiny")
+            partial.rename(root / part)
+        except OSError as exc:
+            raise CLIError(f"cannot write the tiny checkpoints into {root}: {exc.strerror or exc}") from None
     return [root / "lm", root / "tokenizer", root / "decoder"]
+
+
+def readiness_table(services) -> str:
+    rows = [("service", "address", "metrics", "log")]
+    rows += [(s.name, s.address, s.metrics or "-", str(s.log)) for s in services]
+    widths = [max(len(r[i]) for r in rows) for i in range(3)]
+    return "\n".join(f"{a:<{widths[0]}}  {b:<{widths[1]}}  {c:<{widths[2]}}  {d}" for a, b, c, d in rows)
 
 
 def cmd(args) -> int:
     import signal
     import threading
+    from pathlib import Path
 
     from vitaserve.cli.main import CLIError
     from vitaserve.common.local_cluster import ClusterError, LocalCluster
 
-    lm, tokenizer, decoder = resolve_checkpoints(args)
-    cluster = LocalCluster(lm, tokenizer, decoder, port=args.port, mode=args.mode, num_slots=args.num_slots,
-                           max_len=args.max_len, progress=lambda msg: print(f"  {msg}", flush=True))
-    print(f"starting the local cluster (logs in {cluster.workdir})", flush=True)
+    # Ctrl-C, SIGTERM and a closed terminal all stop the cluster; the services sit in their own
+    # process groups, so only this process sees them. One signal is enough: later ones are ignored
+    # so that the stop itself is never cut short (it is bounded by its own timeouts).
+    stopping = threading.Event()
+
+    def on_signal(signum, frame):
+        if not stopping.is_set():
+            stopping.set()
+            raise KeyboardInterrupt
+
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, on_signal)
+
+    cluster = None
+    serving = False
     try:
-        cluster.start()
-    except ClusterError as exc:
-        raise CLIError(str(exc)) from None
-    try:
-        print(f"\n{'service':<10} {'address':<22} {'metrics':<36} log")
-        for s in cluster.services:
-            print(f"{s.name:<10} {s.address:<22} {s.metrics or '-':<36} {s.log}")
-        print(f"\ngateway ready: vita-audio call --target 127.0.0.1:{args.port} --in question.wav --out answer.wav\n",
-              flush=True)
+        prepared = None
+        if args.input:  # check the call's inputs before a minute of start-up, not after
+            from vitaserve.cli.call import prepare_call
+
+            prepared = prepare_call(args)
+        lm, tokenizer, decoder = resolve_checkpoints(args)
+        cluster = LocalCluster(lm, tokenizer, decoder, port=args.port, mode=args.mode, num_slots=args.num_slots,
+                               max_len=args.max_len, workdir=Path(args.logs) if args.logs else None,
+                               progress=lambda msg: print(f"  {msg}", flush=True))
+        print(f"starting the local cluster (logs in {cluster.workdir})", flush=True)
+        cluster.start(args.timeout_s)
+        print(f"\n{readiness_table(cluster.services)}\n", flush=True)
+        target = f"127.0.0.1:{args.port}"
+        print(f"gateway ready: vita-audio call --target {target} --in question.wav --out answer.wav\n", flush=True)
         if args.input:
             from vitaserve.cli.call import place_call
 
-            return place_call(args, f"127.0.0.1:{args.port}")
-        stop = threading.Event()
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            signal.signal(sig, lambda *_: stop.set())
+            return place_call(args, target, prepared)
+        serving = True
         print("running; Ctrl-C stops everything", flush=True)
-        while not stop.wait(1.0):
-            dead = [s.name for s in cluster.services if s.proc.poll() is not None]
+        while not stopping.wait(1.0):
+            dead = cluster.dead()
             if dead:
-                raise CLIError(f"{', '.join(dead)} exited; see the logs in {cluster.workdir}")
+                tails = "\n".join(f"--- last lines of {s.log} ---\n{s.log_tail(15)}" for s in dead)
+                raise CLIError(f"{', '.join(s.name for s in dead)} exited unexpectedly\n{tails}")
         return 0
+    except ClusterError as exc:
+        raise CLIError(str(exc)) from None
+    except KeyboardInterrupt:
+        print("\nstop requested", flush=True)
+        return 0 if serving else 130
     finally:
-        print("stopping ...", flush=True)
-        cluster.stop()
-        print("stopped", flush=True)
+        stopping.set()  # from here on, signals change nothing
+        if cluster is not None:
+            print("stopping ...", flush=True)
+            cluster.stop()
+            print("stopped", flush=True)

@@ -34,7 +34,10 @@ class TurnResult:
     chunk_arrivals: list[float] = field(default_factory=list)  # seconds after the utterance ended
     chunk_durations: list[float] = field(default_factory=list)
     text: str = ""
-    server_timings: dict = field(default_factory=dict)
+    server_timings: dict = field(default_factory=dict)  # TurnTimings fields, ms
+    mode: str = ""  # as the server ran it
+    text_tokens: int = 0
+    audio_tokens: int = 0
     interrupted: bool = False
     error: str = ""
 
@@ -124,6 +127,8 @@ async def run_call(target: str, utterances: list[np.ndarray], rate: int, codec: 
             elif kind == "turn_finished":
                 t = msg.turn_finished.timings
                 turn.server_timings = {f.name: getattr(t, f.name) for f in t.DESCRIPTOR.fields}
+                turn.mode = msg.turn_finished.mode
+                turn.text_tokens, turn.audio_tokens = msg.turn_finished.text_tokens, msg.turn_finished.audio_tokens
                 turn_done.set()
             elif kind == "interrupted":
                 turn.interrupted = True
