@@ -20,10 +20,13 @@ def subparser_init(subparsers) -> None:
     p.add_argument("--turns", type=int, default=2, help="turns per call")
     p.add_argument("--codec", default="mulaw", choices=("mulaw", "alaw", "pcm16"))
     p.add_argument("--rate", type=int, default=8000)
+    p.add_argument("--push-to-talk", action="store_true",
+                   help="send END_OF_UTTERANCE after each utterance (latency from it) instead of waiting for the VAD")
     p.add_argument("--barge-in-prob", type=float, default=0.0, help="chance the caller talks over an answer")
     p.add_argument("--max-new-tokens", type=int, default=120, help="cap of each answer (0: server default)")
     p.add_argument("--turn-timeout-s", type=float, default=120.0)
-    p.add_argument("--level-timeout-s", type=float, default=600.0)
+    p.add_argument("--level-timeout-s", type=float, default=600.0, help="cut a level's calls after this")
+    p.add_argument("--duration-s", type=float, default=3600.0, help="the whole run: later levels are skipped")
     p.add_argument("--out", default="loadtest-report", help="output folder")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd)
@@ -32,24 +35,32 @@ def subparser_init(subparsers) -> None:
 def cmd(args) -> int:
     import asyncio
     from collections import Counter
-    from dataclasses import asdict
+    from dataclasses import asdict, replace
     from pathlib import Path
 
     from tqdm import tqdm
 
     from vitaserve.cli.main import CLIError
     from vitaserve.loadtest.report import html_report, summarize, text_table, to_json
-    from vitaserve.loadtest.runner import LoadConfig, levels, run_load
+    from vitaserve.loadtest.runner import LoadConfig, LoadConfigError, levels, run_load
     from vitaserve.loadtest.speech import utterances
 
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
     try:
         concurrency = tuple(int(c) for c in args.concurrency.split(","))
     except ValueError:
         raise CLIError(f"--concurrency must be comma-separated integers, got {args.concurrency!r}") from None
-    if not 0 <= args.barge_in_prob <= 1:
-        raise CLIError("--barge-in-prob must be in [0, 1]")
+    try:
+        cfg = LoadConfig(target=args.target or "local", modes=tuple(m.strip() for m in args.modes.split(",")),
+                         concurrency=concurrency, turns=args.turns, codec=args.codec, rate=args.rate,
+                         push_to_talk=args.push_to_talk, barge_in_prob=args.barge_in_prob,
+                         max_new_tokens=args.max_new_tokens, turn_timeout_s=args.turn_timeout_s,
+                         level_timeout_s=args.level_timeout_s, duration_s=args.duration_s,
+                         ramp_slo_ms=args.ramp_slo_ms, max_concurrency=args.max_concurrency, seed=args.seed)
+    except LoadConfigError as exc:
+        raise CLIError(str(exc)) from None
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    speech = utterances(cfg.rate, out / "speech")
     cluster = None
     target = args.target
     if args.local:
@@ -60,16 +71,11 @@ def cmd(args) -> int:
         args.checkpoints = "checkpoints/tiny"
         lm, tok, dec = resolve_checkpoints(args)
         port = free_port()
-        cluster = LocalCluster(lm, tok, dec, port=port, num_slots=max(16, max(concurrency)),
+        cluster = LocalCluster(lm, tok, dec, port=port, num_slots=max(16, max(levels(cfg))),
                                max_len=2048, progress=lambda m: print(f"  {m}", flush=True)).start()
         target = f"127.0.0.1:{port}"
     try:
-        cfg = LoadConfig(target=target, modes=tuple(args.modes.split(",")), concurrency=concurrency, turns=args.turns,
-                         codec=args.codec, rate=args.rate, barge_in_prob=args.barge_in_prob,
-                         max_new_tokens=args.max_new_tokens, turn_timeout_s=args.turn_timeout_s,
-                         level_timeout_s=args.level_timeout_s, ramp_slo_ms=args.ramp_slo_ms,
-                         max_concurrency=args.max_concurrency, seed=args.seed)
-        speech = utterances(cfg.rate, out / "speech")
+        cfg = replace(cfg, target=target)
         total = len(cfg.modes) * sum(levels(cfg)) * cfg.turns
         with tqdm(total=total, desc="turns", unit="turn") as bar:
             results = asyncio.run(run_load(cfg, speech, progress=lambda: bar.update(1)))
@@ -84,7 +90,7 @@ def cmd(args) -> int:
     for t in turns:
         if t.error:
             errors[t.error.split(":")[0]] += 1
-    rows = summarize(turns, failed)
+    rows = summarize(turns, failed, {(lv.mode, lv.concurrency): lv.loop_lag_ms for lv in results})
     config = {**asdict(cfg), "levels_wall_s": {f"{lv.mode}@{lv.concurrency}": round(lv.wall_s, 1) for lv in results}}
     (out / "report.json").write_text(to_json(config, rows, turns, dict(errors)))
     (out / "report.html").write_text(html_report(config, rows, turns, dict(errors)))

@@ -1,7 +1,9 @@
 """Drive N concurrent phone-like calls per (mode, concurrency) level; collect per-turn measurements.
 
-Every call is bounded: a turn timeout, a per-level deadline, and a fixed number of turns, so a
-run always ends by itself. Calls start staggered over one second, as real traffic does.
+Every call is bounded: a turn timeout, a per-level deadline, a whole-run duration and a fixed
+number of turns, so a run always ends by itself. Calls start staggered, as real traffic does. The
+client's own event-loop lag is measured too: a loaded client delays frames and timestamps, and a
+report that hides it would blame the server.
 """
 
 from __future__ import annotations
@@ -14,8 +16,13 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from vitaserve.gateway.codecs import check_format
 from vitaserve.gateway.phone import CallResult, run_call
-from vitaserve.loadtest.report import TurnMeasurement, playout_starvation
+from vitaserve.loadtest.report import TurnMeasurement, percentiles, playout_starvation
+
+
+class LoadConfigError(ValueError):
+    """A load-test setting that cannot run."""
 
 
 @dataclass(frozen=True)
@@ -26,13 +33,35 @@ class LoadConfig:
     turns: int = 2
     codec: str = "mulaw"
     rate: int = 8000
+    push_to_talk: bool = False  # END_OF_UTTERANCE after each utterance instead of waiting for the VAD
     barge_in_prob: float = 0.0
     max_new_tokens: int = 0
     turn_timeout_s: float = 120.0
     level_timeout_s: float = 600.0
+    duration_s: float = 3600.0  # the whole run; levels not reached are skipped, a running one is cut
     ramp_slo_ms: float | None = None  # ramp: double the calls until p95 first audio exceeds this
     max_concurrency: int = 64
     seed: int = 0
+
+    def __post_init__(self):
+        if not self.modes or not all(self.modes):
+            raise LoadConfigError(f"modes must be non-empty names, got {self.modes!r}")
+        if not self.concurrency or min(self.concurrency) < 1:
+            raise LoadConfigError(f"concurrency levels must be >= 1, got {self.concurrency!r}")
+        if self.turns < 1:
+            raise LoadConfigError(f"turns must be >= 1, got {self.turns}")
+        if not 0.0 <= self.barge_in_prob <= 1.0:
+            raise LoadConfigError(f"barge-in probability must be in [0, 1], got {self.barge_in_prob}")
+        if min(self.turn_timeout_s, self.level_timeout_s, self.duration_s) <= 0:
+            raise LoadConfigError("timeouts and duration must be positive")
+        if self.ramp_slo_ms is not None and self.ramp_slo_ms <= 0:
+            raise LoadConfigError(f"the ramp objective must be a positive number of ms, got {self.ramp_slo_ms}")
+        try:
+            check_format(self.codec, self.rate)
+        except ValueError as exc:
+            raise LoadConfigError(str(exc)) from None
+        if self.max_concurrency < 1:
+            raise LoadConfigError(f"max concurrency must be >= 1, got {self.max_concurrency}")
 
 
 @dataclass
@@ -41,23 +70,39 @@ class LevelResult:
     concurrency: int
     turns: list[TurnMeasurement] = field(default_factory=list)
     failed: Counter = field(default_factory=Counter)  # status code -> calls
+    wall_s: float = 0.0
+    loop_lag_ms: dict = field(default_factory=dict)  # the client's event-loop lag percentiles
 
 
 def measurements(result: CallResult, mode: str, concurrency: int, call: int) -> list[TurnMeasurement]:
     out = []
     for t in result.turns:
         stall, longest = playout_starvation(t.chunk_arrivals, t.chunk_durations)
-        duration = (t.chunk_arrivals[-1] if t.chunk_arrivals else 0.0)
         out.append(TurnMeasurement(
             mode=mode, concurrency=concurrency, call=call, turn=t.turn, first_audio_ms=t.first_audio_ms,
-            first_text_ms=t.first_text_ms, duration_s=duration, audio_s=t.audio_s, chunks=t.chunks,
-            starvation_s=stall, max_gap_s=longest, interrupted=t.interrupted, server=t.server_timings,
-            error=t.error))
+            first_text_ms=t.first_text_ms, duration_s=t.chunk_arrivals[-1] if t.chunk_arrivals else 0.0,
+            audio_s=t.audio_s, chunks=t.chunks, starvation_s=stall, max_gap_s=longest, interrupted=t.interrupted,
+            server=t.server_timings, error=t.error,
+            chunk_arrivals_ms=[round(a * 1000, 1) for a in t.chunk_arrivals],
+            text_tokens=getattr(t, "text_tokens", 0), audio_tokens=getattr(t, "audio_tokens", 0)))
     return out
 
 
+async def watch_loop_lag(samples: list[float], period_s: float = 0.02) -> None:
+    """Append how late each `period_s` sleep woke up (ms) until cancelled."""
+    loop = asyncio.get_running_loop()
+    while True:
+        start = loop.time()
+        await asyncio.sleep(period_s)
+        samples.append((loop.time() - start - period_s) * 1000)
+
+
 async def run_level(cfg: LoadConfig, mode: str, concurrency: int, speech: list[np.ndarray],
-                    on_turn=lambda: None) -> LevelResult:
+                    on_turn=lambda: None, deadline_s: float | None = None) -> LevelResult:
+    """`concurrency` calls at once, each `cfg.turns` turns; cut at the level timeout or `deadline_s`
+    (a time.monotonic() instant), whichever comes first; cut calls count as LEVEL_TIMEOUT."""
+    if not speech:
+        raise LoadConfigError("no utterances to speak")
     rng = random.Random(cfg.seed * 1000 + concurrency)
     level = LevelResult(mode, concurrency)
 
@@ -65,23 +110,32 @@ async def run_level(cfg: LoadConfig, mode: str, concurrency: int, speech: list[n
         await asyncio.sleep(rng.random() * min(1.0, 0.05 * concurrency))  # staggered arrivals
         picks = [speech[(i + k) % len(speech)] for k in range(cfg.turns)]
         barge = [rng.random() < cfg.barge_in_prob for _ in picks]
-        result = await run_call(cfg.target, picks, cfg.rate, cfg.codec, mode=mode, max_new_tokens=cfg.max_new_tokens,
-                                greedy=True, turn_timeout_s=cfg.turn_timeout_s, barge_in=barge)
+        result = await run_call(cfg.target, picks, cfg.rate, cfg.codec, mode=mode, push_to_talk=cfg.push_to_talk,
+                                max_new_tokens=cfg.max_new_tokens, greedy=True, turn_timeout_s=cfg.turn_timeout_s,
+                                barge_in=barge)
         level.turns.extend(measurements(result, mode, concurrency, i))
         for _ in result.turns:
             on_turn()
         if result.status != "OK":
             level.failed[result.status] += 1
 
+    started = time.monotonic()
+    timeout = cfg.level_timeout_s if deadline_s is None else max(0.0, min(cfg.level_timeout_s, deadline_s - started))
+    lag: list[float] = []
+    watcher = asyncio.create_task(watch_loop_lag(lag))
     tasks = [asyncio.create_task(one_call(i)) for i in range(concurrency)]
-    done, pending = await asyncio.wait(tasks, timeout=cfg.level_timeout_s)
+    done, pending = await asyncio.wait(tasks, timeout=timeout)
     for task in pending:
         task.cancel()
         level.failed["LEVEL_TIMEOUT"] += 1
     await asyncio.gather(*pending, return_exceptions=True)
+    watcher.cancel()
+    await asyncio.gather(watcher, return_exceptions=True)
     for task in done:
         if task.exception() is not None:
             level.failed[type(task.exception()).__name__] += 1
+    level.wall_s = time.monotonic() - started
+    level.loop_lag_ms = percentiles(lag)
     return level
 
 
@@ -95,19 +149,23 @@ def levels(cfg: LoadConfig) -> list[int]:
     return out
 
 
-async def run_load(cfg: LoadConfig, speech: list[np.ndarray], progress=None) -> list[LevelResult]:
-    """Every mode at every level (a ramp stops a mode at the first level over the objective)."""
-    from vitaserve.loadtest.report import percentiles
+def over_objective(level: LevelResult, slo_ms: float) -> bool:
+    """A ramp stops after a level whose p95 first audio broke the objective, or that lost a call."""
+    p95 = percentiles([t.first_audio_ms for t in level.turns if t.first_audio_ms is not None])["p95"]
+    return p95 is None or p95 > slo_ms or bool(level.failed)
 
+
+async def run_load(cfg: LoadConfig, speech: list[np.ndarray], progress=None) -> list[LevelResult]:
+    """Every mode at every level (a ramp stops a mode at the first level over the objective), all
+    within `cfg.duration_s`."""
+    deadline = time.monotonic() + cfg.duration_s
     results = []
     for mode in cfg.modes:
         for n in levels(cfg):
-            started = time.monotonic()
-            level = await run_level(cfg, mode, n, speech, on_turn=(progress or (lambda: None)))
-            level.wall_s = time.monotonic() - started
+            if time.monotonic() >= deadline:
+                return results
+            level = await run_level(cfg, mode, n, speech, on_turn=(progress or (lambda: None)), deadline_s=deadline)
             results.append(level)
-            if cfg.ramp_slo_ms is not None:
-                p95 = percentiles([t.first_audio_ms for t in level.turns if t.first_audio_ms is not None])["p95"]
-                if p95 is None or p95 > cfg.ramp_slo_ms or level.failed:
-                    break
+            if cfg.ramp_slo_ms is not None and over_objective(level, cfg.ramp_slo_ms):
+                break
     return results
