@@ -9,11 +9,7 @@ import time
 from contextlib import contextmanager
 from pathlib import Path
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from vitaserve.common.local_cluster import free_port
 
 
 @contextmanager

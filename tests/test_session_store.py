@@ -8,7 +8,6 @@ import contextlib
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import time
 import uuid
@@ -16,6 +15,7 @@ import uuid
 import pytest
 
 from vitaserve.common import keys
+from vitaserve.common.local_cluster import free_port
 from vitaserve.common.session_store import (
     RecordTooLarge,
     SessionConfig,
@@ -32,12 +32,6 @@ from vitaserve.common.session_store import (
 pytestmark = pytest.mark.skipif(shutil.which("redis-server") is None, reason="needs redis-server")
 
 CFG = SessionConfig(mode="boost", codec="mulaw", sample_rate=8000, system_prompt="Be brief.")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def start_redis(workdir, port: int) -> subprocess.Popen:

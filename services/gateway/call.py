@@ -25,6 +25,7 @@ from vitaserve.gateway.answer import AnswerProgress, AnswerSinks, OutputFormat, 
 from vitaserve.gateway.chunker import ChunkPlan
 from vitaserve.gateway.codecs import AudioFormatError, check_format, decode_audio
 from vitaserve.gateway.config import GatewayDeps
+from vitaserve.gateway.phone import CODEC_ENUM
 from vitaserve.gateway.generator_client import GenerationOptions, GeneratorError
 from vitaserve.gateway.vad import SpeechEnded, SpeechStarted, VadConfig, VoiceActivityDetector
 from vitaserve.generator.prompt import LUKE_SYSTEM, Turn
@@ -32,9 +33,7 @@ from vitaserve.generator.schedule import Schedule
 
 log = structlog.get_logger(__name__)
 
-CODEC_NAMES = {audio_pb2.AUDIO_CODEC_PCM16: "pcm16", audio_pb2.AUDIO_CODEC_MULAW: "mulaw",
-               audio_pb2.AUDIO_CODEC_ALAW: "alaw"}
-CODEC_ENUM = {v: k for k, v in CODEC_NAMES.items()}
+CODEC_NAMES = {enum: name for name, enum in CODEC_ENUM.items()}
 MODEL_RATE = 16000
 
 
