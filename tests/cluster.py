@@ -19,6 +19,7 @@ class InProcessCluster:
         self.loop = asyncio.new_event_loop()
         self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
         self.decoders: list[ServiceRunner] = []
+        self.decoder_servicers: list = []
         self.gateways: list[ServiceRunner] = []
         self.servicers = []
 
@@ -50,8 +51,10 @@ class InProcessCluster:
         for _ in range(2):
             store = SessionStore(connect_redis(self.redis_url))
             server = make_server(16 * 1024 * 1024)
-            decoder_pb2_grpc.add_DecoderServicer_to_server(
-                DecoderServicer(decoder_model, store, deterministic=self.deterministic), server)
+            servicer = DecoderServicer(decoder_model, store, deterministic=self.deterministic)
+            servicer.batcher.start()
+            self.decoder_servicers.append(servicer)
+            decoder_pb2_grpc.add_DecoderServicer_to_server(servicer, server)
             runner = ServiceRunner(server, ["vita.audio.v1.Decoder"], 0, host="127.0.0.1")
             await runner.start()
             self.decoders.append(runner)
@@ -79,6 +82,8 @@ class InProcessCluster:
             for runner in [*self.gateways, *self.decoders, self.encoder]:
                 await runner.server.stop(0)
             await self.encoder_servicer.batcher.stop()
+            for servicer in self.decoder_servicers:
+                await servicer.batcher.stop()
         self.run(_stop())
         self.loop.call_soon_threadsafe(self.loop.stop)
         self.thread.join(10)

@@ -47,3 +47,65 @@ def test_stopping_the_batcher_fails_running_and_queued_requests():
         return await asyncio.gather(running, queued, late, return_exceptions=True)
 
     assert all(isinstance(r, BatcherStopped) for r in asyncio.run(main()))
+
+
+def test_keyed_batches_hold_one_key_oldest_first_and_others_keep_their_places():
+    entered, release = threading.Event(), threading.Event()
+    batches = []
+
+    def record(xs):
+        batches.append(list(xs))
+        if len(batches) == 1:  # hold the first forward so everything else queues behind it
+            entered.set()
+            release.wait(10)
+        return xs
+
+    async def main():
+        batcher = MicroBatcher(record, max_batch=3, max_wait_ms=0, key=lambda x: x[0])
+        batcher.start()
+        first = asyncio.ensure_future(batcher.submit(("a", 0)))
+        await asyncio.get_running_loop().run_in_executor(None, entered.wait, 10)
+        queued = [("b", 1), ("a", 2), ("b", 3), ("a", 4), ("a", 5), ("a", 6), ("c", 7)]
+        futures = [asyncio.ensure_future(batcher.submit(x)) for x in queued]
+        await asyncio.sleep(0.05)
+        assert batcher.waiting == len(queued)
+        release.set()
+        try:
+            return await asyncio.gather(first, *futures)
+        finally:
+            await batcher.stop()
+
+    results = asyncio.run(main())
+    assert results == [("a", 0), ("b", 1), ("a", 2), ("b", 3), ("a", 4), ("a", 5), ("a", 6), ("c", 7)]
+    # after the held batch: the oldest ("b", 1) with its key, then "a" capped at max_batch, then the rest
+    assert batches == [[("a", 0)], [("b", 1), ("b", 3)], [("a", 2), ("a", 4), ("a", 5)], [("a", 6)], [("c", 7)]]
+
+
+def test_cancelled_callers_are_skipped_and_a_failing_key_fails_only_its_caller():
+    seen = []
+
+    def echo(xs):
+        seen.extend(xs)
+        return xs
+
+    def key(x):
+        if x == "bad":
+            raise ValueError("no key for this input")
+        return len(x)
+
+    async def main():
+        batcher = MicroBatcher(echo, max_batch=8, max_wait_ms=30, key=key)
+        batcher.start()
+        try:
+            gone = asyncio.ensure_future(batcher.submit("xx"))
+            kept = asyncio.ensure_future(batcher.submit("yy"))
+            await asyncio.sleep(0)
+            gone.cancel()
+            results = await asyncio.gather(kept, batcher.submit("bad"), return_exceptions=True)
+        finally:
+            await batcher.stop()
+        return results
+
+    kept, bad = asyncio.run(main())
+    assert kept == "yy" and seen == ["yy"]
+    assert isinstance(bad, ValueError) and "no key" in str(bad)

@@ -27,6 +27,8 @@ from vitaserve.common.session_store import SessionStore, connect_redis
 from vitaserve.decoder.service import DecoderServicer
 from vitaserve.encoder.service import MAX_MESSAGE_BYTES, EncoderServicer
 
+from audio_checks import AUDIO_SNR_DB, assert_close_snr
+
 ENCODER = encoder_pb2.DESCRIPTOR.services_by_name["Encoder"].full_name
 DECODER = decoder_pb2.DESCRIPTOR.services_by_name["Decoder"].full_name
 BLOCKS = (10, 25, 50, 15)  # tokens per block; the last one is final
@@ -129,14 +131,15 @@ async def encoder_server(tokenizer, max_batch: int = 8, max_wait_ms: float = 50.
 
 
 @asynccontextmanager
-async def decoder_server(audio_decoder, redis_url: str, namespace: str):
+async def decoder_server(audio_decoder, redis_url: str, namespace: str, deterministic: bool = True, **batching):
     """One decoder replica (its own Redis client) in `namespace`; replicas in one namespace share streams."""
     redis = connect_redis(redis_url, timeout_s=0.5)
     store = SessionStore(redis, namespace=namespace)
-    servicer = DecoderServicer(audio_decoder, store, deterministic=True)
+    servicer = DecoderServicer(audio_decoder, store, deterministic=deterministic, **batching)
     server = make_server(max_message_bytes=16 << 20)
     decoder_pb2_grpc.add_DecoderServicer_to_server(servicer, server)
     runner = ServiceRunner(server, [DECODER], 0, host="127.0.0.1")
+    servicer.batcher.start()
     await runner.start()
     channel = _channel(runner.port)
     try:
@@ -144,6 +147,7 @@ async def decoder_server(audio_decoder, redis_url: str, namespace: str):
     finally:
         await channel.close()
         await server.stop(0)
+        await servicer.batcher.stop()
         await redis.aclose()
 
 
@@ -255,6 +259,46 @@ def test_stream_through_the_service_equals_offline_decode_chunk(audio_decoder, r
     assert gone == [None, None]
     print("\nblock tokens, compute ms, state bytes:",
           [(len(b), round(r.compute_ms), r.state_bytes) for b, r in zip(blocks, replies)])
+
+
+def test_concurrent_streams_share_forwards_and_each_gets_its_own_audio(audio_decoder, redis_url):
+    """Four calls answering at once: each block round is one batch of 4 (the same block of streams cut
+    the same way), a stream at another block runs beside them alone, and every stream's PCM equals
+    its offline decode (seeded noise, per stream, so batch-mates cannot leak into it)."""
+    from prometheus_client import REGISTRY
+
+    ns = f"t{uuid.uuid4().hex[:8]}"
+    plan = (10, 25, 14)
+    streams = {f"call{i}:t1": np.random.default_rng(50 + i).integers(0, 16384, sum(plan)).tolist() for i in range(4)}
+    lone = np.random.default_rng(99).integers(0, 16384, 12).tolist()  # shapes of its own: never batched
+    batches_before = REGISTRY.get_sample_value("vita_decoder_batch_size_count") or 0.0
+
+    async def main():
+        async with decoder_server(audio_decoder, redis_url, ns, deterministic=False, max_batch=8,
+                                  max_wait_ms=100) as (stub, _, _):
+            rounds, offset = [], 0
+            for seq, size in enumerate(plan):
+                final = seq == len(plan) - 1
+                calls = [stub.DecodeBlock(block_request(sid, seq, toks[offset : offset + size], final, ode_steps=3))
+                         for sid, toks in streams.items()]
+                if seq == 0:
+                    calls.append(stub.DecodeBlock(block_request("other:t1", 0, lone, True, ode_steps=3)))
+                rounds.append(await asyncio.gather(*calls))
+                offset += size
+            return rounds
+
+    rounds = asyncio.run(main())
+    assert rounds[0][-1].batch_size == 1  # the lone block did not join a batch of other shapes
+    offset = 0
+    states = {sid: audio_decoder.start_stream() for sid in streams}
+    for seq, (size, replies) in enumerate(zip(plan, rounds)):
+        final = seq == len(plan) - 1
+        assert [r.batch_size for r in replies[:4]] == [4, 4, 4, 4], f"block {seq} was not batched"
+        for (sid, toks), reply in zip(streams.items(), replies):
+            want, states[sid] = audio_decoder.decode_chunk(states[sid], toks[offset : offset + size], final, 3)
+            assert_close_snr(pcm_of(reply), want, f"{sid} block {seq}", AUDIO_SNR_DB)
+        offset += size
+    assert REGISTRY.get_sample_value("vita_decoder_batch_size_count") - batches_before == 4  # 3 rounds + the lone one
 
 
 def test_two_replicas_serving_alternate_blocks_give_the_same_waveform(audio_decoder, redis_url, answer_tokens,

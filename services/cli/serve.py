@@ -31,11 +31,16 @@ def subparser_init(subparsers) -> None:
 
     dec = sub.add_parser("decoder", help="GLM-4-Voice flow + HiFT decoder (vita.audio.v1.Decoder)",
                          description="Audio token ids -> PCM, streamed block by block; each stream's caches "
-                                     "live in Redis so any replica can decode its next block.")
+                                     "live in Redis so any replica can decode its next block. Concurrent "
+                                     "blocks of equal shapes share one forward.")
     dec.add_argument("--decoder", required=True, metavar="DIR", help="glm-4-voice-decoder folder")
     dec.add_argument("--redis", required=True, metavar="URL", help="Redis URL holding the stream states")
     dec.add_argument("--device", default="cpu")
-    dec.add_argument("--workers", type=int, default=1, help="blocks decoded at once")
+    dec.add_argument("--max-batch", type=int, default=8,
+                     help="blocks of concurrent streams decoded in one forward (equal shapes only: the same "
+                          "block of streams cut by the same chunk plan); others wait for the next forward")
+    dec.add_argument("--max-wait-ms", type=float, default=2.0,
+                     help="how long a block waits for company before its forward starts")
     dec.add_argument("--ode-steps", type=int, default=10, help="flow ODE steps when a request says 0")
     dec.add_argument("--deterministic", action="store_true", help="zero noise: reproducible output")
     _common(dec, 50053)
@@ -70,8 +75,8 @@ def cmd(args) -> int:
     elif args.service == "decoder":
         from vitaserve.decoder.service import serve
 
-        coro = serve(args.decoder, args.port, args.redis, args.metrics_port, args.device, args.workers,
-                     args.ode_steps, args.deterministic, args.grace_s)
+        coro = serve(args.decoder, args.port, args.redis, args.metrics_port, args.device, args.max_batch,
+                     args.max_wait_ms, args.ode_steps, args.deterministic, args.grace_s)
     else:
         from vitaserve.gateway.service import serve
 

@@ -1,7 +1,11 @@
-"""Micro-batching for stateless model calls: concurrent requests share one forward.
+"""Micro-batching for model calls: concurrent requests share one forward.
 
 Requests wait at most `max_wait_ms` for company (or until `max_batch` are queued); the batch runs on
 a worker thread so the event loop never runs torch. One batch at a time per model.
+
+With a `key` function only requests with equal keys share a forward (the decoder batches blocks of
+equal shapes). The oldest waiting request always goes next, with the waiting requests of its key in
+arrival order; requests of other keys keep their places, so none starves.
 
 If a batch raises, its requests are run again one by one, so only the request whose input caused
 the error gets it and the others still get their results. `stop()` fails every request still
@@ -12,7 +16,8 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable, Sequence
+from collections import deque
+from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass
 from typing import Generic, TypeVar
 
@@ -38,11 +43,13 @@ class _Item(Generic[In, Out]):
     value: In
     future: asyncio.Future
     queued_at: float
+    key: Hashable = None
 
 
 class MicroBatcher(Generic[In, Out]):
     def __init__(self, fn: Callable[[Sequence[In]], Sequence[Out]], max_batch: int = 16, max_wait_ms: float = 5.0,
-                 on_batch: Callable[[int, float, list[float]], None] | None = None):
+                 on_batch: Callable[[int, float, list[float]], None] | None = None,
+                 key: Callable[[In], Hashable] | None = None):
         if max_batch < 1:
             raise ValueError(f"max_batch must be >= 1, got {max_batch}")
         if max_wait_ms < 0:
@@ -51,7 +58,9 @@ class MicroBatcher(Generic[In, Out]):
         self.max_batch = max_batch
         self.max_wait_s = max_wait_ms / 1000
         self.on_batch = on_batch  # (batch size, compute ms, queue ms of each request)
-        self._queue: asyncio.Queue[_Item] = asyncio.Queue()
+        self.key = key  # requests share a forward only when their keys are equal (None: any may)
+        self._pending: deque[_Item] = deque()
+        self._arrived = asyncio.Event()
         self._task: asyncio.Task | None = None
         self._running: list[_Item] = []
 
@@ -63,13 +72,17 @@ class MicroBatcher(Generic[In, Out]):
             self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)
             self._task = None
-        pending = self._running
-        while not self._queue.empty():
-            pending.append(self._queue.get_nowait())
+        pending = self._running + list(self._pending)
+        self._pending.clear()
         for item in pending:
             if not item.future.done():
                 item.future.set_exception(BatcherStopped("the service is shutting down; retry on another replica"))
         self._running = []
+
+    @property
+    def waiting(self) -> int:
+        """Requests queued for a forward (not yet computing)."""
+        return len(self._pending)
 
     async def submit(self, value: In) -> Out:
         return (await self.submit_with_info(value))[0]
@@ -77,25 +90,51 @@ class MicroBatcher(Generic[In, Out]):
     async def submit_with_info(self, value: In) -> tuple[Out, BatchInfo]:
         if self._task is None:
             raise BatcherStopped("the batcher is not running (call start() inside the event loop)")
+        key = self.key(value) if self.key is not None else None  # a failing key fails this caller only
         future = asyncio.get_running_loop().create_future()
-        await self._queue.put(_Item(value, future, time.perf_counter()))
+        self._pending.append(_Item(value, future, time.perf_counter(), key))
+        self._arrived.set()
         return await future
 
+    def _drop_cancelled(self) -> None:
+        if any(i.future.cancelled() for i in self._pending):
+            self._pending = deque(i for i in self._pending if not i.future.cancelled())
+
+    async def _wait_for_arrival(self, timeout: float | None) -> bool:
+        self._arrived.clear()
+        try:
+            await asyncio.wait_for(self._arrived.wait(), timeout)
+            return True
+        except asyncio.TimeoutError:
+            return False
+
     async def _collect(self) -> list[_Item]:
-        items = self._running = [await self._queue.get()]  # stop() fails them if cancelled here
+        """The oldest request and up to max_batch - 1 more of its key, after waiting for company."""
+        while True:
+            self._drop_cancelled()
+            if self._pending:
+                break
+            await self._wait_for_arrival(None)
         deadline = time.perf_counter() + self.max_wait_s
-        while len(items) < self.max_batch:
-            if not self._queue.empty():
-                items.append(self._queue.get_nowait())
-                continue
+        while True:
+            self._drop_cancelled()
+            if not self._pending:  # every waiting caller went away
+                return []
+            head = self._pending[0]
+            if sum(1 for i in self._pending if i.key == head.key) >= self.max_batch:
+                break
             timeout = deadline - time.perf_counter()
-            if timeout <= 0:
+            if timeout <= 0 or not await self._wait_for_arrival(timeout):
                 break
-            try:
-                items.append(await asyncio.wait_for(self._queue.get(), timeout))
-            except asyncio.TimeoutError:
-                break
-        return [i for i in items if not i.future.cancelled()]
+        batch, rest = [], deque()
+        for item in self._pending:
+            if len(batch) < self.max_batch and item.key == head.key:
+                batch.append(item)
+            else:
+                rest.append(item)
+        self._pending = rest
+        self._running = batch  # stop() fails them if cancelled while computing
+        return batch
 
     async def _forward(self, items: list[_Item]) -> None:
         """Compute `items` in one call; on an error, each item alone (the error is one input's)."""
@@ -122,7 +161,7 @@ class MicroBatcher(Generic[In, Out]):
 
     async def _run(self) -> None:
         while True:
-            items = self._running = await self._collect()
+            items = await self._collect()
             if items:
                 await self._forward(items)
             self._running = []

@@ -31,8 +31,11 @@ ENCODER_IN_FLIGHT = Gauge("vita_encoder_in_flight", "Encode calls being served")
 
 # -- decoder ------------------------------------------------------------------------------------
 DECODER_REQUESTS = Counter("vita_decoder_requests_total", "DecodeBlock calls, by gRPC status", ["code"])
-DECODER_ACTIVE_STREAMS = Gauge("vita_decoder_active_streams", "decode blocks being computed on this replica")
-DECODER_QUEUE_MS = Histogram("vita_decoder_queue_ms", "wait for a decode worker", buckets=LATENCY_MS)
+DECODER_ACTIVE_STREAMS = Gauge("vita_decoder_active_streams",
+                               "DecodeBlock calls in progress on this replica (queued or computing)")
+DECODER_QUEUE_MS = Histogram("vita_decoder_queue_ms", "wait before a batch picked the block up", buckets=LATENCY_MS)
+DECODER_BATCH_SIZE = Histogram("vita_decoder_batch_size", "blocks of concurrent streams per forward",
+                               buckets=(1, 2, 4, 8, 16, 32))
 DECODER_BLOCK_MS = Histogram("vita_decoder_block_ms", "compute time of one block", ["first"], buckets=LATENCY_MS)
 DECODER_STATE_BYTES = Histogram("vita_decoder_state_bytes", "serialised stream state size",
                                 buckets=(1e3, 1e4, 5e4, 1e5, 2e5, 5e5, 1e6, 2e6, 5e6))

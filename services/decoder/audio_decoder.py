@@ -7,6 +7,10 @@ the new mel is cross-faded with the held-back overlap (Hamming, 34 frames), the 
 and 256 source samples are carried into the next block, and the last block is finalized.
 All of that lives in a `DecoderStreamState` value, so a stream can move between replicas.
 
+`decode_chunks` decodes one block of each of several streams in one flow and one HiFT forward when
+their shapes are equal (`batch_key`: the same block of streams cut by the same chunk plan), which
+is how the decoder service serves concurrent calls; every stream keeps its own generator.
+
 `mode="vita_redecode"` is VITA-Audio's web_demo_stream.py instead: every chunk re-decodes ALL tokens
 so far in one shot (1 ODE step for the first chunk, then +2 per chunk up to 10), later chunks only
 when more than 16 new tokens wait, and sends the new tail of the waveform.
@@ -19,6 +23,7 @@ the process-wide RNG.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Sequence
 
@@ -76,6 +81,16 @@ def hamming_cross_fade(new_mel: torch.Tensor, old_tail: torch.Tensor, window: np
     head = new_mel[..., :n].cpu().to(torch.float64) * w[:n] + old_tail[..., -n:].cpu().to(torch.float64) * w[n:]
     out[..., :n] = head.to(new_mel.dtype).to(new_mel.device)
     return out
+
+
+@dataclass(frozen=True)
+class Block:
+    """One block of one stream: what decode_chunk takes, as one value (decode_chunks takes several)."""
+
+    state: DecoderStreamState
+    tokens: tuple[int, ...]
+    finalize: bool = False
+    ode_steps: int | None = None  # None: 10 (official) or the VITA-Audio schedule (vita_redecode)
 
 
 class AudioDecoder:
@@ -137,29 +152,28 @@ class AudioDecoder:
             state.rng_device = gen.device.type
             state.phase_rng_state = phase_gen.get_state() if phase_gen is not None else torch.zeros(0, dtype=torch.uint8)
 
-    # ---- the two stages ---------------------------------------------------------------------
+    # ---- the two stages, batched over streams whose blocks have equal shapes ------------------
 
-    def _flow(self, tokens: list[int], state: DecoderStreamState, ode_steps: int, gen) -> torch.Tensor:
-        """Mel [1, 80, n] of the new tokens, with the state's tokens and mels as the flow prompt."""
+    def _flow(self, tokens: list[list[int]], states: list[DecoderStreamState], ode_steps: int, gen) -> torch.Tensor:
+        """Mel [B, 80, n] of each stream's new tokens, with its tokens and mels so far as the flow prompt."""
         dev = self.device
-        token = torch.tensor([tokens], dtype=torch.int64, device=dev)
-        prompt_token = state.prompt_tokens.to(device=dev, dtype=torch.int64)[None]
-        prompt_feat = state.prompt_mel.t()[None].to(device=dev, dtype=self.dtype)  # [1, M, 80]
-        embedding = state.embedding.to(device=dev, dtype=self.dtype)
+        token = torch.tensor(tokens, dtype=torch.int64, device=dev)
+        prompt_token = torch.stack([s.prompt_tokens for s in states]).to(device=dev, dtype=torch.int64)
+        prompt_feat = torch.stack([s.prompt_mel.t() for s in states]).to(device=dev, dtype=self.dtype)  # [B, M, 80]
+        embedding = torch.cat([s.embedding for s in states]).to(device=dev, dtype=self.dtype)
         return self.flow.inference(
-            token=token, token_len=torch.tensor([token.shape[1]], dtype=torch.int32, device=dev),
-            prompt_token=prompt_token, prompt_token_len=torch.tensor([prompt_token.shape[1]], dtype=torch.int32, device=dev),
-            prompt_feat=prompt_feat, prompt_feat_len=torch.tensor([prompt_feat.shape[1]], dtype=torch.int32, device=dev),
-            embedding=embedding, n_timesteps=int(ode_steps), generator=gen, deterministic=state.deterministic,
+            token=token, token_len=token.shape[1], prompt_token=prompt_token, prompt_token_len=prompt_token.shape[1],
+            prompt_feat=prompt_feat, prompt_feat_len=prompt_feat.shape[1], embedding=embedding,
+            n_timesteps=int(ode_steps), generator=gen, deterministic=states[0].deterministic,
         )
 
-    def _vocode(self, mel: torch.Tensor, cache_source: torch.Tensor | None, state: DecoderStreamState,
+    def _vocode(self, mel: torch.Tensor, cache_source: torch.Tensor | None, deterministic: bool,
                 gen, phase_gen) -> tuple[torch.Tensor, torch.Tensor]:
         if mel.shape[2] == 0:
             raise ValueError(
                 f"block too short: a non-final first block must give more than {self.mel_overlap_len} mel "
                 f"frames (at least {int(np.ceil((self.mel_overlap_len + 1) * self.input_frame_rate * MEL_HOP / SAMPLE_RATE))} tokens)")
-        return self.hift.inference(mel, cache_source, generator=gen, deterministic=state.deterministic,
+        return self.hift.inference(mel, cache_source, generator=gen, deterministic=deterministic,
                                    phase_generator=phase_gen)
 
     # ---- public API -------------------------------------------------------------------------
@@ -175,6 +189,20 @@ class AudioDecoder:
             self._save_generators(state, gen, phase_gen)
         return state
 
+    @staticmethod
+    def batch_key(block: "Block") -> tuple | None:
+        """Blocks with equal keys can share one flow and one HiFT forward (decode_chunks): every
+        tensor of theirs has the same shape. That is the same block of streams cut by the same chunk
+        plan (e.g. the first 10-token blocks of calls that start together). None: the block runs alone
+        (re-decode mode, whose shapes are its whole history, or a stream that is already finalized)."""
+        s = block.state
+        if s.mode != "official" or s.finalized:
+            return None
+        steps = 10 if block.ode_steps is None else int(block.ode_steps)
+        return (len(block.tokens), s.tokens_done, s.prompt_mel.shape[1], s.mel_overlap.shape[1],
+                s.hift_cache_mel.shape[1], s.hift_cache_source.shape[0], steps, bool(block.finalize),
+                s.deterministic)
+
     @torch.inference_mode()
     def decode_chunk(self, state: DecoderStreamState, tokens: Sequence[int], finalize: bool = False,
                      ode_steps: int | None = None) -> tuple[np.ndarray, DecoderStreamState]:
@@ -183,46 +211,86 @@ class AudioDecoder:
         ode_steps: flow Euler steps (option_steps); None means 10 in official mode and the VITA-Audio
         schedule (1, 3, 5, ...) in vita_redecode mode.
         """
-        if state.finalized:
-            raise ValueError("this stream was finalized; start a new one")
-        tokens = check_tokens(tokens, allow_empty=finalize or state.mode == "vita_redecode")
-        if state.mode == "vita_redecode":
-            return self._redecode_chunk(state, tokens, finalize, ode_steps)
-        new = state.copy()
-        steps = 10 if ode_steps is None else int(ode_steps)
-        gen, phase_gen = self._generators(new)
-        if tokens:
-            mel = self._flow(tokens, new, steps, gen).to(self.dtype)
-            if new.mel_overlap.shape[1] > 0:
-                mel = hamming_cross_fade(mel, new.mel_overlap.to(mel)[None], self.mel_window)
+        return self.decode_chunks([Block(state, tuple(tokens), finalize, ode_steps)])[0]
+
+    @torch.inference_mode()
+    def decode_chunks(self, blocks: Sequence["Block"]) -> list[tuple[np.ndarray, DecoderStreamState]]:
+        """decode_chunk for one block of each of several streams, in one flow and one HiFT forward.
+
+        The blocks must share one `batch_key`. Each stream draws its noise from its own generator, so
+        each result equals that block decoded alone (to float tolerance: batched GEMMs block
+        differently); one block alone runs exactly decode_chunk's ops.
+        """
+        if not blocks:
+            return []
+        checked = []
+        for block in blocks:
+            if block.state.finalized:
+                raise ValueError("this stream was finalized; start a new one")
+            mode = block.state.mode
+            checked.append(check_tokens(block.tokens, allow_empty=block.finalize or mode == "vita_redecode"))
+        if len(blocks) == 1 and blocks[0].state.mode == "vita_redecode":
+            b = blocks[0]
+            return [self._redecode_chunk(b.state, checked[0], b.finalize, b.ode_steps)]
+        keys = {self.batch_key(b) for b in blocks}
+        if len(keys) != 1 or None in keys:
+            raise ValueError("blocks decoded together must be official-mode blocks of equal shapes (one batch_key)")
+        return self._decode_official(blocks, checked)
+
+    def _decode_official(self, blocks: Sequence["Block"], tokens: list[list[int]]):
+        news = [b.state.copy() for b in blocks]
+        first, finalize = blocks[0], blocks[0].finalize
+        steps = 10 if first.ode_steps is None else int(first.ode_steps)
+        deterministic = news[0].deterministic
+        pairs = [self._generators(s) for s in news]
+        gen = phase_gen = None
+        if not deterministic:  # one generator per row: a stream draws what it would alone
+            gen = [g for g, _ in pairs]
+            phases = [p for _, p in pairs]
+            phase_gen = None if all(p is None for p in phases) else phases
+        if tokens[0]:
+            mel = self._flow(tokens, news, steps, gen).to(self.dtype)
+            if news[0].mel_overlap.shape[1] > 0:
+                overlap = torch.stack([s.mel_overlap for s in news]).to(mel)
+                mel = hamming_cross_fade(mel, overlap, self.mel_window)
         else:
             # finalize with no new tokens (the stream ended on a block boundary): vocode the held-back
             # overlap; the official web demo would drop these frames
-            mel = new.mel_overlap.to(device=self.device, dtype=self.dtype)[None]
+            mel = torch.stack([s.mel_overlap for s in news]).to(device=self.device, dtype=self.dtype)
         cache_source = None
-        if new.hift_cache_mel.shape[1] > 0:
-            mel = torch.cat([new.hift_cache_mel.to(mel)[None], mel], dim=2)
-            cache_source = new.hift_cache_source.to(device=self.device, dtype=torch.float32)[None, None]
+        if news[0].hift_cache_mel.shape[1] > 0:
+            mel = torch.cat([torch.stack([s.hift_cache_mel for s in news]).to(mel), mel], dim=2)
+            cache_source = torch.stack([s.hift_cache_source for s in news]).to(self.device, torch.float32)[:, None]
         if not finalize:
-            new.mel_overlap = mel[0, :, -self.mel_overlap_len :].float().cpu()
+            overlaps = mel[:, :, -self.mel_overlap_len :].float().cpu()
             mel = mel[:, :, : -self.mel_overlap_len]
-            speech, source = self._vocode(mel, cache_source, new, gen, phase_gen)
-            new.hift_cache_mel = mel[0, :, -HIFT_CACHE_FRAMES:].float().cpu()
-            new.hift_cache_source = source[0, 0, -SOURCE_CACHE:].float().cpu()
+            speech, source = self._vocode(mel, cache_source, deterministic, gen, phase_gen)
+            for i, new in enumerate(news):
+                new.mel_overlap = overlaps[i].clone()
+                new.hift_cache_mel = mel[i, :, -HIFT_CACHE_FRAMES:].float().cpu()
+                new.hift_cache_source = source[i, 0, -SOURCE_CACHE:].float().cpu()
             speech = speech[:, :-SOURCE_CACHE]
         else:
-            speech, _ = self._vocode(mel, cache_source, new, gen, phase_gen) if mel.shape[2] else (mel.new_zeros(1, 0), None)
-            new.mel_overlap = new.mel_overlap[:, :0]
-            new.hift_cache_mel = new.hift_cache_mel[:, :0]
-            new.hift_cache_source = new.hift_cache_source[:0]
-            new.finalized = True
-        self._save_generators(new, gen, phase_gen)
-        new.prompt_mel = torch.cat([new.prompt_mel, mel[0].float().cpu()], dim=1)
-        new.prompt_tokens = torch.cat([new.prompt_tokens, torch.tensor(tokens, dtype=torch.int32)])
-        new.blocks_done += 1
-        pcm = speech[0].float().cpu().numpy()
-        new.samples_out += pcm.shape[0]
-        return pcm, new
+            if mel.shape[2]:
+                speech, _ = self._vocode(mel, cache_source, deterministic, gen, phase_gen)
+            else:
+                speech = mel.new_zeros(len(news), 0)
+            for new in news:
+                new.mel_overlap = new.mel_overlap[:, :0]
+                new.hift_cache_mel = new.hift_cache_mel[:, :0]
+                new.hift_cache_source = new.hift_cache_source[:0]
+                new.finalized = True
+        mel_cpu, speech_cpu = mel.float().cpu(), speech.float().cpu()
+        out = []
+        for i, (new, (g, p)) in enumerate(zip(news, pairs)):
+            self._save_generators(new, g, p)
+            new.prompt_mel = torch.cat([new.prompt_mel, mel_cpu[i]], dim=1)
+            new.prompt_tokens = torch.cat([new.prompt_tokens, torch.tensor(tokens[i], dtype=torch.int32)])
+            new.blocks_done += 1
+            pcm = speech_cpu[i].numpy()
+            new.samples_out += pcm.shape[0]
+            out.append((pcm, new))
+        return out
 
     def _redecode_chunk(self, state, tokens, finalize, ode_steps):
         new = state.copy()

@@ -7,6 +7,10 @@ Each measurement follows an uncounted warm-up of the same call. Numbers, as DESI
   decoder_rtf_oneshot               real-time factor = wall seconds / audio seconds (lower is faster;
                                     < 1 is faster than real time), 125 tokens (10 s) one shot
   decoder_rtf_stream                the same 125 tokens streamed in blocks 25, 50, 50 (last final)
+  decoder_batch                     cross-stream batching, per batch size B: the first 10-token
+                                    blocks of B streams (10 ODE steps) in one decode_chunks call
+                                    against B decode_chunk calls one after another: ms of each and
+                                    the speed-up (what the decoder service gains under concurrency)
 Run: python -m vitaserve.decoder.benchmark --decoder DIR [--tokenizer DIR] [--device cpu]
 """
 
@@ -21,10 +25,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from vitaserve.decoder.audio_decoder import SAMPLE_RATE, AudioDecoder
+from vitaserve.decoder.audio_decoder import SAMPLE_RATE, AudioDecoder, Block
 
 ANSWER_TOKENS = 125  # a 10 s answer at 12.5 tokens/s
 STREAM_BLOCKS = (25, 50, 50)
+BATCH_SIZES = (1, 2, 4, 8)
+FIRST_BLOCK = 10  # the gateway's default chunk plan ("vita") opens with 10 tokens
 
 
 def _sync(device: torch.device) -> None:
@@ -73,6 +79,21 @@ def decoder_numbers(decoder: AudioDecoder, ode_steps: int = 10, seed: int = 0,
     return out
 
 
+def batch_numbers(decoder: AudioDecoder, batch_sizes=BATCH_SIZES, ode_steps: int = 10, seed: int = 0) -> list[dict]:
+    """Batched vs one-by-one first blocks of B different streams, for each B."""
+    rng = np.random.default_rng(seed)
+    dev = decoder.device
+    rows = []
+    for b in batch_sizes:
+        blocks = [Block(decoder.start_stream(), tuple(rng.integers(0, 16384, FIRST_BLOCK).tolist()), False, ode_steps)
+                  for _ in range(b)]
+        _, batched = _timed(lambda: decoder.decode_chunks(blocks), dev)
+        _, serial = _timed(lambda: [decoder.decode_chunks([blk]) for blk in blocks], dev)
+        rows.append({"batch": b, "batched_ms": round(batched * 1000, 1), "one_by_one_ms": round(serial * 1000, 1),
+                     "ms_per_block": round(batched * 1000 / b, 1), "speedup": round(serial / batched, 2)})
+    return rows
+
+
 def tokenizer_number(tokenizer_dir: str | Path, device: str) -> dict:
     """tokenizer_ms_per_audio_s from the encoder's own benchmark, or {} when that is not built."""
     try:
@@ -93,7 +114,7 @@ def _commit() -> str | None:
 
 
 def run_codec_benchmark(tokenizer_dir: str | Path | None, decoder_dir: str | Path, device: str = "cpu",
-                        dtype: torch.dtype = torch.float32) -> dict:
+                        dtype: torch.dtype = torch.float32, batch_sizes=BATCH_SIZES) -> dict:
     """One JSON-able dict: the numbers above plus device, threads, commit and the decoder's sizes."""
     result: dict = {"device": device, "dtype": str(dtype).removeprefix("torch."),
                     "threads": torch.get_num_threads(), "commit": _commit()}
@@ -103,6 +124,7 @@ def run_codec_benchmark(tokenizer_dir: str | Path | None, decoder_dir: str | Pat
     result["flow_params"] = sum(p.numel() for p in decoder.flow.parameters())
     result["hift_params"] = sum(p.numel() for p in decoder.hift.parameters())
     result.update(decoder_numbers(decoder))
+    result["decoder_batch"] = batch_numbers(decoder, batch_sizes)
     return result
 
 

@@ -16,6 +16,10 @@ Differences from the official code, all deliberate:
   Checked against the official code (eval mode, same weights and noise): bit-identical with one
   thread; with more threads the batch-2 kernels split work differently, max |diff| ~5e-6 on mels of
   magnitude ~5.
+* Several sequences of EQUAL shapes (new tokens, prompt tokens, prompt mel frames) run as one batch
+  (the decoder service batches the same block of concurrent streams); each row draws its start
+  noise from its own generator, so a stream's mel does not depend on its batch-mates. Batch 1 runs
+  exactly the ops above; a batch equals each sequence alone to float tolerance (GEMM blocking).
 """
 
 from __future__ import annotations
@@ -38,6 +42,7 @@ from vitaserve.decoder.flow_config import (
     LengthRegulatorConfig,
 )
 from vitaserve.decoder.flow_estimator import ConditionalDecoder
+from vitaserve.decoder.rng import Generators, draw
 from vitaserve.decoder.yaml_config import load_decoder_yaml
 
 
@@ -78,28 +83,31 @@ class ConditionalCFM(nn.Module):
         self, z: torch.Tensor, mask: torch.Tensor, mu: torch.Tensor, spks: torch.Tensor, cond: torch.Tensor,
         n_timesteps: int,
     ) -> torch.Tensor:
-        """z start noise, mu encoder output, cond prompt mel: [1, 80, T]; mask [1, 1, T]; spks [1, 80]."""
+        """z start noise, mu encoder output, cond prompt mel: [B, 80, T]; mask [1, 1, T] (no padding:
+        the rows of a batch have equal lengths); spks [B, 80]."""
         est = self.estimator
         rate = self.cfg.inference_cfg_rate
-        n, t_len = z.shape[1], z.shape[-1]
-        # Stacked estimator input [x | mu | spks | cond]: row 0 conditional, row 1 the guidance branch
-        # with true zeros. Only x changes between steps.
-        rows = 2 if rate > 0 else 1
+        b, n, t_len = z.shape[0], z.shape[1], z.shape[-1]
+        # Stacked estimator input [x | mu | spks | cond]: rows :B conditional, rows B: the guidance
+        # branch with true zeros. Only x changes between steps.
+        rows = 2 * b if rate > 0 else b
         stacked = z.new_zeros(rows, est.cfg.in_channels, t_len)
-        stacked[0, n : 2 * n] = mu[0]
-        stacked[0, 2 * n : 3 * n] = spks[0].unsqueeze(-1)
-        stacked[0, 3 * n : 4 * n] = cond[0]
+        stacked[:b, n : 2 * n] = mu
+        stacked[:b, 2 * n : 3 * n] = spks.unsqueeze(-1)
+        stacked[:b, 3 * n : 4 * n] = cond
         levels = est.level_masks(mask, len(est.down_blocks))
 
         t_span = self.t_span(n_timesteps, z.device)
         t, dt = t_span[0], t_span[1] - t_span[0]
         x = z
         for step in range(1, len(t_span)):
-            stacked[:, :n] = x[0]
+            stacked[:b, :n] = x
+            if rows > b:
+                stacked[b:, :n] = x
             out = est(stacked, mask, time_emb=est.time_embedding(t), levels=levels)
-            dphi_dt = out[0:1]
+            dphi_dt = out[:b]
             if rate > 0:
-                dphi_dt = (1.0 + rate) * dphi_dt - rate * out[1:2]
+                dphi_dt = (1.0 + rate) * dphi_dt - rate * out[b:]
             x = x + dt * dphi_dt
             t = t + dt
             if step < len(t_span) - 1:
@@ -130,9 +138,9 @@ class FlowModel(nn.Module):
 
     @torch.inference_mode()
     def encode(self, token: torch.Tensor) -> torch.Tensor:
-        """[1, N] token ids -> encoder output after encoder_proj, [1, N, 80] (one row per token)."""
+        """[B, N] token ids -> encoder output after encoder_proj, [B, N, 80] (one row per token)."""
         x = self.input_embedding(torch.clamp(token, min=0))
-        h = self.encoder(x, torch.tensor([token.shape[1]], device=token.device))
+        h = self.encoder(x, torch.full((token.shape[0],), token.shape[1], device=token.device))
         return self.encoder_proj(h)
 
     @torch.inference_mode()
@@ -146,31 +154,32 @@ class FlowModel(nn.Module):
         prompt_feat_len: torch.Tensor | int,
         embedding: torch.Tensor,
         n_timesteps: int = 10,
-        generator: torch.Generator | None = None,
+        generator: Generators = None,
         deterministic: bool = False,
     ) -> torch.Tensor:
-        """Mel of the NEW tokens only, [1, 80, T]: official flow.inference with option_steps=n_timesteps.
+        """Mel of the NEW tokens only, [B, 80, T]: official flow.inference with option_steps=n_timesteps.
 
-        token [1, N] and prompt_token [1, P] int ids; prompt_feat [1, F, 80] the prompt's mel (F may
+        token [B, N] and prompt_token [B, P] int ids; prompt_feat [B, F, 80] the prompt's mel (F may
         differ from the prompt tokens' natural length, as in the official streaming); embedding
-        [1, spk_embed_dim] (zeros = no speaker; its affine bias still conditions, as officially).
+        [B, spk_embed_dim] (zeros = no speaker; its affine bias still conditions, as officially).
+        Every row has the same N, P and F (the lengths, ints or [B] tensors, must say so).
         The start noise comes from `generator` (torch.Generator().manual_seed(42) per call = the
         official noise on CPU; a generator on another device draws there and moves the noise), or
-        is all zeros with deterministic=True. With no generator it is drawn from (never reseeds) the
-        global CPU RNG."""
+        one generator per row, or is all zeros with deterministic=True. With no generator it is
+        drawn from (never reseeds) the global CPU RNG."""
         if n_timesteps < 1:
             raise ValueError(f"n_timesteps must be at least 1, got {n_timesteps}")
-        if token.shape[0] != 1:
-            raise ValueError(f"flow inference takes one sequence (batch 1), got batch {token.shape[0]}")
+        b = token.shape[0]
+        if b < 1 or prompt_token.shape[0] != b or prompt_feat.shape[0] != b or embedding.shape[0] != b:
+            raise ValueError(f"token, prompt_token, prompt_feat and embedding must have the same batch size, got "
+                             f"{b}, {prompt_token.shape[0]}, {prompt_feat.shape[0]}, {embedding.shape[0]}")
         device = self.input_embedding.weight.device
         dtype = self.spk_embed_affine_layer.weight.dtype
-        n_tok = int(token_len) if token_len is not None else token.shape[1]
-        n_prompt = int(prompt_token_len) if prompt_token_len is not None else prompt_token.shape[1]
-        if n_tok != token.shape[1] or n_prompt != prompt_token.shape[1]:
-            raise ValueError("token_len / prompt_token_len must equal the token tensors' lengths (batch 1)")
+        n_tok = _one_length(token_len, token.shape[1], "token_len")
+        n_prompt = _one_length(prompt_token_len, prompt_token.shape[1], "prompt_token_len")
         n_feat = prompt_feat.shape[1]
-        if prompt_feat_len is not None and n_feat and int(prompt_feat_len) != n_feat:
-            raise ValueError(f"prompt_feat_len {int(prompt_feat_len)} != prompt_feat frames {n_feat}")
+        if n_feat:
+            _one_length(prompt_feat_len, n_feat, "prompt_feat_len")
 
         spks = self.spk_embed_affine_layer(F.normalize(embedding.to(device, dtype), dim=1))
         tokens = torch.cat([prompt_token.to(device), token.to(device)], dim=1)
@@ -180,9 +189,9 @@ class FlowModel(nn.Module):
             raise ValueError(f"prompt_feat has {n_feat} frames, more than the {frames} of prompt + new tokens")
         h = self.length_regulator(h, frames)
 
-        cond = torch.zeros(1, self.output_size, frames, device=device, dtype=dtype)
+        cond = torch.zeros(b, self.output_size, frames, device=device, dtype=dtype)
         if n_feat:
-            cond[0, :, :n_feat] = prompt_feat[0].to(device, dtype).transpose(0, 1)
+            cond[:, :, :n_feat] = prompt_feat.to(device, dtype).transpose(1, 2)
         mu = h.transpose(1, 2).contiguous()
         mask = torch.ones(1, 1, frames, device=device, dtype=dtype)
         z = self.start_noise(mu.shape, device, dtype, generator, deterministic)
@@ -190,12 +199,21 @@ class FlowModel(nn.Module):
         return feat[:, :, n_feat:]
 
     @staticmethod
-    def start_noise(shape, device, dtype, generator: torch.Generator | None, deterministic: bool) -> torch.Tensor:
+    def start_noise(shape, device, dtype, generator: Generators, deterministic: bool) -> torch.Tensor:
         if deterministic:
             return torch.zeros(shape, device=device, dtype=dtype)
-        gen_device = generator.device if generator is not None else torch.device("cpu")
-        z = torch.randn(shape, generator=generator, device=gen_device, dtype=dtype)
-        return z.to(device)
+        return draw("normal", shape, generator, device, dtype)
+
+
+def _one_length(lengths: torch.Tensor | int | None, actual: int, name: str) -> int:
+    """The one length every row has: `lengths` (an int or a [B] tensor) must all equal `actual`."""
+    if lengths is None:
+        return actual
+    values = torch.as_tensor(lengths).reshape(-1).tolist()
+    if not values or any(int(v) != actual for v in values):
+        raise ValueError(f"{name} must equal the tensor's length {actual} for every row "
+                         f"(batched rows have equal lengths), got {values}")
+    return actual
 
 
 def random_flow_state_dict(cfg: FlowConfig, seed: int = 0) -> dict[str, torch.Tensor]:

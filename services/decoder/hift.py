@@ -6,7 +6,8 @@ upsampling conv stack with Snake resblocks, and the last conv predicts a 16-poin
 State-dict keys are those of the released hift.pt (old-style weight norm: `weight_g` / `weight_v`).
 
 Randomness (SineGen phases, SineGen noise, the unused source-noise draw) comes from an explicit
-`torch.Generator` in the official order, or is zero with `deterministic=True`.
+`torch.Generator` in the official order, or is zero with `deterministic=True`. A batch of mels from
+different streams passes one generator per row: each row then draws exactly what it would alone.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from torch import nn
 
 from vitaserve.common.state_dict import shape_mismatch, shapes_of
 from vitaserve.decoder.flow_config import DecoderCheckpointError
+from vitaserve.decoder.rng import Generators, draw, per_row
 
 CheckpointError = DecoderCheckpointError  # one error type for every decoder weight file
 
@@ -174,12 +176,13 @@ class SourceModuleHnNSF(nn.Module):
         self.voiced_threshold = cfg.nsf_voiced_threshold
         self.l_linear = nn.Linear(self.harmonics, 1)
 
-    def sine_waves(self, f0: torch.Tensor, generator: torch.Generator | None, deterministic: bool,
-                   phase_generator: torch.Generator | None = None) -> torch.Tensor:
+    def sine_waves(self, f0: torch.Tensor, generator: Generators, deterministic: bool,
+                   phase_generator: Generators = None) -> torch.Tensor:
         """SineGen on f0 [B, 1, L] Hz (float32) -> [B, H+1, L]; draws phases, then noise.
 
         The official phases come from a Uniform(-pi, pi) built on the CPU, so they are a CPU draw
-        even when the model runs on CUDA: pass `phase_generator` (CPU) there.
+        even when the model runs on CUDA: pass `phase_generator` (CPU) there (one per row with
+        per-row generators).
         """
         B = f0.shape[0]
         mult = torch.arange(1, self.harmonics + 1, dtype=torch.float32, device=f0.device)[None, :, None]
@@ -189,10 +192,11 @@ class SourceModuleHnNSF(nn.Module):
             phase = torch.zeros(B, self.harmonics, 1, device=f0.device)
         else:
             gen = phase_generator if phase_generator is not None else generator
-            if gen is not None and gen.device.type != "cpu":
+            gens = gen if per_row(gen) else [gen]
+            if any(g is not None and g.device.type != "cpu" for g in gens):
                 raise ValueError("SineGen phases are a CPU draw: pass a CPU phase_generator with a CUDA generator")
             low, high = torch.tensor(-np.pi, dtype=torch.float32), torch.tensor(np.pi, dtype=torch.float32)
-            u = torch.rand((B, self.harmonics, 1), generator=gen, dtype=torch.float32)
+            u = draw("uniform", (B, self.harmonics, 1), gen, "cpu")
             phase = (low + u * (high - low)).to(f0.device)
             phase[:, 0, :] = 0  # the fundamental always starts at phase 0
         sines = self.sine_amp * torch.sin(theta + phase)
@@ -200,11 +204,11 @@ class SourceModuleHnNSF(nn.Module):
         if deterministic:
             return sines * uv
         noise_amp = uv * self.noise_std + (1 - uv) * self.sine_amp / 3
-        noise = noise_amp * torch.randn(sines.shape, generator=generator, device=f0.device, dtype=sines.dtype)
+        noise = noise_amp * draw("normal", sines.shape, generator, f0.device, sines.dtype, none_device=f0.device)
         return sines * uv + noise
 
-    def forward(self, f0: torch.Tensor, generator: torch.Generator | None = None, deterministic: bool = False,
-                phase_generator: torch.Generator | None = None) -> torch.Tensor:
+    def forward(self, f0: torch.Tensor, generator: Generators = None, deterministic: bool = False,
+                phase_generator: Generators = None) -> torch.Tensor:
         """f0 [B, 1, L] Hz -> excitation [B, 1, L] (float32)."""
         sines = self.sine_waves(f0, generator, deterministic, phase_generator)
         w = self.l_linear.weight
@@ -212,7 +216,7 @@ class SourceModuleHnNSF(nn.Module):
         if not deterministic:
             # the official module also draws a noise branch that HiFT never uses; keep the draw so
             # the generator advances exactly as the official global RNG does
-            torch.randn((f0.shape[0], f0.shape[-1], 1), generator=generator, device=f0.device)
+            draw("normal", (f0.shape[0], f0.shape[-1], 1), generator, f0.device, none_device=f0.device)
         return merged.transpose(1, 2)
 
 
@@ -276,8 +280,8 @@ class HiFTGenerator(nn.Module):
         return torch.istft(spec, self.cfg.n_fft, self.cfg.hop_len, self.cfg.n_fft, window=self.stft_window)
 
     def forward(self, mel: torch.Tensor, cache_source: torch.Tensor | None = None,
-                generator: torch.Generator | None = None, deterministic: bool = False,
-                phase_generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                generator: Generators = None, deterministic: bool = False,
+                phase_generator: Generators = None) -> tuple[torch.Tensor, torch.Tensor]:
         """mel [B, 80, T] -> (speech [B, 256 T] float32, source [B, 1, 256 T] float32).
 
         cache_source [B, 1, n] (the last source samples of the previous chunk) overwrites the first
@@ -308,8 +312,8 @@ class HiFTGenerator(nn.Module):
 
     @torch.inference_mode()
     def inference(self, mel: torch.Tensor, cache_source: torch.Tensor | None = None,
-                  generator: torch.Generator | None = None, deterministic: bool = False,
-                  phase_generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                  generator: Generators = None, deterministic: bool = False,
+                  phase_generator: Generators = None) -> tuple[torch.Tensor, torch.Tensor]:
         return self.forward(mel, cache_source, generator, deterministic, phase_generator)
 
 

@@ -5,13 +5,16 @@ from under "<stream>:prev" and the new one under "<stream>" (both seq-fenced), s
 serve the next block. A retried block whose first attempt already stored its state (the reply was
 lost) is recomputed from "<stream>:prev" and changes nothing in Redis. The final block is retried
 the same way, so both keys stay until EndStream (or their TTL) removes them.
+
+Concurrent blocks of different streams share one flow and one HiFT forward when their shapes are
+equal (`AudioDecoder.batch_key`: the same block of streams cut by the same chunk plan, such as the
+first blocks of calls answering at once); each stream keeps its own noise generator, so its audio
+does not depend on its batch-mates. Other blocks queue for the next forward, oldest first.
 """
 
 from __future__ import annotations
 
-import asyncio
 import re
-import time
 
 import grpc
 import numpy as np
@@ -19,6 +22,7 @@ import structlog
 
 from vitaserve.api import decoder_pb2, decoder_pb2_grpc
 from vitaserve.common import metrics
+from vitaserve.common.batcher import BatcherStopped, MicroBatcher
 from vitaserve.common.session_store import (
     SessionEnded,
     SessionError,
@@ -27,6 +31,8 @@ from vitaserve.common.session_store import (
     StaleWriteError,
     StoreUnavailable,
 )
+from vitaserve.decoder.audio_decoder import AudioDecoder, Block
+from vitaserve.decoder.stream_state import DecoderStreamState
 
 log = structlog.get_logger(__name__)
 
@@ -65,18 +71,28 @@ def validate(request: decoder_pb2.DecodeBlockRequest) -> None:
 
 
 class DecoderServicer(decoder_pb2_grpc.DecoderServicer):
-    def __init__(self, decoder, store: SessionStore, workers: int = 1, default_ode_steps: int = 10,
-                 deterministic: bool = False):
+    """Protocol edge: validates, loads and stores stream states; the batcher shares forwards."""
+
+    def __init__(self, decoder, store: SessionStore, max_batch: int = 8, max_wait_ms: float = 2.0,
+                 default_ode_steps: int = 10, deterministic: bool = False):
         self.decoder = decoder
         self.store = store
-        self.slots = asyncio.Semaphore(workers)  # decode blocks computed at once on this replica
         self.default_ode_steps = default_ode_steps
         self.deterministic = deterministic
+        self.batcher = MicroBatcher(decoder.decode_chunks, max_batch, max_wait_ms, self._observe, key=self._batch_key)
+
+    def _batch_key(self, block):
+        key = self.decoder.batch_key(block)
+        return key if key is not None else object()  # a key equal to nothing else: this block runs alone
+
+    @staticmethod
+    def _observe(size: int, compute_ms: float, queue_ms: list[float]) -> None:
+        metrics.DECODER_BATCH_SIZE.observe(size)
+        for q in queue_ms:
+            metrics.DECODER_QUEUE_MS.observe(q)
 
     async def _load(self, stream_id: str, seq: int):
         """(state to start from, its stored bytes or None for a new stream, is_retry)."""
-        from vitaserve.decoder.stream_state import DecoderStreamState
-
         stored = await self.store.get_decoder_state(stream_id)
         if seq == 0:
             if stored is None:
@@ -119,26 +135,19 @@ class DecoderServicer(decoder_pb2_grpc.DecoderServicer):
 
     async def DecodeBlock(self, request, context):
         code = "OK"
+        metrics.DECODER_ACTIVE_STREAMS.inc()
         try:
             validate(request)
             state, start_bytes, retry = await self._load(request.stream_id, request.seq)
             steps = request.ode_steps or self.default_ode_steps
-            queued = time.perf_counter()
-            async with self.slots:
-                metrics.DECODER_QUEUE_MS.observe((time.perf_counter() - queued) * 1000)
-                metrics.DECODER_ACTIVE_STREAMS.inc()
-                start = time.perf_counter()
-                try:
-                    pcm, new_state = await asyncio.to_thread(
-                        self.decoder.decode_chunk, state, list(request.tokens), request.finalize, steps)
-                finally:
-                    metrics.DECODER_ACTIVE_STREAMS.dec()
-                compute_ms = (time.perf_counter() - start) * 1000
-            metrics.DECODER_BLOCK_MS.labels(str(request.seq == 0).lower()).observe(compute_ms)
+            block = Block(state, tuple(request.tokens), request.finalize, steps)
+            (pcm, new_state), info = await self.batcher.submit_with_info(block)
+            metrics.DECODER_BLOCK_MS.labels(str(request.seq == 0).lower()).observe(info.compute_ms)
             state_bytes = 0 if retry else await self._store(request, start_bytes, new_state)
             return decoder_pb2.DecodeBlockResponse(
                 pcm_f32=np.asarray(pcm, dtype="<f4").tobytes(), sample_rate=22050, seq=request.seq,
-                compute_ms=compute_ms, state_bytes=state_bytes)
+                compute_ms=info.compute_ms, state_bytes=state_bytes, queue_ms=info.queue_ms,
+                batch_size=info.size)
         except ValueError as exc:  # includes StreamStateError, SessionInputError and the decoder's own checks
             code = "INVALID_ARGUMENT"
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
@@ -148,6 +157,9 @@ class DecoderServicer(decoder_pb2_grpc.DecoderServicer):
         except StoreUnavailable as exc:
             code = "UNAVAILABLE"
             await context.abort(grpc.StatusCode.UNAVAILABLE, f"session store unavailable: {exc}")
+        except BatcherStopped as exc:
+            code = "UNAVAILABLE"
+            await context.abort(grpc.StatusCode.UNAVAILABLE, str(exc))
         except SessionError as exc:  # StaleWriteError, SessionEnded: the stream is elsewhere or over
             code = "FAILED_PRECONDITION"
             await context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(exc))
@@ -156,6 +168,7 @@ class DecoderServicer(decoder_pb2_grpc.DecoderServicer):
             log.exception("decode block failed", stream_id=request.stream_id, seq=request.seq)
             await context.abort(grpc.StatusCode.INTERNAL, f"decoder failed: {type(exc).__name__}: {exc}")
         finally:
+            metrics.DECODER_ACTIVE_STREAMS.dec()
             metrics.DECODER_REQUESTS.labels(code).inc()
 
     async def EndStream(self, request, context):
@@ -171,22 +184,22 @@ class DecoderServicer(decoder_pb2_grpc.DecoderServicer):
 
 
 async def serve(decoder_dir: str, port: int, redis_url: str, metrics_port: int = 0, device: str = "cpu",
-                workers: int = 1, ode_steps: int = 10, deterministic: bool = False, grace_s: float = 10.0,
-                ready=None) -> None:
+                max_batch: int = 8, max_wait_ms: float = 2.0, ode_steps: int = 10, deterministic: bool = False,
+                grace_s: float = 10.0, ready=None) -> None:
     from vitaserve.common.grpc_server import ServiceRunner, make_server, start_metrics
     from vitaserve.common.session_store import connect_redis
-    from vitaserve.decoder.audio_decoder import AudioDecoder
-
     decoder = AudioDecoder.from_pretrained(decoder_dir, device=device)
     store = SessionStore(connect_redis(redis_url),
                          on_retry=lambda what, attempt, exc: metrics.STORE_RETRIES.labels(what).inc())
-    servicer = DecoderServicer(decoder, store, workers, ode_steps, deterministic)
+    servicer = DecoderServicer(decoder, store, max_batch, max_wait_ms, ode_steps, deterministic)
     server = make_server(max_message_bytes=16 * 1024 * 1024)
     decoder_pb2_grpc.add_DecoderServicer_to_server(servicer, server)
     runner = ServiceRunner(server, [decoder_pb2.DESCRIPTOR.services_by_name["Decoder"].full_name], port)
     start_metrics(metrics_port)
+    servicer.batcher.start()
     await runner.start()
-    log.info("decoder serving", port=runner.port, decoder=decoder_dir)
+    log.info("decoder serving", port=runner.port, decoder=decoder_dir, max_batch=max_batch)
     if ready is not None:
         ready(runner)
     await runner.serve_until_signal(grace_s)
+    await servicer.batcher.stop()

@@ -25,7 +25,8 @@ NOT_SERVING (readiness drops it from endpoints) and running calls get --grace-s 
 - --decoder={{ $ck.mountPath }}/{{ $ck.decoderDir }}
 - --redis=$(REDIS_URL)
 - --device={{ $c.device }}
-- --workers={{ $c.workers }}
+- --max-batch={{ $c.maxBatch }}
+- --max-wait-ms={{ $c.maxWaitMs }}
 - --ode-steps={{ $c.odeSteps }}
 {{- end }}
 - --port={{ $c.port }}
