@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from vitaserve.gateway import codecs
+from vitaserve.gateway.answer import AnswerProgress
 from vitaserve.gateway.chunker import PRESETS, ChunkPlan, ChunkPlanError, TokenChunker
 from vitaserve.gateway.codecs import (AudioFormatError, PayloadError, SampleValueError, UnknownCodecError,
                                       UnsupportedRateError, decode_audio, encode_audio)
@@ -418,3 +419,13 @@ def test_chunker_rejects_bad_tokens_and_names_without_losing_state():
         ChunkPlan.preset("fast")
     with pytest.raises(ChunkPlanError, match="neither a preset"):
         ChunkPlan.parse("10,x")
+
+
+def test_playback_slack_is_zero_before_audio_then_what_is_left_to_play():
+    progress = AnswerProgress()
+    assert progress.playback_slack_s(100.0) == 0.0  # the first block: someone is waiting
+    progress.first_audio_at, progress.audio_sent_s = 100.0, 0.8  # 0.8 s sent at t = 100
+    assert progress.playback_slack_s(100.3) == pytest.approx(0.5)
+    progress.audio_sent_s += 2.0
+    assert progress.playback_slack_s(101.0) == pytest.approx(1.8)
+    assert progress.playback_slack_s(110.0) == 0.0  # ran dry: due now, never negative

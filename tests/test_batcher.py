@@ -109,3 +109,33 @@ def test_cancelled_callers_are_skipped_and_a_failing_key_fails_only_its_caller()
     kept, bad = asyncio.run(main())
     assert kept == "yy" and seen == ["yy"]
     assert isinstance(bad, ValueError) and "no key" in str(bad)
+
+
+def test_the_request_due_soonest_goes_first_with_its_key_in_due_order():
+    entered, release = threading.Event(), threading.Event()
+    batches = []
+
+    def record(xs):
+        batches.append(list(xs))
+        if len(batches) == 1:
+            entered.set()
+            release.wait(10)
+        return xs
+
+    async def main():
+        batcher = MicroBatcher(record, max_batch=4, max_wait_ms=0, key=lambda x: x[0])
+        batcher.start()
+        held = asyncio.ensure_future(batcher.submit(("z", 0)))
+        await asyncio.get_running_loop().run_in_executor(None, entered.wait, 10)
+        # (value, seconds until needed): a later block with audio still buffered, a first block, ...
+        queued = [(("a", 1), 5.0), (("b", 2), 0.0), (("c", 3), 1.0), (("a", 4), 0.5)]
+        futures = [asyncio.ensure_future(batcher.submit_with_info(v, deadline_s=d)) for v, d in queued]
+        await asyncio.sleep(0.05)
+        release.set()
+        try:
+            await asyncio.gather(held, *futures)
+        finally:
+            await batcher.stop()
+
+    asyncio.run(main())
+    assert batches == [[("z", 0)], [("b", 2)], [("a", 4), ("a", 1)], [("c", 3)]]

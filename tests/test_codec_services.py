@@ -162,6 +162,11 @@ def block_request(stream: str, seq: int, tokens: list[int], final: bool = False,
                                           ode_steps=ode_steps)
 
 
+def slack(request, seconds: float):
+    request.playback_slack_s = seconds
+    return request
+
+
 def pcm_of(response) -> np.ndarray:
     return np.frombuffer(response.pcm_f32, dtype="<f4")
 
@@ -364,6 +369,8 @@ def test_decode_block_errors_have_clear_statuses_and_lose_nothing(audio_decoder,
         (block_request(stream + ":prev", 1, blocks[1]), Code.INVALID_ARGUMENT, "must not end in ':prev'"),
         (block_request(stream, -1, blocks[1]), Code.INVALID_ARGUMENT, "seq must be >= 0"),
         (block_request("tts:short", 0, [1, 2, 3]), Code.INVALID_ARGUMENT, "block too short"),
+        (slack(block_request(stream, 1, blocks[1]), -0.5), Code.INVALID_ARGUMENT, "playback_slack_s must be in 0..3600"),
+        (slack(block_request(stream, 1, blocks[1]), float("nan")), Code.INVALID_ARGUMENT, "got nan"),
     ]
 
     async def main():

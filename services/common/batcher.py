@@ -4,8 +4,10 @@ Requests wait at most `max_wait_ms` for company (or until `max_batch` are queued
 a worker thread so the event loop never runs torch. One batch at a time per model.
 
 With a `key` function only requests with equal keys share a forward (the decoder batches blocks of
-equal shapes). The oldest waiting request always goes next, with the waiting requests of its key in
-arrival order; requests of other keys keep their places, so none starves.
+equal shapes). Each request may say when its result is due (`deadline_s` from now; default 0, as
+soon as possible): the waiting request due soonest goes next (earliest deadline first; with no
+deadlines that is the oldest), with the waiting requests of its key in the same order; the others
+keep waiting. A due time only comes closer, so no request starves.
 
 If a batch raises, its requests are run again one by one, so only the request whose input caused
 the error gets it and the others still get their results. `stop()` fails every request still
@@ -44,6 +46,11 @@ class _Item(Generic[In, Out]):
     future: asyncio.Future
     queued_at: float
     key: Hashable = None
+    due: float = 0.0  # queued_at + deadline_s: the order requests are served in
+
+
+def _order(item: _Item) -> tuple[float, float]:
+    return item.due, item.queued_at
 
 
 class MicroBatcher(Generic[In, Out]):
@@ -87,12 +94,14 @@ class MicroBatcher(Generic[In, Out]):
     async def submit(self, value: In) -> Out:
         return (await self.submit_with_info(value))[0]
 
-    async def submit_with_info(self, value: In) -> tuple[Out, BatchInfo]:
+    async def submit_with_info(self, value: In, deadline_s: float = 0.0) -> tuple[Out, BatchInfo]:
+        """The result and how it was computed; deadline_s: how soon it is needed (0: now)."""
         if self._task is None:
             raise BatcherStopped("the batcher is not running (call start() inside the event loop)")
         key = self.key(value) if self.key is not None else None  # a failing key fails this caller only
         future = asyncio.get_running_loop().create_future()
-        self._pending.append(_Item(value, future, time.perf_counter(), key))
+        now = time.perf_counter()
+        self._pending.append(_Item(value, future, now, key, now + max(0.0, deadline_s)))
         self._arrived.set()
         return await future
 
@@ -109,7 +118,7 @@ class MicroBatcher(Generic[In, Out]):
             return False
 
     async def _collect(self) -> list[_Item]:
-        """The oldest request and up to max_batch - 1 more of its key, after waiting for company."""
+        """The request due soonest and up to max_batch - 1 more of its key, after waiting for company."""
         while True:
             self._drop_cancelled()
             if self._pending:
@@ -120,19 +129,15 @@ class MicroBatcher(Generic[In, Out]):
             self._drop_cancelled()
             if not self._pending:  # every waiting caller went away
                 return []
-            head = self._pending[0]
+            head = min(self._pending, key=_order)
             if sum(1 for i in self._pending if i.key == head.key) >= self.max_batch:
                 break
             timeout = deadline - time.perf_counter()
             if timeout <= 0 or not await self._wait_for_arrival(timeout):
                 break
-        batch, rest = [], deque()
-        for item in self._pending:
-            if len(batch) < self.max_batch and item.key == head.key:
-                batch.append(item)
-            else:
-                rest.append(item)
-        self._pending = rest
+        batch = sorted((i for i in self._pending if i.key == head.key), key=_order)[: self.max_batch]
+        taken = {id(i) for i in batch}
+        self._pending = deque(i for i in self._pending if id(i) not in taken)
         self._running = batch  # stop() fails them if cancelled while computing
         return batch
 

@@ -9,7 +9,9 @@ the same way, so both keys stay until EndStream (or their TTL) removes them.
 Concurrent blocks of different streams share one flow and one HiFT forward when their shapes are
 equal (`AudioDecoder.batch_key`: the same block of streams cut by the same chunk plan, such as the
 first blocks of calls answering at once); each stream keeps its own noise generator, so its audio
-does not depend on its batch-mates. Other blocks queue for the next forward, oldest first.
+does not depend on its batch-mates. Other blocks queue for the next forward, the block due soonest
+first: a block is due at its request time plus the audio its caller still has buffered
+(playback_slack_s), so first blocks, which someone is waiting for, overtake later ones.
 """
 
 from __future__ import annotations
@@ -41,6 +43,7 @@ PREV = ":prev"
 MAX_BLOCK_TOKENS = 400
 MAX_ODE_STEPS = 50
 CODEBOOK = 16384
+MAX_SLACK_S = 3600.0
 
 
 class DecodeInputError(ValueError):
@@ -68,6 +71,8 @@ def validate(request: decoder_pb2.DecodeBlockRequest) -> None:
         raise DecodeInputError(f"audio token ids must be in [0, {CODEBOOK}), got {bad[:5]}")
     if not 0 <= request.ode_steps <= MAX_ODE_STEPS:
         raise DecodeInputError(f"ode_steps must be in 0..{MAX_ODE_STEPS} (0 = default), got {request.ode_steps}")
+    if not 0 <= request.playback_slack_s <= MAX_SLACK_S:  # also refuses NaN
+        raise DecodeInputError(f"playback_slack_s must be in 0..{MAX_SLACK_S:.0f} seconds, got {request.playback_slack_s}")
 
 
 class DecoderServicer(decoder_pb2_grpc.DecoderServicer):
@@ -141,7 +146,7 @@ class DecoderServicer(decoder_pb2_grpc.DecoderServicer):
             state, start_bytes, retry = await self._load(request.stream_id, request.seq)
             steps = request.ode_steps or self.default_ode_steps
             block = Block(state, tuple(request.tokens), request.finalize, steps)
-            (pcm, new_state), info = await self.batcher.submit_with_info(block)
+            (pcm, new_state), info = await self.batcher.submit_with_info(block, request.playback_slack_s)
             metrics.DECODER_BLOCK_MS.labels(str(request.seq == 0).lower()).observe(info.compute_ms)
             state_bytes = 0 if retry else await self._store(request, start_bytes, new_state)
             return decoder_pb2.DecodeBlockResponse(

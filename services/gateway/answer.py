@@ -49,6 +49,13 @@ class AnswerProgress:
     first_text_at: float | None = None
     first_decode_ms: float | None = None
 
+    def playback_slack_s(self, now: float) -> float:
+        """Audio the caller has yet to play at `now`, if playback started at the first chunk and never
+        stalled (a stalled caller has more, so this never overstates it); 0 before any audio."""
+        if self.first_audio_at is None:
+            return 0.0
+        return max(0.0, self.first_audio_at + self.audio_sent_s - now)
+
 
 @dataclass
 class AnswerSinks:
@@ -103,7 +110,7 @@ async def speak(deps, prompt_ids: list[int], opts: GenerationOptions, fmt: Outpu
                 if final and not block and seq == 0:
                     break  # an answer without audio: nothing to decode
                 t = time.perf_counter()
-                pcm = await deps.decoder.decode_block(stream_id, seq, block, final)
+                pcm = await deps.decoder.decode_block(stream_id, seq, block, final, progress.playback_slack_s(t))
                 if progress.first_decode_ms is None:
                     progress.first_decode_ms = (time.perf_counter() - t) * 1000
                 pcm = out_resampler.process(pcm)

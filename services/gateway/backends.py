@@ -59,10 +59,11 @@ class DecoderClient:
         self.stub = decoder_pb2_grpc.DecoderStub(self.channel)
         self.timeout_s, self.attempts, self.ode_steps = timeout_s, attempts, ode_steps
 
-    async def decode_block(self, stream_id: str, seq: int, tokens: list[int], finalize: bool) -> np.ndarray:
-        """Float32 PCM at 22050 Hz for one block."""
+    async def decode_block(self, stream_id: str, seq: int, tokens: list[int], finalize: bool,
+                           playback_slack_s: float = 0.0) -> np.ndarray:
+        """Float32 PCM at 22050 Hz for one block; playback_slack_s: audio the caller has yet to play."""
         request = decoder_pb2.DecodeBlockRequest(stream_id=stream_id, seq=seq, tokens=tokens, finalize=finalize,
-                                                 ode_steps=self.ode_steps)
+                                                 ode_steps=self.ode_steps, playback_slack_s=playback_slack_s)
         async for attempt in _retrying(self.attempts, self.timeout_s * 2):
             with attempt:
                 response = await self.stub.DecodeBlock(request, timeout=self.timeout_s)
