@@ -29,6 +29,7 @@ class _Call:
 
     def __init__(self, request, sender):
         self.request, self.sender = request, sender
+        self.final_sent = False  # the last token went out with the FINAL flag
 
     def is_cancelled(self):
         return self.request is not None and self.request.is_cancelled()
@@ -116,15 +117,21 @@ class TritonPythonModel:
                 pb_utils.Tensor("INDEX", np.array([event.index], dtype=np.int32)),
                 pb_utils.Tensor("FINISHED", np.array([event.finished], dtype=np.bool_)),
             ]
-            call.sender.send(pb_utils.InferenceResponse(output_tensors=outputs))
+            # The last token carries FINAL itself: a client that stops reading at the finished token
+            # (and cancels its stream) must not race a separate FINAL message, or Triton never sees
+            # the request complete and waits its whole exit timeout at shutdown.
+            call.sender.send(pb_utils.InferenceResponse(output_tensors=outputs), flags=FINAL if event.finished else 0)
+            call.final_sent = event.finished
 
         return send
 
     def _on_done(self, call):
         def done(error):
             self._count(-1)
-            sender = call.sender
+            sender, final_sent = call.sender, call.final_sent
             call.release()
+            if final_sent:
+                return
             if error is None:
                 sender.send(flags=FINAL)
             elif isinstance(error, self.Cancelled):
