@@ -182,7 +182,9 @@ def test_cli_rejects_bad_tokens_in_one_line(decoder_dir, tmp_path, capsys, token
 def test_codec_benchmark_reports_every_decoder_number(decoder_dir):
     from vitaserve.decoder.benchmark import run_codec_benchmark
 
-    result = run_codec_benchmark(None, decoder_dir)
+    result = run_codec_benchmark(None, decoder_dir, batch_sizes=(1, 3))
     for key in ("decoder_first_pcm_ms", "decoder_first_pcm_ms_10tok_1step", "decoder_rtf_oneshot", "decoder_rtf_stream"):
         assert result[key] > 0, key
     assert "tokenizer_ms_per_audio_s" not in result  # no tokenizer folder given
+    assert [row["batch"] for row in result["decoder_batch"]] == [1, 3]
+    assert all(row["batched_ms"] > 0 and row["speedup"] > 0 for row in result["decoder_batch"])
