@@ -49,36 +49,40 @@ def test_stopping_the_batcher_fails_running_and_queued_requests():
     assert all(isinstance(r, BatcherStopped) for r in asyncio.run(main()))
 
 
-def test_keyed_batches_hold_one_key_oldest_first_and_others_keep_their_places():
+async def _batches_after_a_held_forward(max_batch: int, queued: list[tuple[tuple, float]]) -> list[list]:
+    """Hold the first forward (one ("z", 0) request) while `queued` (value, deadline_s) arrive, then
+    release it: the batches show the order the batcher chose. Keys are the values' first items."""
     entered, release = threading.Event(), threading.Event()
     batches = []
 
     def record(xs):
         batches.append(list(xs))
-        if len(batches) == 1:  # hold the first forward so everything else queues behind it
+        if len(batches) == 1:
             entered.set()
             release.wait(10)
         return xs
 
-    async def main():
-        batcher = MicroBatcher(record, max_batch=3, max_wait_ms=0, key=lambda x: x[0])
-        batcher.start()
-        first = asyncio.ensure_future(batcher.submit(("a", 0)))
-        await asyncio.get_running_loop().run_in_executor(None, entered.wait, 10)
-        queued = [("b", 1), ("a", 2), ("b", 3), ("a", 4), ("a", 5), ("a", 6), ("c", 7)]
-        futures = [asyncio.ensure_future(batcher.submit(x)) for x in queued]
-        await asyncio.sleep(0.05)
-        assert batcher.waiting == len(queued)
-        release.set()
-        try:
-            return await asyncio.gather(first, *futures)
-        finally:
-            await batcher.stop()
+    batcher = MicroBatcher(record, max_batch=max_batch, max_wait_ms=0, key=lambda x: x[0])
+    batcher.start()
+    held = asyncio.ensure_future(batcher.submit(("z", 0)))
+    await asyncio.get_running_loop().run_in_executor(None, entered.wait, 10)
+    futures = [asyncio.ensure_future(batcher.submit_with_info(v, deadline_s=d)) for v, d in queued]
+    await asyncio.sleep(0.05)
+    assert batcher.waiting == len(queued)
+    release.set()
+    try:
+        results = await asyncio.gather(held, *futures)
+    finally:
+        await batcher.stop()
+    assert [results[0]] + [out for out, _ in results[1:]] == [("z", 0)] + [v for v, _ in queued]
+    return batches
 
-    results = asyncio.run(main())
-    assert results == [("a", 0), ("b", 1), ("a", 2), ("b", 3), ("a", 4), ("a", 5), ("a", 6), ("c", 7)]
+
+def test_keyed_batches_hold_one_key_oldest_first_and_others_keep_their_places():
+    queued = [("b", 1), ("a", 2), ("b", 3), ("a", 4), ("a", 5), ("a", 6), ("c", 7)]
+    batches = asyncio.run(_batches_after_a_held_forward(3, [(v, 0.0) for v in queued]))
     # after the held batch: the oldest ("b", 1) with its key, then "a" capped at max_batch, then the rest
-    assert batches == [[("a", 0)], [("b", 1), ("b", 3)], [("a", 2), ("a", 4), ("a", 5)], [("a", 6)], [("c", 7)]]
+    assert batches == [[("z", 0)], [("b", 1), ("b", 3)], [("a", 2), ("a", 4), ("a", 5)], [("a", 6)], [("c", 7)]]
 
 
 def test_cancelled_callers_are_skipped_and_a_failing_key_fails_only_its_caller():
@@ -112,30 +116,7 @@ def test_cancelled_callers_are_skipped_and_a_failing_key_fails_only_its_caller()
 
 
 def test_the_request_due_soonest_goes_first_with_its_key_in_due_order():
-    entered, release = threading.Event(), threading.Event()
-    batches = []
-
-    def record(xs):
-        batches.append(list(xs))
-        if len(batches) == 1:
-            entered.set()
-            release.wait(10)
-        return xs
-
-    async def main():
-        batcher = MicroBatcher(record, max_batch=4, max_wait_ms=0, key=lambda x: x[0])
-        batcher.start()
-        held = asyncio.ensure_future(batcher.submit(("z", 0)))
-        await asyncio.get_running_loop().run_in_executor(None, entered.wait, 10)
-        # (value, seconds until needed): a later block with audio still buffered, a first block, ...
-        queued = [(("a", 1), 5.0), (("b", 2), 0.0), (("c", 3), 1.0), (("a", 4), 0.5)]
-        futures = [asyncio.ensure_future(batcher.submit_with_info(v, deadline_s=d)) for v, d in queued]
-        await asyncio.sleep(0.05)
-        release.set()
-        try:
-            await asyncio.gather(held, *futures)
-        finally:
-            await batcher.stop()
-
-    asyncio.run(main())
+    # (value, seconds until needed): a later block with audio still buffered, a first block, ...
+    queued = [(("a", 1), 5.0), (("b", 2), 0.0), (("c", 3), 1.0), (("a", 4), 0.5)]
+    batches = asyncio.run(_batches_after_a_held_forward(4, queued))
     assert batches == [[("z", 0)], [("b", 2)], [("a", 4), ("a", 1)], [("c", 3)]]
