@@ -36,7 +36,8 @@ DECODER_ACTIVE_STREAMS = Gauge("vita_decoder_active_streams",
 DECODER_QUEUE_MS = Histogram("vita_decoder_queue_ms", "wait before a batch picked the block up", buckets=LATENCY_MS)
 DECODER_BATCH_SIZE = Histogram("vita_decoder_batch_size", "blocks of concurrent streams per forward",
                                buckets=(1, 2, 4, 8, 16, 32))
-DECODER_BLOCK_MS = Histogram("vita_decoder_block_ms", "compute time of one block", ["first"], buckets=LATENCY_MS)
+DECODER_BLOCK_MS = Histogram("vita_decoder_block_ms", "compute time of the forward that decoded a block (its batch's)",
+                             ["first"], buckets=LATENCY_MS)
 DECODER_STATE_BYTES = Histogram("vita_decoder_state_bytes", "serialised stream state size",
                                 buckets=(1e3, 1e4, 5e4, 1e5, 2e5, 5e5, 1e6, 2e6, 5e6))
 

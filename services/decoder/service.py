@@ -72,7 +72,8 @@ def validate(request: decoder_pb2.DecodeBlockRequest) -> None:
     if not 0 <= request.ode_steps <= MAX_ODE_STEPS:
         raise DecodeInputError(f"ode_steps must be in 0..{MAX_ODE_STEPS} (0 = default), got {request.ode_steps}")
     if not 0 <= request.playback_slack_s <= MAX_SLACK_S:  # also refuses NaN
-        raise DecodeInputError(f"playback_slack_s must be in 0..{MAX_SLACK_S:.0f} seconds, got {request.playback_slack_s}")
+        raise DecodeInputError(
+            f"playback_slack_s must be in 0..{MAX_SLACK_S:.0f} seconds, got {request.playback_slack_s}")
 
 
 class DecoderServicer(decoder_pb2_grpc.DecoderServicer):
