@@ -309,9 +309,13 @@ def test_metrics_move(cluster, utterance):
     before_turns = value("vita_gateway_turns_total", outcome="completed")
     before_first = value("vita_gateway_first_audio_ms_count", mode="boost")
     before_batches = value("vita_encoder_batch_size_count")
+    before_slack = value("vita_decoder_playback_slack_s_count"), value("vita_decoder_playback_slack_s_sum")
     test_two_turn_call_mulaw_8k(cluster, utterance)
     assert value("vita_gateway_turns_total", outcome="completed") == before_turns + 2
     assert value("vita_gateway_first_audio_ms_count", mode="boost") == before_first + 2
     assert value("vita_encoder_batch_size_count") >= before_batches + 2
     assert value("vita_gateway_active_streams") == 0
     assert value("vita_decoder_block_ms_count", first="true") > 0
+    # later blocks were requested with the audio the caller still had to play (what orders the decoder)
+    assert value("vita_decoder_playback_slack_s_count") > before_slack[0]
+    assert value("vita_decoder_playback_slack_s_sum") > before_slack[1]

@@ -38,6 +38,10 @@ DECODER_BATCH_SIZE = Histogram("vita_decoder_batch_size", "blocks of concurrent 
                                buckets=(1, 2, 4, 8, 16, 32))
 DECODER_BLOCK_MS = Histogram("vita_decoder_block_ms", "compute time of the forward that decoded a block (its batch's)",
                              ["first"], buckets=LATENCY_MS)
+DECODER_PLAYBACK_SLACK_S = Histogram(
+    "vita_decoder_playback_slack_s",
+    "audio the caller still had to play when a later block (seq > 0) was requested; near 0: about to stall",
+    buckets=(0.0, 0.1, 0.25, 0.5, 1.0, 2.0, 4.0, 8.0, 16.0))
 DECODER_STATE_BYTES = Histogram("vita_decoder_state_bytes", "serialised stream state size",
                                 buckets=(1e3, 1e4, 5e4, 1e5, 2e5, 5e5, 1e6, 2e6, 5e6))
 

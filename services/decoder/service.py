@@ -146,6 +146,8 @@ class DecoderServicer(decoder_pb2_grpc.DecoderServicer):
             validate(request)
             state, start_bytes, retry = await self._load(request.stream_id, request.seq)
             steps = request.ode_steps or self.default_ode_steps
+            if request.seq > 0:
+                metrics.DECODER_PLAYBACK_SLACK_S.observe(request.playback_slack_s)
             block = Block(state, tuple(request.tokens), request.finalize, steps)
             (pcm, new_state), info = await self.batcher.submit_with_info(block, request.playback_slack_s)
             metrics.DECODER_BLOCK_MS.labels(str(request.seq == 0).lower()).observe(info.compute_ms)
