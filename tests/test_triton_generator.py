@@ -111,3 +111,40 @@ def test_cancel_stops_generation_in_the_engine(triton):
     assert metric(triton, "vita_generator_requests_in_flight") == 0
     # the engine stopped soon after the cancel: far fewer than the 900 tokens asked for
     assert metric(triton, "vita_generator_tokens_total") - tokens_before < 300
+
+
+def test_tritonserver_stops_without_waiting_its_exit_timeout_after_many_calls(tmp_path, tiny_lm_dir):
+    """12 concurrent answers on 8 slots, a third of them cancelled mid-way (barge-in), then SIGTERM.
+    A request whose state Triton never released keeps the model 'live' and tritonserver waits its
+    whole exit timeout (30 s); the client lets finished streams close by themselves so none leaks."""
+    import time
+
+    from servers import triton_server
+
+    async def calls(url):
+        client = GeneratorClient(url)
+
+        async def one(i):
+            n = 0
+            async for _ in client.generate(list(range(100, 140)), GenerationOptions(max_new_tokens=80)):
+                n += 1
+                if i % 3 == 2 and n == 20:
+                    break
+            return n
+
+        try:
+            return await asyncio.gather(*[one(i) for i in range(12)])
+        finally:
+            await client.close()
+
+    server = triton_server(tmp_path, tiny_lm_dir, num_slots=8)
+    info = server.__enter__()
+    try:
+        counts = asyncio.run(calls(info["grpc"]))
+    finally:
+        start = time.perf_counter()
+        server.__exit__(None, None, None)
+        stop_s = time.perf_counter() - start
+    assert counts.count(20) == 4 and len(counts) == 12
+    log = info["log"].read_text()
+    assert stop_s < 15 and "Timeout 20:" not in log, f"tritonserver took {stop_s:.1f} s to stop:\n{log[-1500:]}"

@@ -6,10 +6,12 @@ cancelled and the engine drops it at its next step, so GPU work stops.
 
 from __future__ import annotations
 
+import asyncio
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
+import grpc
 import numpy as np
 import tritonclient.grpc.aio as triton_aio
 from tritonclient.grpc import InferInput
@@ -69,6 +71,21 @@ def build_inputs(prompt_ids: list[int], opts: GenerationOptions) -> list[InferIn
     return inputs
 
 
+async def _closes_by_itself(stream, timeout_s: float = 2.0) -> bool:
+    """After the last token (it carries Triton's FINAL flag) let the server end the stream. Cancelling
+    a stream the server is completing races Triton's gRPC frontend (2.41), which then keeps the
+    request's state and waits its whole exit timeout at shutdown; measured with 12 concurrent calls."""
+    async def drain() -> None:
+        async for _ in stream:
+            pass
+
+    try:
+        await asyncio.wait_for(drain(), timeout_s)
+        return True
+    except (asyncio.TimeoutError, grpc.RpcError, InferenceServerException):
+        return False
+
+
 class GeneratorClient:
     def __init__(self, url: str, model: str = MODEL_NAME):
         self.url = url
@@ -90,6 +107,7 @@ class GeneratorClient:
             yield request
 
         stream = self._client.stream_infer(one_request(), stream_timeout=timeout_s)
+        closed = False
         try:
             async for result, error in stream:
                 if error is not None:
@@ -102,9 +120,11 @@ class GeneratorClient:
                 )
                 yield token
                 if token.finished:
+                    closed = await _closes_by_itself(stream)
                     return
         finally:
-            stream.cancel()
+            if not closed:  # the caller stopped early (barge-in, an error): cancel the request in Triton
+                stream.cancel()
 
     async def close(self) -> None:
         await self._client.close()
