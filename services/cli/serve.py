@@ -15,6 +15,12 @@ def _common(p: argparse.ArgumentParser, port: int) -> None:
                    help="structlog output on stderr: JSON lines (default) or coloured console lines")
 
 
+def _threads(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--threads", type=int, default=0,
+                   help="torch CPU threads (0 = the CPUs this container may use: its cgroup quota, else its "
+                        "cores); set it to the pod's CPU request when there is no CPU limit")
+
+
 def subparser_init(subparsers) -> None:
     p = subparsers.add_parser("serve", help="run one service (encoder, decoder or gateway)",
                               description="Run one service of the cluster in the foreground, with gRPC health "
@@ -27,6 +33,7 @@ def subparser_init(subparsers) -> None:
     enc.add_argument("--device", default="cpu")
     enc.add_argument("--max-batch", type=int, default=16, help="requests per forward")
     enc.add_argument("--max-wait-ms", type=float, default=5.0, help="how long a request waits for company")
+    _threads(enc)
     _common(enc, 50052)
 
     dec = sub.add_parser("decoder", help="GLM-4-Voice flow + HiFT decoder (vita.audio.v1.Decoder)",
@@ -43,6 +50,7 @@ def subparser_init(subparsers) -> None:
                      help="how long a block waits for company before its forward starts")
     dec.add_argument("--ode-steps", type=int, default=10, help="flow ODE steps when a request says 0")
     dec.add_argument("--deterministic", action="store_true", help="zero noise: reproducible output")
+    _threads(dec)
     _common(dec, 50053)
 
     gw = sub.add_parser("gateway", help="the public Conversation service",
@@ -67,6 +75,13 @@ def cmd(args) -> int:
 
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # no spinning OpenMP threads on shared CPUs
     configure_logging(args.service, args.log_level, json=args.log_format == "json")
+    if args.service in ("encoder", "decoder"):
+        from vitaserve.common.threads import set_torch_threads
+
+        try:
+            set_torch_threads(args.threads)
+        except ValueError as exc:
+            raise CLIError(str(exc)) from exc
     if args.service == "encoder":
         from vitaserve.encoder.service import serve
 

@@ -21,6 +21,9 @@ def subparser_init(subparsers) -> None:
     p.add_argument("--mode", default="boost", help="inference mode: vanilla, balance, boost, turbo (default boost)")
     p.add_argument("--num-slots", type=int, default=16, help="calls the generator batches at once")
     p.add_argument("--max-len", type=int, default=4096, help="tokens per call in the generator's KV cache")
+    p.add_argument("--threads", type=int, default=0,
+                   help="torch CPU threads of each model process (Triton's engine, encoder, decoder); 0 = this "
+                        "machine's CPUs split between the three")
     p.add_argument("--logs", metavar="DIR", help="folder for the services' logs (default: a new temp folder)")
     p.add_argument("--timeout-s", type=float, default=300.0, help="how long each service may take to be ready")
     call = p.add_argument_group("one call (like `vita-audio call`)")
@@ -108,7 +111,8 @@ def cmd(args) -> int:
             prepared = prepare_call(args)
         lm, tokenizer, decoder = resolve_checkpoints(args)
         cluster = LocalCluster(lm, tokenizer, decoder, port=args.port, mode=args.mode, num_slots=args.num_slots,
-                               max_len=args.max_len, workdir=Path(args.logs) if args.logs else None,
+                               max_len=args.max_len, threads=args.threads,
+                               workdir=Path(args.logs) if args.logs else None,
                                progress=lambda msg: print(f"  {msg}", flush=True))
         print(f"starting the local cluster (logs in {cluster.workdir})", flush=True)
         cluster.start(args.timeout_s)

@@ -29,11 +29,14 @@ from pathlib import Path
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from vitaserve.common.threads import cpu_budget
+
 SERVICES = ("redis", "triton", "encoder", "decoder", "gateway")  # start order
 STOP_STAGES = (("gateway",), ("encoder", "decoder", "triton"), ("redis",))  # callers before what they call
 # Once the gateway is gone nothing calls the backends, so their drain is instant; a healthy Triton
 # unloads in ~3 s. Longer means it hangs (e.g. a model that keeps a request alive): kill it.
 BACKEND_STOP_S = 8.0
+COMPUTE_SERVICES = 3  # Triton's engine, the encoder and the decoder run torch; the gateway barely does
 
 
 class ClusterError(RuntimeError):
@@ -114,10 +117,16 @@ class LocalCluster:
 
     def __init__(self, lm: Path, tokenizer: Path, decoder: Path, port: int = 50051, mode: str = "boost",
                  workdir: Path | None = None, num_slots: int = 16, max_len: int = 4096, grace_s: float = 10.0,
-                 die_with_parent: bool = True, progress: Callable[[str], None] = lambda msg: None):
+                 die_with_parent: bool = True, progress: Callable[[str], None] = lambda msg: None,
+                 threads: int = 0):
         self.lm, self.tokenizer, self.decoder = Path(lm), Path(tokenizer), Path(decoder)
         self.port, self.mode, self.num_slots, self.max_len = port, mode, num_slots, max_len
         self.grace_s = grace_s  # the services' drain on SIGTERM; stop() waits a little longer
+        # torch threads of each model process: they share this machine, so split its CPUs between
+        # them rather than let each take every core (oversubscribed threads cost latency)
+        if threads < 0:
+            raise ClusterError(f"threads must be >= 0 (0 = split this machine's CPUs), got {threads}")
+        self.threads = threads or max(1, cpu_budget() // COMPUTE_SERVICES)
         self.workdir = Path(workdir or tempfile.mkdtemp(prefix="vita-cluster-"))
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.progress = progress
@@ -203,7 +212,7 @@ class LocalCluster:
         from vitaserve.generator import triton_local
 
         repo = triton_local.prepare_model_repository(self.workdir / "model_repo", self.lm, num_slots=self.num_slots,
-                                                     max_len=self.max_len)
+                                                     max_len=self.max_len, threads=self.threads)
         grpc_port, http_port, metrics_port = free_port(), free_port(), free_port()
         log = self.workdir / "triton.log"
         proc = triton_local.start_tritonserver(repo, grpc_port, http_port, metrics_port, log)  # own session
@@ -220,10 +229,11 @@ class LocalCluster:
         return service
 
     def spawn_encoder(self) -> Service:
-        return self._spawn_grpc("encoder", "--tokenizer", str(self.tokenizer))
+        return self._spawn_grpc("encoder", "--tokenizer", str(self.tokenizer), "--threads", str(self.threads))
 
     def spawn_decoder(self) -> Service:
-        return self._spawn_grpc("decoder", "--decoder", str(self.decoder), "--redis", self.redis_url)
+        return self._spawn_grpc("decoder", "--decoder", str(self.decoder), "--redis", self.redis_url,
+                                "--threads", str(self.threads))
 
     def spawn_gateway(self) -> Service:
         metrics_port = free_port()

@@ -67,7 +67,7 @@ def _ensure_site_pth(version: str) -> None:
 
 
 def prepare_model_repository(dest: Path, lm_dir: str | Path, device: str = "cpu", dtype: str = "",
-                             max_len: int = 4096, num_slots: int = 16) -> Path:
+                             max_len: int = 4096, num_slots: int = 16, threads: int = 0) -> Path:
     """Copy model_repo/ into `dest` with the parameters of this deployment filled in."""
     src = REPO_ROOT / "model_repo" / MODEL_NAME
     out = dest / MODEL_NAME
@@ -75,7 +75,7 @@ def prepare_model_repository(dest: Path, lm_dir: str | Path, device: str = "cpu"
         shutil.rmtree(out)
     shutil.copytree(src, out, ignore=shutil.ignore_patterns("__pycache__"))
     values = {"lm_dir": str(Path(lm_dir).resolve()), "device": device, "dtype": dtype, "max_len": str(max_len),
-              "num_slots": str(num_slots), "site_packages": site_packages()}
+              "num_slots": str(num_slots), "threads": str(threads), "site_packages": site_packages()}
     text = (out / "config.pbtxt").read_text()
     for key, value in values.items():
         text, n = re.subn(rf'(key: "{key}" value: {{ string_value: )"[^"]*"', rf'\1"{value}"', text)

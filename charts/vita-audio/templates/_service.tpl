@@ -21,12 +21,14 @@ NOT_SERVING (readiness drops it from endpoints) and running calls get --grace-s 
 - --tokenizer={{ $ck.mountPath }}/{{ $ck.tokenizerDir }}
 - --device={{ $c.device }}
 - --max-batch={{ $c.maxBatch }}
+- --threads={{ $c.threads }}
 {{- else }}
 - --decoder={{ $ck.mountPath }}/{{ $ck.decoderDir }}
 - --redis=$(REDIS_URL)
 - --device={{ $c.device }}
 - --max-batch={{ $c.maxBatch }}
 - --max-wait-ms={{ $c.maxWaitMs }}
+- --threads={{ $c.threads }}
 - --ode-steps={{ $c.odeSteps }}
 {{- end }}
 - --port={{ $c.port }}

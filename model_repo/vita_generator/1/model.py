@@ -53,6 +53,9 @@ class TritonPythonModel:
         from vitaserve.generator.generate import LanguageModel
         from vitaserve.generator.sampling import SamplingParams
 
+        from vitaserve.common.threads import set_torch_threads
+
+        set_torch_threads(int(params.get("threads") or 0))  # 0: the CPUs this container may use
         device = params.get("device") or "cpu"
         dtype = params.get("dtype") or ("float32" if device == "cpu" else "bfloat16")
         self.lm = LanguageModel.from_folder(params["lm_dir"], device=device, dtype=dtype,
