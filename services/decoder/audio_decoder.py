@@ -190,7 +190,7 @@ class AudioDecoder:
         return state
 
     @staticmethod
-    def batch_key(block: "Block") -> tuple | None:
+    def batch_key(block: Block) -> tuple | None:
         """Blocks with equal keys can share one flow and one HiFT forward (decode_chunks): every
         tensor of theirs has the same shape. That is the same block of streams cut by the same chunk
         plan (e.g. the first 10-token blocks of calls that start together). None: the block runs alone
@@ -214,7 +214,7 @@ class AudioDecoder:
         return self.decode_chunks([Block(state, tuple(tokens), finalize, ode_steps)])[0]
 
     @torch.inference_mode()
-    def decode_chunks(self, blocks: Sequence["Block"]) -> list[tuple[np.ndarray, DecoderStreamState]]:
+    def decode_chunks(self, blocks: Sequence[Block]) -> list[tuple[np.ndarray, DecoderStreamState]]:
         """decode_chunk for one block of each of several streams, in one flow and one HiFT forward.
 
         The blocks must share one `batch_key`. Each stream draws its noise from its own generator, so
@@ -237,7 +237,7 @@ class AudioDecoder:
             raise ValueError("blocks decoded together must be official-mode blocks of equal shapes (one batch_key)")
         return self._decode_official(blocks, checked)
 
-    def _decode_official(self, blocks: Sequence["Block"], tokens: list[list[int]]):
+    def _decode_official(self, blocks: Sequence[Block], tokens: list[list[int]]):
         news = [b.state.copy() for b in blocks]
         first, finalize = blocks[0], blocks[0].finalize
         steps = 10 if first.ode_steps is None else int(first.ode_steps)
