@@ -19,7 +19,6 @@ class InProcessCluster:
         self.loop = asyncio.new_event_loop()
         self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
         self.decoders: list[ServiceRunner] = []
-        self.decoder_servicers: list = []
         self.gateways: list[ServiceRunner] = []
         self.servicers = []
 
@@ -41,21 +40,18 @@ class InProcessCluster:
         from vitaserve.gateway.service import ConversationServicer, build_deps
 
         tokenizer = await asyncio.to_thread(SpeechTokenizer.from_pretrained, str(self.ckpt / "tokenizer"))
-        encoder = self.encoder_servicer = EncoderServicer(tokenizer)
-        encoder.batcher.start()
+        encoder = EncoderServicer(tokenizer)
         server = make_server()
         encoder_pb2_grpc.add_EncoderServicer_to_server(encoder, server)
-        self.encoder = ServiceRunner(server, ["vita.audio.v1.Encoder"], 0, host="127.0.0.1")
+        self.encoder = ServiceRunner(server, ["vita.audio.v1.Encoder"], 0, host="127.0.0.1", batchers=[encoder.batcher])
         await self.encoder.start()
         decoder_model = await asyncio.to_thread(AudioDecoder.from_pretrained, str(self.ckpt / "decoder"))
         for _ in range(2):
             store = SessionStore(connect_redis(self.redis_url))
             server = make_server(16 * 1024 * 1024)
             servicer = DecoderServicer(decoder_model, store, deterministic=self.deterministic)
-            servicer.batcher.start()
-            self.decoder_servicers.append(servicer)
             decoder_pb2_grpc.add_DecoderServicer_to_server(servicer, server)
-            runner = ServiceRunner(server, ["vita.audio.v1.Decoder"], 0, host="127.0.0.1")
+            runner = ServiceRunner(server, ["vita.audio.v1.Decoder"], 0, host="127.0.0.1", batchers=[servicer.batcher])
             await runner.start()
             self.decoders.append(runner)
         decoder_target = "ipv4:" + ",".join(f"127.0.0.1:{d.port}" for d in self.decoders)
@@ -80,10 +76,7 @@ class InProcessCluster:
     def stop(self) -> None:
         async def _stop():
             for runner in [*self.gateways, *self.decoders, self.encoder]:
-                await runner.server.stop(0)
-            await self.encoder_servicer.batcher.stop()
-            for servicer in self.decoder_servicers:
-                await servicer.batcher.stop()
+                await runner.stop(0)
         self.run(_stop())
         self.loop.call_soon_threadsafe(self.loop.stop)
         self.thread.join(10)

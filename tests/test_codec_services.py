@@ -118,16 +118,14 @@ async def encoder_server(tokenizer, max_batch: int = 8, max_wait_ms: float = 50.
     servicer = EncoderServicer(tokenizer, max_batch, max_wait_ms)
     server = make_server(max_message_bytes=MAX_MESSAGE_BYTES)
     encoder_pb2_grpc.add_EncoderServicer_to_server(servicer, server)
-    runner = ServiceRunner(server, [ENCODER], 0, host="127.0.0.1")
-    servicer.batcher.start()
+    runner = ServiceRunner(server, [ENCODER], 0, host="127.0.0.1", batchers=[servicer.batcher])
     await runner.start()
     channel = _channel(runner.port)
     try:
         yield encoder_pb2_grpc.EncoderStub(channel), runner
     finally:
         await channel.close()
-        await server.stop(0)
-        await servicer.batcher.stop()
+        await runner.stop(0)
 
 
 @asynccontextmanager
@@ -138,16 +136,14 @@ async def decoder_server(audio_decoder, redis_url: str, namespace: str, determin
     servicer = DecoderServicer(audio_decoder, store, deterministic=deterministic, **batching)
     server = make_server(max_message_bytes=16 << 20)
     decoder_pb2_grpc.add_DecoderServicer_to_server(servicer, server)
-    runner = ServiceRunner(server, [DECODER], 0, host="127.0.0.1")
-    servicer.batcher.start()
+    runner = ServiceRunner(server, [DECODER], 0, host="127.0.0.1", batchers=[servicer.batcher])
     await runner.start()
     channel = _channel(runner.port)
     try:
         yield decoder_pb2_grpc.DecoderStub(channel), runner, store
     finally:
         await channel.close()
-        await server.stop(0)
-        await servicer.batcher.stop()
+        await runner.stop(0)
         await redis.aclose()
 
 

@@ -202,12 +202,11 @@ async def serve(decoder_dir: str, port: int, redis_url: str, metrics_port: int =
     servicer = DecoderServicer(decoder, store, max_batch, max_wait_ms, ode_steps, deterministic)
     server = make_server(max_message_bytes=16 * 1024 * 1024)
     decoder_pb2_grpc.add_DecoderServicer_to_server(servicer, server)
-    runner = ServiceRunner(server, [decoder_pb2.DESCRIPTOR.services_by_name["Decoder"].full_name], port)
+    runner = ServiceRunner(server, [decoder_pb2.DESCRIPTOR.services_by_name["Decoder"].full_name], port,
+                           batchers=[servicer.batcher])
     start_metrics(metrics_port)
-    servicer.batcher.start()
     await runner.start()
     log.info("decoder serving", port=runner.port, decoder=decoder_dir, max_batch=max_batch)
     if ready is not None:
         ready(runner)
     await runner.serve_until_signal(grace_s)
-    await servicer.batcher.stop()

@@ -92,12 +92,11 @@ async def serve(tokenizer_dir: str, port: int, metrics_port: int = 0, device: st
     servicer = EncoderServicer(tokenizer, max_batch, max_wait_ms)
     server = make_server(max_message_bytes=MAX_MESSAGE_BYTES)
     encoder_pb2_grpc.add_EncoderServicer_to_server(servicer, server)
-    runner = ServiceRunner(server, [encoder_pb2.DESCRIPTOR.services_by_name["Encoder"].full_name], port)
+    runner = ServiceRunner(server, [encoder_pb2.DESCRIPTOR.services_by_name["Encoder"].full_name], port,
+                           batchers=[servicer.batcher])
     start_metrics(metrics_port)
-    servicer.batcher.start()
     await runner.start()
     log.info("encoder serving", port=runner.port, tokenizer=tokenizer_dir)
     if ready is not None:
         ready(runner)
     await runner.serve_until_signal(grace_s)
-    await servicer.batcher.stop()
