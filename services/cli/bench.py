@@ -50,24 +50,24 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", help="also write the JSON to this file")
 
 
+def _print_table(table: list[dict]) -> None:
+    if table:
+        cols = list(table[0])
+        print("  ".join(f"{c:>16}" for c in cols))
+        for row in table:
+            print("  ".join(f"{row[c]!s:>16}" for c in cols))
+
+
 def _emit(args, result: dict, table: list[dict]) -> int:
     import json
-    import subprocess
 
-    try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                                check=False).stdout.strip() or None
-    except OSError:
-        commit = None
-    result = {**result, "commit": commit}
+    from vitaserve.common.provenance import git_commit
+
+    result = {**result, "commit": git_commit()}
     if args.json:
         print(json.dumps(result))
     else:
-        if table:
-            cols = list(table[0])
-            print("  ".join(f"{c:>16}" for c in cols))
-            for row in table:
-                print("  ".join(f"{row[c]!s:>16}" for c in cols))
+        _print_table(table)
     if args.out:
         with open(args.out, "w") as f:
             json.dump(result, f, indent=2)
@@ -117,6 +117,6 @@ def cmd_codec(args) -> int:
 
     row = run_codec_benchmark(args.tokenizer, args.decoder, device=args.device)
     if not args.json:  # one table of the scalar figures, then one of cross-stream batching
-        _emit(argparse.Namespace(json=False, out=None), {}, [{k: v for k, v in row.items() if k != "decoder_batch"}])
+        _print_table([{k: v for k, v in row.items() if k != "decoder_batch"}])
         print()
     return _emit(args, {"bench": "codec", **_device_info(args), **row}, row["decoder_batch"])

@@ -18,13 +18,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from vitaserve.common.provenance import git_commit
 from vitaserve.decoder.audio_decoder import SAMPLE_RATE, AudioDecoder, Block
 
 ANSWER_TOKENS = 125  # a 10 s answer at 12.5 tokens/s
@@ -105,19 +105,11 @@ def tokenizer_number(tokenizer_dir: str | Path, device: str) -> dict:
     return {"tokenizer_ms_per_audio_s": round(float(tokenizer_ms_per_audio_s(tok)), 1)}
 
 
-def _commit() -> str | None:
-    try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                              cwd=Path(__file__).parent, timeout=5).stdout.strip() or None
-    except (OSError, subprocess.SubprocessError):
-        return None
-
-
 def run_codec_benchmark(tokenizer_dir: str | Path | None, decoder_dir: str | Path, device: str = "cpu",
                         dtype: torch.dtype = torch.float32, batch_sizes=BATCH_SIZES) -> dict:
     """One JSON-able dict: the numbers above plus device, threads, commit and the decoder's sizes."""
     result: dict = {"device": device, "dtype": str(dtype).removeprefix("torch."),
-                    "threads": torch.get_num_threads(), "commit": _commit()}
+                    "threads": torch.get_num_threads(), "commit": git_commit()}
     if tokenizer_dir is not None:
         result.update(tokenizer_number(tokenizer_dir, device))
     decoder = AudioDecoder.from_pretrained(decoder_dir, device=device, dtype=dtype)
