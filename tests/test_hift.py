@@ -115,6 +115,19 @@ def test_random_draws_follow_the_official_order(hift):
     assert torch.equal(g.get_state(), ref.get_state())
 
 
+def test_sine_phase_integration_of_a_row_does_not_depend_on_the_batch(hift):
+    """The cumulative sum of phase increments runs per row: batched sines differ from a row's alone
+    only if its F0 does (test_decoder_batching's source tolerance is derived from that)."""
+    f0 = torch.rand(3, 1, 40 * 256, generator=torch.Generator().manual_seed(0)) * 300
+    src = hift.m_source
+    for deterministic, seeds in ((True, None), (False, (42, 5, 42))):
+        gens = None if seeds is None else [torch.Generator().manual_seed(s) for s in seeds]
+        batch = src.sine_waves(f0, gens, deterministic)
+        for i in range(3):
+            gen = None if seeds is None else torch.Generator().manual_seed(seeds[i])
+            assert torch.equal(batch[i : i + 1], src.sine_waves(f0[i : i + 1], gen, deterministic))
+
+
 def test_cache_source_replaces_the_first_source_samples(hift):
     cache = torch.linspace(-0.5, 0.5, 256)[None, None]
     _, source = hift.inference(_mel(6), cache, generator=torch.Generator().manual_seed(42))
