@@ -12,6 +12,9 @@ from vitaserve.api import conversation_pb2_grpc, decoder_pb2_grpc, encoder_pb2_g
 from vitaserve.common.grpc_server import ServiceRunner, make_server
 
 
+TRITON_MAX_LEN = 1024  # servers.triton_server's default context
+
+
 class InProcessCluster:
     def __init__(self, ckpt, redis_url: str, triton_grpc: str, deterministic_decoder: bool = True):
         self.ckpt, self.redis_url, self.triton_grpc = ckpt, redis_url, triton_grpc
@@ -31,13 +34,9 @@ class InProcessCluster:
         return self
 
     async def _start(self) -> None:
-        from vitaserve.common.session_store import SessionStore, connect_redis
         from vitaserve.decoder.audio_decoder import AudioDecoder
-        from vitaserve.decoder.service import DecoderServicer
         from vitaserve.encoder.service import EncoderServicer
         from vitaserve.encoder.tokenizer import SpeechTokenizer
-        from vitaserve.gateway.config import GatewayConfig
-        from vitaserve.gateway.service import ConversationServicer, build_deps
 
         tokenizer = await asyncio.to_thread(SpeechTokenizer.from_pretrained, str(self.ckpt / "tokenizer"))
         encoder = EncoderServicer(tokenizer)
@@ -45,27 +44,43 @@ class InProcessCluster:
         encoder_pb2_grpc.add_EncoderServicer_to_server(encoder, server)
         self.encoder = ServiceRunner(server, ["vita.audio.v1.Encoder"], 0, host="127.0.0.1", batchers=[encoder.batcher])
         await self.encoder.start()
-        decoder_model = await asyncio.to_thread(AudioDecoder.from_pretrained, str(self.ckpt / "decoder"))
+        self.decoder_model = await asyncio.to_thread(AudioDecoder.from_pretrained, str(self.ckpt / "decoder"))
         for _ in range(2):
-            store = SessionStore(connect_redis(self.redis_url))
-            server = make_server(16 * 1024 * 1024)
-            servicer = DecoderServicer(decoder_model, store, deterministic=self.deterministic)
-            decoder_pb2_grpc.add_DecoderServicer_to_server(servicer, server)
-            runner = ServiceRunner(server, ["vita.audio.v1.Decoder"], 0, host="127.0.0.1", batchers=[servicer.batcher])
-            await runner.start()
-            self.decoders.append(runner)
+            self.decoders.append(await self.start_decoder())
         decoder_target = "ipv4:" + ",".join(f"127.0.0.1:{d.port}" for d in self.decoders)
         for i in range(2):
-            deps = build_deps(str(self.ckpt / "lm"), f"127.0.0.1:{self.encoder.port}", decoder_target,
-                              self.triton_grpc, self.redis_url,
-                              GatewayConfig(default_mode="boost", replica_id=f"gw{i}", max_utterance_s=8.0))
-            servicer = ConversationServicer(deps)
-            server = make_server(1024 * 1024)
-            conversation_pb2_grpc.add_ConversationServicer_to_server(servicer, server)
-            runner = ServiceRunner(server, ["vita.audio.v1.Conversation"], 0, host="127.0.0.1")
-            await runner.start()
+            runner, servicer = await self.start_gateway(decoder_target, replica_id=f"gw{i}")
             self.gateways.append(runner)
             self.servicers.append(servicer)
+
+    async def start_decoder(self, port: int = 0) -> ServiceRunner:
+        """One more decoder replica (its runner is the caller's to stop)."""
+        from vitaserve.common.session_store import SessionStore, connect_redis
+        from vitaserve.decoder.service import DecoderServicer
+
+        store = SessionStore(connect_redis(self.redis_url))
+        server = make_server(16 * 1024 * 1024)
+        servicer = DecoderServicer(self.decoder_model, store, deterministic=self.deterministic)
+        decoder_pb2_grpc.add_DecoderServicer_to_server(servicer, server)
+        runner = ServiceRunner(server, ["vita.audio.v1.Decoder"], port, host="127.0.0.1", batchers=[servicer.batcher])
+        await runner.start()
+        return runner
+
+    async def start_gateway(self, decoder_target: str, **config):
+        """One more gateway replica talking to `decoder_target`: (runner, servicer)."""
+        from vitaserve.gateway.config import GatewayConfig
+        from vitaserve.gateway.service import ConversationServicer, build_deps
+
+        config = {"default_mode": "boost", "replica_id": "gw-extra", "max_utterance_s": 8.0,
+                  "context_tokens": TRITON_MAX_LEN, **config}
+        deps = build_deps(str(self.ckpt / "lm"), f"127.0.0.1:{self.encoder.port}", decoder_target,
+                          self.triton_grpc, self.redis_url, GatewayConfig(**config))
+        servicer = ConversationServicer(deps)
+        server = make_server(1024 * 1024)
+        conversation_pb2_grpc.add_ConversationServicer_to_server(servicer, server)
+        runner = ServiceRunner(server, ["vita.audio.v1.Conversation"], 0, host="127.0.0.1")
+        await runner.start()
+        return runner, servicer
 
     def gateway(self, i: int = 0) -> str:
         return f"127.0.0.1:{self.gateways[i].port}"

@@ -10,7 +10,8 @@ import itertools
 
 import torch
 
-from vitaserve.generator.sampling import SamplingParams, select_token
+from vitaserve.generator.sampling import select_token
+from vitaserve.generator.sampling_params import SamplingParams
 from vitaserve.generator.schedule import Schedule
 
 

@@ -11,7 +11,8 @@ from safetensors.torch import load_file, save_file
 
 from vitaserve.generator.config import CheckpointError
 from vitaserve.generator.loader import load_lm, weight_files
-from vitaserve.generator.sampling import SamplingParams, apply_repetition_penalty, warp
+from vitaserve.generator.sampling import apply_repetition_penalty, warp
+from vitaserve.generator.sampling_params import SamplingParams
 
 
 def copy_ckpt(src, dst):

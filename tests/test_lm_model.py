@@ -9,7 +9,7 @@ import torch
 
 from vitaserve.generator.generate import generate
 from vitaserve.generator.model import BatchIndex
-from vitaserve.generator.sampling import SamplingParams
+from vitaserve.generator.sampling_params import SamplingParams
 from vitaserve.generator.schedule import MODES
 
 from lm_reference import reference_generate, reference_logits

@@ -446,3 +446,28 @@ def test_transient_failure_is_retried_until_redis_is_back(tmp_path):
     finally:
         for p in procs:
             stop_redis(p)
+
+
+def test_abort_turn_gives_the_number_back_and_only_to_its_owner(redis_url):
+    """A turn that failed with nothing heard: the counter returns to the last committed turn, the
+    next turn reuses the number (no gap in the history); a stale owner or turn cannot abort."""
+    async def body():
+        async with open_store(redis_url) as (store, _):
+            sid = await store.create(CFG, owner="gw-a/1")
+            await play_turns(store, sid, "gw-a/1", 1)
+            t = await store.begin_turn(sid, 1, "gw-a/1")
+            with pytest.raises(StaleWriteError) as err:
+                await store.abort_turn(sid, t, "gw-b/9")
+            assert err.value.what == "owner"
+            with pytest.raises(StaleWriteError):
+                await store.abort_turn(sid, t + 1, "gw-a/1")
+            assert await store.abort_turn(sid, t, "gw-a/1") == 1
+            rec = await store.get(sid)
+            assert rec.turn == 1 and rec.status == "active"
+            with pytest.raises(StaleWriteError) as err:  # nothing in progress any more
+                await store.abort_turn(sid, t, "gw-a/1")
+            assert err.value.what == "turn"
+            await play_turns(store, sid, "gw-a/1", 1, start=1)
+            assert [h.turn for h in await store.history(sid)] == [1, 2]
+
+    asyncio.run(body())

@@ -5,11 +5,12 @@ from __future__ import annotations
 import asyncio
 import urllib.request
 
+import grpc
 import pytest
 
 from vitaserve.gateway.generator_client import GenerationOptions, GeneratorClient, GeneratorError
 from vitaserve.generator.generate import generate
-from vitaserve.generator.sampling import SamplingParams
+from vitaserve.generator.sampling_params import SamplingParams
 
 
 GREEDY = GenerationOptions(mode="boost", max_new_tokens=40, greedy=True)
@@ -83,8 +84,8 @@ def test_bad_mode_and_bad_prompt_are_rejected_clearly(triton):
         return errors
 
     mode_err, prompt_err = asyncio.run(main())
-    assert "MCTP modules" in str(mode_err) and mode_err.invalid
-    assert "outside" in str(prompt_err)
+    assert "MCTP modules" in str(mode_err) and mode_err.code == grpc.StatusCode.INVALID_ARGUMENT
+    assert "outside" in str(prompt_err) and prompt_err.code == grpc.StatusCode.INVALID_ARGUMENT
 
 
 def test_cancel_stops_generation_in_the_engine(triton):

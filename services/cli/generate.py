@@ -78,7 +78,7 @@ def cmd(args) -> int:
 
     from vitaserve.cli.main import CLIError
     from vitaserve.generator.generate import generate
-    from vitaserve.generator.sampling import SamplingParams
+    from vitaserve.generator.sampling_params import SamplingParams
 
     lm = load_model(args)
     tokenizer = None

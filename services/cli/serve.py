@@ -62,6 +62,9 @@ def subparser_init(subparsers) -> None:
     gw.add_argument("--triton", required=True, help="Triton gRPC address (host:port)")
     gw.add_argument("--redis", required=True, metavar="URL", help="Redis URL for sessions")
     gw.add_argument("--mode", default="boost", help="default inference mode of calls that name none")
+    gw.add_argument("--context-tokens", type=int, default=4096,
+                    help="the generator's context in tokens (Triton's max_len): prompts keep the newest turns "
+                         "that fit beside the answer's max_new_tokens")
     _common(gw, 50051)
     p.set_defaults(func=cmd)
 
@@ -95,8 +98,14 @@ def cmd(args) -> int:
     else:
         from vitaserve.gateway.service import serve
 
+        import socket
+
+        from vitaserve.gateway.config import GatewayConfig
+
+        config = GatewayConfig(default_mode=args.mode, replica_id=socket.gethostname(),
+                               context_tokens=args.context_tokens)
         coro = serve(args.lm, args.port, args.encoder, args.decoder, args.triton, args.redis, args.metrics_port,
-                     args.mode, args.grace_s)
+                     args.mode, args.grace_s, config=config)
     try:
         asyncio.run(coro)
     except (FileNotFoundError, ValueError) as exc:

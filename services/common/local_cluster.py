@@ -240,7 +240,7 @@ class LocalCluster:
         gateway = self._spawn("gateway", self._serve(
             "gateway", self.port, metrics_port, "--lm", str(self.lm), "--encoder", self.service("encoder").address,
             "--decoder", self.service("decoder").address, "--triton", self.service("triton").address,
-            "--redis", self.redis_url, "--mode", self.mode),
+            "--redis", self.redis_url, "--mode", self.mode, "--context-tokens", str(self.max_len)),
             f"127.0.0.1:{self.port}", f"http://127.0.0.1:{metrics_port}/metrics")
         gateway.ready = lambda timeout_s: wait_grpc_serving(gateway.address, gateway.proc, timeout_s)
         return gateway

@@ -87,6 +87,21 @@ return {'ok', redis.call('LLEN', KEYS[2])}
 """
 
 # KEYS[1] session hash   KEYS[2] history list
+# ARGV[1] turn   ARGV[2] owner   ARGV[3] fence ('' = not checked)   ARGV[4] op id   ARGV[5] ttl ms
+# returns {'ok', turn counter} | {'done', ...} | {'missing'} | {'ended'} | {'stale', what, value}
+# A turn that failed before anything of it was committed gives its number back: the counter
+# returns to the last committed turn, so the history has no gap and the next turn reuses it.
+ABORT_TURN = """
+local reply, f = gate(ARGV[2], ARGV[3], ARGV[4])
+if reply then return reply end
+if tonumber(f[5]) ~= tonumber(ARGV[1]) then return {'stale', 'turn', f[5]} end
+if f[1] ~= 'in_turn' then return {'stale', 'committed', f[5]} end
+redis.call('HSET', KEYS[1], 'turn', tonumber(ARGV[1]) - 1, 'status', 'active', 'op', ARGV[4], 'updated_at', now())
+refresh(ARGV[5])
+return {'ok', tonumber(ARGV[1]) - 1}
+"""
+
+# KEYS[1] session hash   KEYS[2] history list
 # ARGV[1] new owner   ARGV[2] op id   ARGV[3] ttl ms
 # returns {'ok', fence, HGETALL, LRANGE} | {'done', ...same} | {'missing'} | {'ended'}
 # The new owner gets a bumped fence; an unfinished turn of the old owner is abandoned (status
@@ -154,7 +169,7 @@ return {'ok'}
 """
 
 SESSION_SCRIPTS = {
-    "create": CREATE, "begin_turn": BEGIN_TURN, "commit_turn": COMMIT_TURN,
+    "create": CREATE, "begin_turn": BEGIN_TURN, "commit_turn": COMMIT_TURN, "abort_turn": ABORT_TURN,
     "claim": CLAIM, "end": END, "touch": TOUCH,
 }
 

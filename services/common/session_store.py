@@ -243,7 +243,7 @@ class SessionStore:
                 "turn": f"the turn counter is {value}",
                 "committed": f"turn {value} was already committed",
             }.get(what, f"{what} is {value}")
-            raise StaleWriteError(f"cannot {action} on session {session_id}: {why}")
+            raise StaleWriteError(f"cannot {action} on session {session_id}: {why}", what=what, value=value)
         raise SessionError(f"unexpected reply {reply!r} to {action} on session {session_id}")
 
     # ---- sessions -------------------------------------------------------------------------
@@ -320,6 +320,16 @@ class SessionStore:
                 self.session_ttl_ms, data, self.max_turns]
         reply = await self._run("commit a turn", "commit_turn", self._keys(session_id), args)
         self._raise_for(reply, session_id, f"commit turn {turn}")
+
+    async def abort_turn(self, session_id: str, turn: int, owner: str, fence: int | None = None) -> int:
+        """Give back the number of a turn that failed with nothing committed (the counter returns
+        to turn - 1, status active); returns the counter. StaleWriteError if the turn is no longer
+        the one in progress or another owner holds the call."""
+        args = [_count("turn", turn), self._owner(owner), self._fence(fence), uuid.uuid4().hex,
+                self.session_ttl_ms]
+        reply = await self._run("abort a turn", "abort_turn", self._keys(session_id), args)
+        self._raise_for(reply, session_id, f"abort turn {turn}")
+        return int(reply[1])
 
     async def claim(self, session_id: str, owner: str) -> SessionRecord:
         """Take over the call (resume on another replica): the new owner, a bumped fence, and the

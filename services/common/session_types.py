@@ -34,7 +34,12 @@ class SessionEnded(SessionError):
 
 
 class StaleWriteError(SessionError):
-    """Another writer got there first (newer owner after a resume, or a concurrent turn)."""
+    """Another writer got there first (newer owner after a resume, or a concurrent turn).
+    `what` names the check that failed (owner, fence, turn, committed) and `value` what it found."""
+
+    def __init__(self, message: str, what: str = "", value: str = ""):
+        super().__init__(message)
+        self.what, self.value = what, value
 
 
 class StoreUnavailable(SessionError):

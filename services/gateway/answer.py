@@ -132,8 +132,17 @@ async def speak(deps, prompt_ids: list[int], opts: GenerationOptions, fmt: Outpu
             if seq and not finished:  # cancelled mid-answer: drop the decoder's stream state now
                 await asyncio.shield(deps.decoder.end_stream(stream_id))
 
-    async with asyncio.TaskGroup() as group:
-        group.create_task(produce())
-        group.create_task(consume())
+    try:
+        async with asyncio.TaskGroup() as group:
+            group.create_task(produce())
+            group.create_task(consume())
+    except BaseExceptionGroup as group_error:  # the caller sees the failure itself, not a group
+        raise first_leaf(group_error) from None
     progress.delivered_upto = len(progress.generated)
     return progress
+
+
+def first_leaf(error: BaseException) -> BaseException:
+    while isinstance(error, BaseExceptionGroup):
+        error = error.exceptions[0]
+    return error

@@ -32,6 +32,11 @@ def channel(target: str) -> grpc.aio.Channel:
         ("grpc.lb_policy_name", "round_robin"),
         ("grpc.max_receive_message_length", 16 * 1024 * 1024),
         ("grpc.enable_retries", 0),  # retries are ours, visible and bounded
+        # a replica that comes back (a restart on the same address) is found within our retry budget,
+        # not after gRPC's default reconnect backoff of 1 s growing to 120 s
+        ("grpc.initial_reconnect_backoff_ms", 100),
+        ("grpc.min_reconnect_backoff_ms", 100),
+        ("grpc.max_reconnect_backoff_ms", 1000),
     ])
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
+from dataclasses import replace
 
 import grpc
 import numpy as np
@@ -28,13 +29,15 @@ from vitaserve.gateway.config import GatewayDeps
 from vitaserve.gateway.phone import CODEC_ENUM
 from vitaserve.gateway.generator_client import GenerationOptions, GeneratorError
 from vitaserve.gateway.vad import SpeechEnded, SpeechStarted, VadConfig, VoiceActivityDetector
-from vitaserve.generator.prompt import LUKE_SYSTEM, Turn
+from vitaserve.generator.prompt import LUKE_SYSTEM, PromptTooLong, Turn
+from vitaserve.generator.sampling_params import SamplingParams
 from vitaserve.generator.schedule import Schedule
 
 log = structlog.get_logger(__name__)
 
 CODEC_NAMES = {enum: name for name, enum in CODEC_ENUM.items()}
 MODEL_RATE = 16000
+MIN_UTTERANCE_TOKENS = 13  # 1 s of speech at 12.5 tokens/s
 
 
 class CallError(Exception):
@@ -61,16 +64,24 @@ def generation_options(deps: GatewayDeps, mode: str, sampling: audio_pb2.Samplin
         Schedule.parse(mode, deps.num_mtp_modules)
     except ValueError as exc:
         raise CallError(grpc.StatusCode.INVALID_ARGUMENT, f"mode: {exc}") from None
-    if max_new_tokens < 0:
-        raise CallError(grpc.StatusCode.INVALID_ARGUMENT, f"max_new_tokens must be >= 0, got {max_new_tokens}")
+    if not 0 <= max_new_tokens < deps.config.context_tokens:
+        raise CallError(grpc.StatusCode.INVALID_ARGUMENT,
+                        f"max_new_tokens must be in [0, {deps.config.context_tokens}) (0 = the server default; the "
+                        f"context holds {deps.config.context_tokens} tokens of prompt and answer), got {max_new_tokens}")
 
     def opt(name):
         return getattr(sampling, name) if sampling.HasField(name) else None
 
-    return GenerationOptions(
+    options = GenerationOptions(
         mode=mode, max_new_tokens=max_new_tokens or deps.config.max_new_tokens,
         greedy=opt("greedy"), temperature=opt("temperature"), top_k=opt("top_k"), top_p=opt("top_p"),
         repetition_penalty=opt("repetition_penalty"), seed=opt("seed"))
+    given = {k: getattr(options, k) for k in ("temperature", "top_k", "top_p", "repetition_penalty", "seed")}
+    try:  # the engine's own rules, so a bad value never reaches (or hurts) the generator
+        SamplingParams(do_sample=not options.greedy, **{k: v for k, v in given.items() if v is not None}).validated()
+    except ValueError as exc:
+        raise CallError(grpc.StatusCode.INVALID_ARGUMENT, f"sampling: {exc}") from None
+    return options
 
 
 def answer_sinks(out: asyncio.Queue, turn: int, fmt: OutputFormat) -> AnswerSinks:
@@ -102,6 +113,8 @@ class Call:
         mode = config.mode or self.deps.config.default_mode
         self.opts = generation_options(self.deps, mode, config.sampling, config.max_new_tokens)
         self.system = config.system_prompt if config.HasField("system_prompt") else LUKE_SYSTEM
+        explicit = config.max_new_tokens > 0
+        self._fit_answer_to_context(explicit)
         self.push_to_talk = config.push_to_talk
         vad_opts = config.vad
         try:
@@ -123,6 +136,7 @@ class Call:
                 self.turns_done = record.turn
                 if not config.HasField("system_prompt"):  # the call keeps the persona it started with
                     self.system = record.config.system_prompt
+                    self._fit_answer_to_context(explicit)
             else:
                 self.session_id = await store.create(
                     SessionConfig(mode=mode, codec=self.in_fmt.codec, sample_rate=self.in_fmt.sample_rate,
@@ -136,6 +150,20 @@ class Call:
             session_id=self.session_id, resumed=resumed, turns_so_far=self.turns_done,
             output_format=audio_pb2.AudioFormat(codec=CODEC_ENUM[self.out_fmt.codec],
                                                 sample_rate=self.out_fmt.sample_rate), mode=mode)))
+
+    def _fit_answer_to_context(self, explicit: bool) -> None:
+        """The smallest prompt of this call (system prompt and a 1 s utterance, no history) and the
+        answer must fit the context: an explicit max_new_tokens that does not is refused, the
+        server default is lowered to what fits."""
+        context = self.deps.config.context_tokens
+        floor = len(self.deps.prompts.spoken_qa([0] * MIN_UTTERANCE_TOKENS, [], self.system or None))
+        if self.opts.max_new_tokens + floor <= context:
+            return
+        if explicit or floor >= context:
+            raise CallError(grpc.StatusCode.INVALID_ARGUMENT,
+                            f"max_new_tokens {self.opts.max_new_tokens} and the smallest prompt of this call "
+                            f"({floor} tokens) exceed the context of {context} tokens")
+        self.opts = replace(self.opts, max_new_tokens=context - floor)
 
     # ---- the caller's messages ---------------------------------------------------------------
     async def run(self, requests) -> None:
@@ -238,19 +266,24 @@ class Call:
         self.answer_task = asyncio.create_task(self._answer(audio, time.perf_counter()))
 
     async def _answer(self, audio: np.ndarray, t_end: float) -> None:
+        """One turn. Whatever fails reaches the caller as Error{code, turn} and leaves the session
+        ready for the next turn: a turn that failed before any of it was heard gives its number
+        back; one that failed mid-answer keeps what the caller heard, like a barge-in."""
         deps, turn = self.deps, self.turns_done + 1
         structlog.contextvars.bind_contextvars(turn=turn)
         progress = AnswerProgress()
         user_tokens: list[int] = []
-        outcome = "failed"
+        outcome, begun = "failed", False
         try:
             t = time.perf_counter()
             user_tokens = await deps.encoder.encode(audio)
             encode_ms = (time.perf_counter() - t) * 1000
             metrics.GATEWAY_STAGE_MS.labels("encode").observe(encode_ms)
             history = [Turn(r.user_audio, r.assistant_ids) for r in await deps.store.history(self.session_id)]
-            prompt = await asyncio.to_thread(deps.prompts.spoken_qa, user_tokens, history, self.system or None)
-            turn = await deps.store.begin_turn(self.session_id, self.turns_done, self.owner)
+            prompt = await asyncio.to_thread(deps.prompts.spoken_qa, user_tokens, history, self.system or None,
+                                             deps.config.context_tokens - self.opts.max_new_tokens)
+            turn = await self._begin_turn()
+            begun = True
             try:
                 await speak(deps, prompt, self.opts, self.out_fmt, answer_sinks(self.out, turn, self.out_fmt),
                             progress, ChunkPlan.parse(deps.config.chunk_plan), f"{self.session_id}:{turn}")
@@ -262,11 +295,7 @@ class Call:
                 raise
             finally:
                 if outcome != "failed":
-                    ids = progress.generated[: progress.delivered_upto]
-                    await asyncio.shield(deps.store.commit_turn(self.session_id, turn, TurnRecord(
-                        turn=turn, user_audio=user_tokens, assistant_ids=ids, text=progress.text,
-                        interrupted=outcome == "interrupted"), self.owner))
-                    self.turns_done = turn
+                    await asyncio.shield(self._commit(turn, user_tokens, progress, interrupted=outcome == "interrupted"))
             timings = turn_timings(progress, t_end, t, encode_ms)
             if progress.first_audio_at is not None:
                 metrics.GATEWAY_FIRST_AUDIO_MS.labels(self.opts.mode).observe(timings.first_audio_ms)
@@ -281,14 +310,53 @@ class Call:
         except asyncio.CancelledError:
             outcome = "interrupted"
             raise
-        except (GeneratorError, grpc.aio.AioRpcError, StoreUnavailable, StaleWriteError) as exc:
-            code = _code_of(exc)
+        except Exception as exc:
+            code, message = turn_error(exc)
             metrics.GATEWAY_ERRORS.labels(code.name).inc()
-            log.warning("turn failed", error=str(exc), code=code.name)
-            await self.out.put(pb.ConverseResponse(error=pb.Error(code=code.value[0], message=_message_of(exc),
-                                                                  turn=turn)))
+            log.warning("turn failed", error=repr(exc), code=code.name)
+            if begun and outcome == "failed":
+                await asyncio.shield(self._settle_failed(turn, user_tokens, progress))
+            await self.out.put(pb.ConverseResponse(error=pb.Error(code=code.value[0], message=message, turn=turn)))
         finally:
             metrics.GATEWAY_TURNS.labels(outcome).inc()
+
+    async def _begin_turn(self) -> int:
+        """Begin the next turn. If the counter in Redis is not where this call left it (a failed turn
+        whose settle-up did not land, an acknowledged write that Redis lost), and the call is still
+        ours, re-read it and go on from there instead of failing every later turn."""
+        store = self.deps.store
+        try:
+            return await store.begin_turn(self.session_id, self.turns_done, self.owner)
+        except StaleWriteError as exc:
+            if exc.what != "turn":
+                raise
+            record = await store.get(self.session_id)
+            if record is None or record.owner != self.owner or record.status == "ended":
+                raise
+            counter = record.turn
+            if record.status == "in_turn":  # our own turn left open: give its number back
+                counter = await store.abort_turn(self.session_id, record.turn, self.owner)
+            log.warning("turn counter re-read", was=self.turns_done, now=counter)
+            self.turns_done = counter
+            return await store.begin_turn(self.session_id, self.turns_done, self.owner)
+
+    async def _commit(self, turn: int, user_tokens: list[int], progress: AnswerProgress, interrupted: bool) -> None:
+        ids = progress.generated[: progress.delivered_upto]
+        await self.deps.store.commit_turn(self.session_id, turn, TurnRecord(
+            turn=turn, user_audio=user_tokens, assistant_ids=ids, text=progress.text, interrupted=interrupted),
+            self.owner)
+        self.turns_done = turn
+
+    async def _settle_failed(self, turn: int, user_tokens: list[int], progress: AnswerProgress) -> None:
+        """A begun turn failed: keep what the caller heard (as an interrupted turn), or give the
+        number back when nothing was. A store failure here is left to _begin_turn's re-read."""
+        try:
+            if progress.delivered_upto:
+                await self._commit(turn, user_tokens, progress, interrupted=True)
+            else:
+                self.turns_done = await self.deps.store.abort_turn(self.session_id, turn, self.owner)
+        except (StoreUnavailable, StaleWriteError, SessionNotFound, SessionEnded) as exc:
+            log.warning("failed turn not settled", error=repr(exc))
 
 
 def turn_timings(progress: AnswerProgress, t_end: float, t_encode: float, encode_ms: float) -> pb.TurnTimings:
@@ -303,17 +371,22 @@ def turn_timings(progress: AnswerProgress, t_end: float, t_encode: float, encode
         first_decode_ms=progress.first_decode_ms or 0.0, total_ms=since_end(time.perf_counter()))
 
 
-def _code_of(exc: Exception) -> grpc.StatusCode:
+def turn_error(exc: Exception) -> tuple[grpc.StatusCode, str]:
+    """The status code and caller-facing message of a failed turn."""
+    if isinstance(exc, CallError):
+        return exc.code, str(exc)
     if isinstance(exc, grpc.aio.AioRpcError):
-        return exc.code()
+        return exc.code(), f"{exc.code().name}: {exc.details()}"
     if isinstance(exc, GeneratorError):
-        return grpc.StatusCode.INVALID_ARGUMENT if exc.invalid else grpc.StatusCode.UNAVAILABLE
+        return exc.code, f"generator: {exc}"
+    if isinstance(exc, PromptTooLong):
+        return grpc.StatusCode.INVALID_ARGUMENT, f"{exc}: ask for fewer max_new_tokens or speak a shorter turn"
+    if isinstance(exc, StoreUnavailable):
+        return grpc.StatusCode.UNAVAILABLE, f"session store: {exc}"
     if isinstance(exc, StaleWriteError):
-        return grpc.StatusCode.ABORTED
-    return grpc.StatusCode.UNAVAILABLE
-
-
-def _message_of(exc: Exception) -> str:
-    if isinstance(exc, grpc.aio.AioRpcError):
-        return f"{exc.code().name}: {exc.details()}"
-    return str(exc)
+        return grpc.StatusCode.ABORTED, str(exc)
+    if isinstance(exc, (SessionNotFound, SessionEnded)):
+        return grpc.StatusCode.NOT_FOUND, str(exc)
+    error_id = uuid.uuid4().hex[:12]
+    log.error("turn failed with an unexpected error", error_id=error_id, error=repr(exc))
+    return grpc.StatusCode.INTERNAL, f"internal error (id {error_id})"

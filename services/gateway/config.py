@@ -17,6 +17,7 @@ from vitaserve.generator.vocab import AudioVocab
 class GatewayConfig:
     default_mode: str = "boost"
     max_new_tokens: int = 1024
+    context_tokens: int = 4096            # the generator's context (Triton's max_len): prompt + answer
     chunk_plan: str = "vita"              # decoder block sizes (gateway.chunker presets)
     max_utterance_s: float = 30.0         # longer turns: VAD cuts them; push-to-talk gets OUT_OF_RANGE
     realtime_slack_s: float = 2.0         # audio may run this far ahead of the wall clock

@@ -17,15 +17,22 @@ import tritonclient.grpc.aio as triton_aio
 from tritonclient.grpc import InferInput
 from tritonclient.utils import InferenceServerException
 
+from vitaserve.generator import contract
+
 MODEL_NAME = "vita_generator"
 
 
 class GeneratorError(Exception):
-    """The generator rejected or failed a request; `invalid` marks the caller's fault."""
+    """The generator rejected or failed a request; `code` is the grpc.StatusCode it reported."""
 
-    def __init__(self, message: str, invalid: bool = False):
+    def __init__(self, message: str, code: grpc.StatusCode = grpc.StatusCode.UNAVAILABLE):
         super().__init__(message)
-        self.invalid = invalid
+        self.code = code
+
+    @classmethod
+    def from_text(cls, text: str) -> "GeneratorError":
+        code, message = contract.parse_error(text)
+        return cls(message, grpc.StatusCode[code])
 
 
 @dataclass(frozen=True)
@@ -111,8 +118,7 @@ class GeneratorClient:
         try:
             async for result, error in stream:
                 if error is not None:
-                    message = str(error.message() if hasattr(error, "message") else error)
-                    raise GeneratorError(message, invalid="invalid request" in message or "inference mode" in message)
+                    raise GeneratorError.from_text(str(error.message() if hasattr(error, "message") else error))
                 token = GeneratedToken(
                     index=int(result.as_numpy("INDEX")[0]), token_id=int(result.as_numpy("TOKEN_ID")[0]),
                     is_audio=bool(result.as_numpy("IS_AUDIO")[0]), kind=result.as_numpy("STEP_KIND")[0].decode(),

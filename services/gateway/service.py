@@ -12,11 +12,10 @@ from vitaserve.api import audio_pb2, conversation_pb2 as pb, conversation_pb2_gr
 from vitaserve.common import metrics
 from vitaserve.common.session_store import StoreUnavailable
 from vitaserve.gateway.answer import AnswerProgress, AnswerSinks, speak
-from vitaserve.gateway.call import CODEC_ENUM, Call, CallError, audio_format, generation_options
+from vitaserve.gateway.call import CODEC_ENUM, Call, CallError, audio_format, generation_options, turn_error
 from vitaserve.gateway.chunker import ChunkPlan
 from vitaserve.gateway.codecs import AudioFormatError, decode_audio
 from vitaserve.gateway.config import GatewayConfig, GatewayDeps
-from vitaserve.gateway.generator_client import GeneratorError
 
 log = structlog.get_logger(__name__)
 
@@ -79,6 +78,10 @@ class ConversationServicer(conversation_pb2_grpc.ConversationServicer):
                                      "output_format"))
             opts = generation_options(self.deps, request.mode, request.sampling, request.max_new_tokens)
             prompt = await asyncio.to_thread(self.deps.prompts.tts, text)
+            if len(prompt) + opts.max_new_tokens > self.deps.config.context_tokens:
+                raise CallError(grpc.StatusCode.INVALID_ARGUMENT,
+                                f"the text ({len(prompt)} tokens) and max_new_tokens ({opts.max_new_tokens}) exceed "
+                                f"the context of {self.deps.config.context_tokens} tokens: shorten one of them")
         except CallError as exc:
             await self._abort(context, exc.code, str(exc))
         pb_fmt = audio_pb2.AudioFormat(codec=CODEC_ENUM[fmt.codec], sample_rate=fmt.sample_rate)
@@ -100,9 +103,8 @@ class ConversationServicer(conversation_pb2_grpc.ConversationServicer):
             while (item := await out.get()) is not _DONE:
                 yield item
             if not task.cancelled() and task.exception() is not None:
-                exc = task.exception()
-                code = grpc.StatusCode.INVALID_ARGUMENT if getattr(exc, "invalid", False) else grpc.StatusCode.UNAVAILABLE
-                await self._abort(context, code, f"synthesis failed: {exc}")
+                code, message = turn_error(task.exception())
+                await self._abort(context, code, f"synthesis failed: {message}")
             first_ms = 0.0 if progress.first_audio_at is None else (progress.first_audio_at - start) * 1000
             yield pb.SynthesizeResponse(finished=pb.SynthesisFinished(
                 audio_tokens=progress.audio_tokens, audio_s=progress.audio_sent_s, first_audio_ms=max(first_ms, 0.0)))
@@ -135,11 +137,9 @@ class ConversationServicer(conversation_pb2_grpc.ConversationServicer):
             async for token in self.deps.generator.generate(prompt, opts):
                 text += stream.push(token.token_id)
             text += stream.flush()
-        except GeneratorError as exc:
-            await self._abort(context, grpc.StatusCode.INVALID_ARGUMENT if exc.invalid else grpc.StatusCode.UNAVAILABLE,
-                              f"transcription failed: {exc}")
-        except grpc.aio.AioRpcError as exc:
-            await self._abort(context, exc.code(), f"encoder: {exc.details()}")
+        except Exception as exc:
+            code, message = turn_error(exc)
+            await self._abort(context, code, f"transcription failed: {message}")
         return pb.TranscribeResponse(text=text, audio_tokens_in=len(tokens))
 
     async def drain(self, grace_s: float) -> None:

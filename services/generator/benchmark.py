@@ -14,7 +14,7 @@ import torch
 
 from vitaserve.generator.engine import Engine, Request
 from vitaserve.generator.generate import LanguageModel, generate
-from vitaserve.generator.sampling import SamplingParams
+from vitaserve.generator.sampling_params import SamplingParams
 
 FIRST_CHUNK_INDEX = 10
 GREEDY = SamplingParams(do_sample=False, repetition_penalty=1.05)
@@ -63,6 +63,8 @@ def bench_engine(lm: LanguageModel, concurrency: int, mode: str, prompt_len: int
         n = 0
         while engine.has_work():
             for rid, event in engine.step():
+                if isinstance(event, Exception):
+                    raise event
                 n += 1
                 if event.index == FIRST_CHUNK_INDEX:
                     first[rid] = event.elapsed_s * 1000

@@ -16,7 +16,8 @@ import torch
 
 from vitaserve.generator.generate import LanguageModel, TokenEvent, validate_prompt
 from vitaserve.generator.runner import run_step
-from vitaserve.generator.sampling import SamplingParams
+from vitaserve.generator.sampling import make_generator
+from vitaserve.generator.sampling_params import SamplingParams
 from vitaserve.generator.sequence import Sequence
 
 
@@ -56,7 +57,7 @@ class Engine:
     def cancel(self, request_id: str) -> bool:
         """Drop a call at once (barge-in); its slot is free for the next step."""
         if request_id in self.running:
-            self.free_slots.append(self.running.pop(request_id).seq.slot)
+            self._drop(request_id)
             return True
         before = len(self.waiting)
         self.waiting = deque((r, t) for r, t in self.waiting if r.request_id != request_id)
@@ -73,29 +74,43 @@ class Engine:
             seq = Sequence(
                 slot=self.free_slots.pop(), ids=list(request.prompt_ids), schedule=self.lm.schedule(request.mode),
                 num_modules=self.lm.config.num_nextn_predict_layers, sampling=sampling,
-                generator=sampling.make_generator(device),
+                generator=make_generator(sampling, device),
             )
             stop = set(self.lm.stop_ids() if request.stop_ids is None else request.stop_ids)
             self.running[request.request_id] = _Running(request, seq, stop, started=queued)
 
-    def step(self) -> list[tuple[str, TokenEvent]]:
-        """Advance every running call by one token; returns (request id, event) pairs."""
+    def step(self) -> list[tuple[str, TokenEvent | Exception]]:
+        """Advance every running call by one token; returns (request id, event) pairs, where a call
+        that failed alone (its plan, forward or sampling raised) gets its exception and is dropped."""
         self._admit()
         if not self.running:
             return []
-        items = list(self.running.items())
+        out: list[tuple[str, TokenEvent | Exception]] = []
+        items, plans = [], []
+        for rid, run in list(self.running.items()):
+            try:
+                plans.append(run.seq.plan())
+                items.append((rid, run))
+            except Exception as exc:
+                self._drop(rid)
+                out.append((rid, exc))
         kinds = [r.seq.next_step for _, r in items]
-        tokens = run_step(self.lm.model, [r.seq.plan() for _, r in items])
+        results = run_step(self.lm.model, plans) if plans else []
         if self.lm.model.lm_head.weight.device.type == "cuda":
             torch.cuda.synchronize()
         now = time.perf_counter()
-        out = []
-        for (rid, run), (kind, module), token in zip(items, kinds, tokens):
+        for (rid, run), (kind, module), token in zip(items, kinds, results):
+            if isinstance(token, Exception):
+                self._drop(rid)
+                out.append((rid, token))
+                continue
             index = run.seq.num_new - 1
             finished = token in run.stop or index == run.request.max_new_tokens - 1
             event = TokenEvent(index, token, kind, module, self.lm.vocab.is_audio(token), now - run.started, finished)
             out.append((rid, event))
             if finished:
-                self.free_slots.append(run.seq.slot)
-                del self.running[rid]
+                self._drop(rid)
         return out
+
+    def _drop(self, request_id: str) -> None:
+        self.free_slots.append(self.running.pop(request_id).seq.slot)

@@ -30,6 +30,22 @@ class _Callbacks:
     is_cancelled: Callable[[], bool] | None
 
 
+def _done(cb: _Callbacks, rid: str, error: Exception | None) -> None:
+    try:
+        cb.on_done(error)
+    except Exception:  # a broken caller must not stop the loop for everyone else
+        log.exception("on_done callback failed", request_id=rid)
+
+
+def _cancelled(cb: _Callbacks) -> bool:
+    """A caller whose cancellation check itself fails is treated as gone."""
+    try:
+        return cb.is_cancelled is not None and bool(cb.is_cancelled())
+    except Exception:
+        log.exception("is_cancelled callback failed")
+        return True
+
+
 class EngineService:
     def __init__(self, lm: LanguageModel, name: str = "vita-engine"):
         self.engine = Engine(lm)
@@ -69,10 +85,7 @@ class EngineService:
     def _finish(self, rid: str, error: Exception | None) -> None:
         cb = self._callbacks.pop(rid, None)
         if cb is not None:
-            try:
-                cb.on_done(error)
-            except Exception:  # a broken caller must not stop the loop for everyone else
-                log.exception("on_done callback failed", request_id=rid)
+            _done(cb, rid, error)
 
     def _take_inbox(self) -> bool:
         with self._wake:
@@ -85,10 +98,10 @@ class EngineService:
             try:
                 self.engine.add(request)
                 self._callbacks[request.request_id] = cb
-            except ValueError as exc:
-                cb.on_done(exc)
+            except Exception as exc:  # ValueError for a bad request; anything else fails it alone too
+                _done(cb, request.request_id, exc)
         for rid, cb in list(self._callbacks.items()):
-            if rid in cancels or (cb.is_cancelled is not None and cb.is_cancelled()):
+            if rid in cancels or _cancelled(cb):
                 self.engine.cancel(rid)
                 self._finish(rid, RequestCancelled(f"request {rid} cancelled"))
         return not stopping
@@ -101,6 +114,10 @@ class EngineService:
             cb = self._callbacks.get(rid)
             if cb is None:
                 continue
+            if isinstance(event, Exception):  # this call failed alone; the engine already dropped it
+                log.warning("request failed", request_id=rid, error=repr(event))
+                self._finish(rid, event)
+                continue
             try:
                 cb.on_token(event)
             except Exception as exc:
@@ -111,12 +128,16 @@ class EngineService:
                 self._finish(rid, None)
 
     def _loop(self) -> None:
-        while self._take_inbox():
-            if not self.engine.has_work():
-                continue
+        """Never dies: whatever one iteration raises fails the calls it concerns, and the loop goes
+        on serving the others and every later call."""
+        while True:
             try:
+                if not self._take_inbox():
+                    break
+                if not self.engine.has_work():
+                    continue
                 events = self.engine.step()
-            except Exception as exc:  # fail every running call clearly; keep serving new ones
+            except Exception as exc:  # a bug outside one row: fail every running call clearly
                 log.exception("engine step failed")
                 for rid in list(self._callbacks):
                     self.engine.cancel(rid)

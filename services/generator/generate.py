@@ -17,7 +17,8 @@ from vitaserve.generator.config import GenerationDefaults, LMConfig
 from vitaserve.generator.loader import load_lm, parse_dtype
 from vitaserve.generator.model import VitaAudioLM
 from vitaserve.generator.runner import run_step
-from vitaserve.generator.sampling import SamplingParams
+from vitaserve.generator.sampling import make_generator
+from vitaserve.generator.sampling_params import SamplingParams
 from vitaserve.generator.schedule import Schedule
 from vitaserve.generator.sequence import Sequence
 from vitaserve.generator.vocab import AUDIO_CODEBOOK_SIZE, AudioVocab
@@ -101,12 +102,14 @@ def generate(
     device = lm.model.lm_head.weight.device
     seq = Sequence(
         slot=slot, ids=list(prompt_ids), schedule=lm.schedule(mode), num_modules=lm.config.num_nextn_predict_layers,
-        sampling=sampling, generator=sampling.make_generator(device),
+        sampling=sampling, generator=make_generator(sampling, device),
     )
     start = time.perf_counter()
     for index in range(max_new_tokens):
         kind, module = seq.next_step
         (token,) = run_step(lm.model, [seq.plan()])
+        if isinstance(token, Exception):
+            raise token
         if device.type == "cuda":
             torch.cuda.synchronize()
         finished = token in stop or index == max_new_tokens - 1

@@ -29,6 +29,10 @@ def audio_span(tokens: list[int]) -> str:
     return "<|begin_of_audio|>" + "".join(audio_token(t) for t in tokens) + "<|end_of_audio|>"
 
 
+class PromptTooLong(ValueError):
+    """The parts of a prompt that cannot be dropped do not fit the context."""
+
+
 @dataclass
 class Turn:
     """One finished exchange: the user's audio tokens and what the assistant generated (ids)."""
@@ -55,13 +59,30 @@ class PromptBuilder:
     def generation_prompt(self) -> list[int]:
         return self._encode("<|im_start|>assistant\n")
 
-    def spoken_qa(self, user_audio: list[int], history: list[Turn] = (), system: str | None = LUKE_SYSTEM) -> list[int]:
-        """Speech-to-speech dialogue: earlier turns, then the caller's new utterance."""
-        ids = self.message("system", system) if system else []
-        for turn in history:
-            ids += self.message("user", "\n" + audio_span(turn.user_audio))
-            ids += self.assistant_turn(turn.assistant_ids)
-        return ids + self.message("user", "\n" + audio_span(user_audio)) + self.generation_prompt()
+    def spoken_qa(self, user_audio: list[int], history: list[Turn] = (), system: str | None = LUKE_SYSTEM,
+                  max_tokens: int | None = None) -> list[int]:
+        """Speech-to-speech dialogue: earlier turns, then the caller's new utterance.
+
+        With max_tokens (the context less the answer's max_new_tokens), the system prompt and the
+        newest whole turns that fit are kept, as chat servers do; PromptTooLong when not even the
+        system prompt and the new utterance fit."""
+        head = self.message("system", system) if system else []
+        tail = self.message("user", "\n" + audio_span(user_audio)) + self.generation_prompt()
+        turns = [self.message("user", "\n" + audio_span(t.user_audio)) + self.assistant_turn(t.assistant_ids)
+                 for t in history]
+        if max_tokens is not None:
+            room = max_tokens - len(head) - len(tail)
+            if room < 0:
+                raise PromptTooLong(f"the system prompt and the utterance take {len(head) + len(tail)} tokens, "
+                                    f"over the {max_tokens} the context leaves for a prompt")
+            kept = 0
+            for t in reversed(turns):
+                if len(t) > room:
+                    break
+                room -= len(t)
+                kept += 1
+            turns = turns[len(turns) - kept:]
+        return head + [i for t in turns for i in t] + tail
 
     def asr(self, user_audio: list[int]) -> list[int]:
         return self.message("user", f"{ASR_INSTRUCTION}\n{audio_span(user_audio)}") + self.generation_prompt()

@@ -47,25 +47,50 @@ def out_dtype(model: VitaAudioLM) -> torch.dtype:
 
 
 @torch.inference_mode()
-def run_step(model: VitaAudioLM, plans: list[StepPlan]) -> list[int]:
-    """One forward per (kind, module) group, one lm_head product, one token per plan; commits them."""
+def run_step(model: VitaAudioLM, plans: list[StepPlan]) -> list[int | Exception]:
+    """One forward per (kind, module) group, one lm_head product, one token per plan; commits them.
+
+    A plan that fails (a forward or a sampling error) gets its exception in place of a token and
+    is not committed; the other plans go on as if it had not been there. A group whose forward
+    fails is re-run one plan at a time, so only the plans that fail alone fail: a failed forward
+    wrote only cache rows its sequences had not committed, which the re-run writes again."""
     # prefills (many rows) run apart from one-row steps, so short rows are not padded to a prompt
     groups: dict[tuple[str, int, bool], list[int]] = defaultdict(list)
     for i, p in enumerate(plans):
         groups[(p.kind, p.module, len(p.ids) > 1)].append(i)
     hidden: list[torch.Tensor | None] = [None] * len(plans)
+    results: list[int | Exception | None] = [None] * len(plans)
     for members in groups.values():
-        for i, h in zip(members, forward_plans(model, [plans[i] for i in members])):
-            hidden[i] = h
-    last = torch.stack([h[-1] for h in hidden])
-    logits = head_logits(model, last, [p.kind == "m" for p in plans])
-    tokens = []
-    for p, h, row in zip(plans, hidden, logits):
-        seq = p.seq
-        token = select_token(row, seen_ids_of(seq, row.device), seq.sampling, seq.generator)
-        seq.commit(p, h, token)
-        tokens.append(token)
-    return tokens
+        try:
+            rows = forward_plans(model, [plans[i] for i in members])
+        except Exception as exc:
+            rows = [exc] if len(members) == 1 else [_forward_alone(model, plans[i]) for i in members]
+        for i, h in zip(members, rows):
+            if isinstance(h, Exception):
+                results[i] = h
+            else:
+                hidden[i] = h
+    alive = [i for i, h in enumerate(hidden) if h is not None]
+    if alive:
+        last = torch.stack([hidden[i][-1] for i in alive])
+        logits = head_logits(model, last, [plans[i].kind == "m" for i in alive])
+        for i, row in zip(alive, logits):
+            seq = plans[i].seq
+            try:
+                token = select_token(row, seen_ids_of(seq, row.device), seq.sampling, seq.generator)
+            except Exception as exc:  # e.g. NaN probabilities: this call fails, its neighbours go on
+                results[i] = exc
+                continue
+            seq.commit(plans[i], hidden[i], token)
+            results[i] = token
+    return results
+
+
+def _forward_alone(model: VitaAudioLM, plan: StepPlan) -> torch.Tensor | Exception:
+    try:
+        return forward_plans(model, [plan])[0]
+    except Exception as exc:
+        return exc
 
 
 def head_logits(model: VitaAudioLM, last: torch.Tensor, is_mtp: list[bool]) -> torch.Tensor:

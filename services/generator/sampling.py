@@ -8,51 +8,20 @@ own `torch.Generator`, so a seed reproduces a call without touching the process-
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
 
 import torch
 
-from vitaserve.generator.config import GenerationDefaults
+from vitaserve.generator.sampling_params import SamplingParams
 
 
-@dataclass(frozen=True)
-class SamplingParams:
-    do_sample: bool = False
-    temperature: float = 1.0
-    top_k: int = 0
-    top_p: float = 1.0
-    repetition_penalty: float = 1.0
-    seed: int | None = None
-
-    @classmethod
-    def from_defaults(cls, defaults: GenerationDefaults, **overrides) -> "SamplingParams":
-        """The checkpoint's generation_config.json values, with any non-None override applied."""
-        params = cls(
-            do_sample=defaults.do_sample,
-            temperature=defaults.temperature,
-            top_k=defaults.top_k,
-            top_p=defaults.top_p,
-            repetition_penalty=defaults.repetition_penalty,
-        )
-        return replace(params, **{k: v for k, v in overrides.items() if v is not None}).validated()
-
-    def validated(self) -> "SamplingParams":
-        if self.do_sample and not self.temperature > 0:
-            raise ValueError(f"temperature must be > 0 when sampling, got {self.temperature}")
-        if self.top_k < 0:
-            raise ValueError(f"top_k must be >= 0 (0 = off), got {self.top_k}")
-        if not 0 < self.top_p <= 1:
-            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
-        if not self.repetition_penalty > 0:
-            raise ValueError(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
-        return self
-
-    def make_generator(self, device) -> torch.Generator | None:
-        if not self.do_sample:
-            return None
-        gen = torch.Generator(device=device)
-        gen.manual_seed(self.seed if self.seed is not None else torch.seed())
-        return gen
+def make_generator(params: SamplingParams, device) -> torch.Generator | None:
+    """The call's own generator (None when greedy): a seed reproduces a call without touching the
+    process-wide RNG."""
+    if not params.do_sample:
+        return None
+    gen = torch.Generator(device=device)
+    gen.manual_seed(params.seed if params.seed is not None else torch.seed())
+    return gen
 
 
 def apply_repetition_penalty(logits: torch.Tensor, seen_ids: torch.Tensor, penalty: float) -> torch.Tensor:

@@ -17,6 +17,11 @@ MODES: dict[str, tuple[int, ...]] = {
     "boost": (1, 10, 4, 10),
     "turbo": (1, 10),
 }
+# Bounds on a caller's mode: text length, number of pairs, and a backbone run (vanilla's 8192 is
+# already longer than any context); an MCTP run is bounded by the checkpoint's modules.
+MAX_MODE_CHARS = 256
+MAX_MODE_PAIRS = 32
+MAX_BACKBONE_RUN = 8192
 
 
 @dataclass(frozen=True)
@@ -25,8 +30,13 @@ class Schedule:
 
     @classmethod
     def parse(cls, mode: str | list[int] | tuple[int, ...], num_modules: int) -> "Schedule":
-        """A mode name (vanilla, balance, boost, turbo) or a list such as [1, 10, 4, 10] / "1,10,4,10"."""
+        """A mode name (vanilla, balance, boost, turbo) or a list such as [1, 10, 4, 10] / "1,10,4,10".
+
+        Modes arrive from callers: the text, the number of pairs and every count are bounded, and
+        the check runs in time proportional to the number of pairs, never to the counts."""
         if isinstance(mode, str):
+            if len(mode) > MAX_MODE_CHARS:
+                raise ValueError(f"inference mode is {len(mode)} characters long, at most {MAX_MODE_CHARS}")
             if mode.lower() in MODES:
                 pairs = MODES[mode.lower()]
             else:
@@ -39,21 +49,35 @@ class Schedule:
         else:
             pairs = tuple(int(p) for p in mode)
         if len(pairs) < 2 or len(pairs) % 2:
-            raise ValueError(f"inference mode {list(pairs)} must be an even-length list of [backbone, mctp] pairs")
+            raise ValueError(f"inference mode {list(pairs)[:8]} must be an even-length list of [backbone, mctp] pairs")
+        if len(pairs) > 2 * MAX_MODE_PAIRS:
+            raise ValueError(f"inference mode has {len(pairs) // 2} pairs, at most {MAX_MODE_PAIRS}")
         if any(p < 0 for p in pairs):
             raise ValueError(f"inference mode {list(pairs)} has a negative count")
+        if any(b > MAX_BACKBONE_RUN for b in pairs[::2]):
+            raise ValueError(f"inference mode {list(pairs)}: a backbone count is over {MAX_BACKBONE_RUN} "
+                             "(vanilla's; a longer run is the same as vanilla)")
         if pairs[0] < 1:
             raise ValueError(f"inference mode {list(pairs)} must start with at least one backbone step")
         if pairs[-2] == 0:
             raise ValueError(f"inference mode {list(pairs)}: the repeating last pair needs a backbone step")
-        sched = cls(pairs)
-        longest = max((len(r) for r in sched.kinds(sched.head_length() + 2 * sum(pairs[-2:])).split("M")), default=0)
+        longest = cls(pairs).longest_mctp_run()
         if longest > num_modules:
             raise ValueError(
                 f"inference mode {list(pairs)} asks for {longest} MCTP steps in a row, "
                 f"but the checkpoint has {num_modules} MCTP modules"
             )
         return cls(pairs)
+
+    def longest_mctp_run(self) -> int:
+        """Most "m" steps between two "M" steps. steps() takes each pair's backbone count, then its
+        MCTP count, so a pair with 0 backbone steps joins its MCTP run to the previous one; the
+        repeating last pair has a backbone step, so two rounds of it cover every run."""
+        run = longest = 0
+        for b, m in zip(self.pairs[::2] + self.pairs[-2::2], self.pairs[1::2] + self.pairs[-1::2]):
+            run = m if b else run + m
+            longest = max(longest, run)
+        return longest
 
     def kinds(self, n: int) -> str:
         """The first n letters of the "M"/"m" string."""

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from vitaserve.generator.sampling import SamplingParams
+from vitaserve.generator.sampling_params import SamplingParams
 from vitaserve.generator.schedule import Schedule
 
 

@@ -17,6 +17,7 @@ NOT_SERVING (readiness drops it from endpoints) and running calls get --grace-s 
 - --triton={{ include "vita-audio.host" (dict "ctx" .ctx "component" "triton") }}:8001
 - --redis=$(REDIS_URL)
 - --mode={{ $v.mode }}
+- --context-tokens={{ $v.triton.maxLen }}
 {{- else if eq .component "encoder" }}
 - --tokenizer={{ $ck.mountPath }}/{{ $ck.tokenizerDir }}
 - --device={{ $c.device }}

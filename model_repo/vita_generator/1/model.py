@@ -48,10 +48,11 @@ class TritonPythonModel:
             site.addsitedir(params["site_packages"])  # processes its .pth files (editable installs)
         if not params.get("lm_dir"):
             raise pb_utils.TritonModelException("parameter lm_dir (the VITA-Audio checkpoint folder) is empty")
+        from vitaserve.generator import contract
         from vitaserve.generator.engine import Request
         from vitaserve.generator.engine_service import EngineService, RequestCancelled
         from vitaserve.generator.generate import LanguageModel
-        from vitaserve.generator.sampling import SamplingParams
+        from vitaserve.generator.sampling_params import SamplingParams
 
         from vitaserve.common.threads import set_torch_threads
 
@@ -62,6 +63,7 @@ class TritonPythonModel:
                                             max_len=int(params.get("max_len") or 4096),
                                             num_slots=int(params.get("num_slots") or 16))
         self.Request, self.SamplingParams, self.Cancelled = Request, SamplingParams, RequestCancelled
+        self.contract = contract
         self.service = EngineService(self.lm)
         # Requests in flight in this instance's engine: what the autoscaler and tests read.
         self.in_flight = 0
@@ -85,9 +87,9 @@ class TritonPythonModel:
             sender = request.get_response_sender()
             try:
                 gen_request = self._parse(request)
-            except (ValueError, TypeError) as exc:
-                sender.send(pb_utils.InferenceResponse(error=pb_utils.TritonError(f"invalid request: {exc}")),
-                            flags=FINAL)
+            except (ValueError, TypeError, AttributeError) as exc:  # a missing or ill-typed tensor too
+                sender.send(pb_utils.InferenceResponse(error=pb_utils.TritonError(
+                    self.contract.error_text(self.contract.INVALID_ARGUMENT, f"invalid request: {exc}"))), flags=FINAL)
                 continue
             self._count(+1)
             call = _Call(request, sender)
@@ -141,7 +143,10 @@ class TritonPythonModel:
                 sender.send(pb_utils.InferenceResponse(
                     error=pb_utils.TritonError("cancelled", pb_utils.TritonError.CANCELLED)), flags=FINAL)
             else:
-                sender.send(pb_utils.InferenceResponse(error=pb_utils.TritonError(str(error))), flags=FINAL)
+                # ValueError: the engine refused the request (prompt too long for the context, ...)
+                code = self.contract.INVALID_ARGUMENT if isinstance(error, ValueError) else self.contract.INTERNAL
+                sender.send(pb_utils.InferenceResponse(
+                    error=pb_utils.TritonError(self.contract.error_text(code, str(error)))), flags=FINAL)
 
         return done
 
