@@ -1,4 +1,4 @@
-"""Generate the gRPC Python code from protos/ (the single source of truth) into services/api/.
+"""Generate the gRPC Python code from protos/ (the single source of truth) into services/vitaserve/api/.
 
     python scripts/gen_protos.py
 
@@ -19,7 +19,7 @@ from grpc_tools import protoc
 
 ROOT = Path(__file__).resolve().parent.parent
 PROTOS = ROOT / "protos"
-OUT = ROOT / "services" / "api"
+OUT = ROOT / "services" / "vitaserve" / "api"
 
 
 def main() -> int:

@@ -17,10 +17,12 @@ import yaml
 from prometheus_client.metrics import MetricWrapperBase
 
 import vitaserve.common.metrics as service_metrics
+from vitaserve.generator.triton_local import model_repository_template
 
 ROOT = Path(__file__).resolve().parent.parent
 CHART = ROOT / "charts" / "vita-audio"
 PROD = CHART / "examples" / "gpu-production.yaml"
+MODEL_REPO = model_repository_template()
 HELM = shutil.which("helm", path=f"{ROOT / '.tools' / 'bin'}{os.pathsep}{os.environ.get('PATH', '')}")
 pytestmark = pytest.mark.skipif(HELM is None, reason="helm is not installed (scripts/install_helm.sh)")
 
@@ -61,7 +63,7 @@ def exported_metric_names() -> set[str]:
     for obj in vars(service_metrics).values():
         if isinstance(obj, MetricWrapperBase):
             names.update(family.name for family in obj.describe())
-    model_py = (ROOT / "model_repo" / "vita_generator" / "1" / "model.py").read_text()
+    model_py = (MODEL_REPO / "vita_generator" / "1" / "model.py").read_text()
     names.update(re.findall(r'MetricFamily\(\s*name="([a-z_]+)"', model_py))
     return names
 
@@ -302,14 +304,14 @@ def test_pod_monitor_when_the_operator_is_present():
 def test_triton_init_script_fills_the_real_config(default, tmp_path):
     """Run the rendered script on model_repo/ itself: every parameter of config.pbtxt is set."""
     (config_map,) = [d for d in default if d["kind"] == "ConfigMap" and d["metadata"]["name"].endswith("-triton")]
-    config = (ROOT / "model_repo" / "vita_generator" / "config.pbtxt").read_text()
+    config = (MODEL_REPO / "vita_generator" / "config.pbtxt").read_text()
     parameters = set(re.findall(r'parameters: \{ key: "(\w+)"', config))
     assert parameters == set(config_map["data"]) - {"fill-model-repo.sh"}
     params, dest = tmp_path / "params", tmp_path / "repo"
     params.mkdir(), dest.mkdir()
     for key, value in config_map["data"].items():
         (params / key).write_text(value)
-    env = {**os.environ, "SOURCE_REPO": str(ROOT / "model_repo"), "MODEL_REPO": str(dest), "PARAMS": str(params)}
+    env = {**os.environ, "SOURCE_REPO": str(MODEL_REPO), "MODEL_REPO": str(dest), "PARAMS": str(params)}
     subprocess.run(["sh", str(params / "fill-model-repo.sh")], env=env, check=True, capture_output=True, timeout=30)
     filled = (dest / "vita_generator" / "config.pbtxt").read_text()
     for key in parameters:

@@ -10,6 +10,7 @@ interpreter's site directory naming this virtualenv's site-packages; `ensure_pyt
 
 from __future__ import annotations
 
+import importlib.resources
 import os
 import re
 import shutil
@@ -22,8 +23,13 @@ from pathlib import Path
 
 import pytriton
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
 MODEL_NAME = "vita_generator"
+
+
+def model_repository_template() -> Path:
+    """The model repository shipped inside the package (package data: found the same way in an
+    editable checkout and a plain `pip install .`)."""
+    return Path(str(importlib.resources.files("vitaserve") / "model_repo"))
 
 
 def triton_home() -> Path:
@@ -67,9 +73,11 @@ def _ensure_site_pth(version: str) -> None:
 
 
 def prepare_model_repository(dest: Path, lm_dir: str | Path, device: str = "cpu", dtype: str = "",
-                             max_len: int = 4096, num_slots: int = 16, threads: int = 0) -> Path:
-    """Copy model_repo/ into `dest` with the parameters of this deployment filled in."""
-    src = REPO_ROOT / "model_repo" / MODEL_NAME
+                             max_len: int = 4096, num_slots: int = 16, threads: int = 0,
+                             template: Path | None = None) -> Path:
+    """Copy the model repository (`template`, by default the packaged one) into `dest` with the
+    parameters of this deployment filled in."""
+    src = (template or model_repository_template()) / MODEL_NAME
     out = dest / MODEL_NAME
     if out.exists():
         shutil.rmtree(out)
