@@ -57,7 +57,7 @@ def load_ours(args, prompt: list[int]):
     import torch
 
     from vitaserve.generator.generate import LanguageModel, generate
-    from vitaserve.generator.sampling_params import SamplingParams
+    from vitaserve.lmtext.sampling_params import SamplingParams
 
     if args.threads:
         torch.set_num_threads(args.threads)

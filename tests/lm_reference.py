@@ -11,8 +11,8 @@ import itertools
 import torch
 
 from vitaserve.generator.sampling import select_token
-from vitaserve.generator.sampling_params import SamplingParams
-from vitaserve.generator.schedule import Schedule
+from vitaserve.lmtext.sampling_params import SamplingParams
+from vitaserve.lmtext.schedule import Schedule
 
 
 def _positions(start: int, n: int) -> torch.Tensor:

@@ -9,10 +9,10 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from vitaserve.generator.config import CheckpointError
+from vitaserve.lmtext.config import CheckpointError
 from vitaserve.generator.loader import load_lm, weight_files
 from vitaserve.generator.sampling import apply_repetition_penalty, warp
-from vitaserve.generator.sampling_params import SamplingParams
+from vitaserve.lmtext.sampling_params import SamplingParams
 
 
 def copy_ckpt(src, dst):
@@ -116,7 +116,7 @@ def test_sampling_params_validation():
 def test_7b_preset_has_the_released_shapes():
     """The 7b preset is never written in CI; its config and module shapes are checked on the meta device."""
     from vitaserve.generator.checkpoint import config_dict
-    from vitaserve.generator.config import LMConfig
+    from vitaserve.lmtext.config import LMConfig
     from vitaserve.generator.model import VitaAudioLM
 
     raw = config_dict("7b")
@@ -137,7 +137,7 @@ def test_7b_preset_has_the_released_shapes():
 
 def test_mini_preset_is_the_228m_benchmark_shape():
     from vitaserve.generator.checkpoint import config_dict
-    from vitaserve.generator.config import LMConfig
+    from vitaserve.lmtext.config import LMConfig
     from vitaserve.generator.model import VitaAudioLM
 
     with torch.device("meta"):

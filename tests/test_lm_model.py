@@ -9,8 +9,8 @@ import torch
 
 from vitaserve.generator.generate import generate
 from vitaserve.generator.model import BatchIndex
-from vitaserve.generator.sampling_params import SamplingParams
-from vitaserve.generator.schedule import MODES
+from vitaserve.lmtext.sampling_params import SamplingParams
+from vitaserve.lmtext.schedule import MODES
 
 from lm_reference import reference_generate, reference_logits
 

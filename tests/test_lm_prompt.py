@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import pytest
 
-from vitaserve.generator.detokenize import TextStream
-from vitaserve.generator.prompt import PromptBuilder, Turn
-from vitaserve.generator.text_tokenizer import load_text_tokenizer
-from vitaserve.generator.vocab import AudioVocab
+from vitaserve.lmtext.detokenize import TextStream
+from vitaserve.lmtext.prompt import PromptBuilder, Turn
+from vitaserve.lmtext.text_tokenizer import load_text_tokenizer
+from vitaserve.lmtext.vocab import AudioVocab
 
 
 @pytest.fixture(scope="module")

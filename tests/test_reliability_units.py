@@ -13,8 +13,8 @@ import time
 import pytest
 
 from vitaserve.generator.generate import generate
-from vitaserve.generator.sampling_params import SamplingParams
-from vitaserve.generator.schedule import Schedule
+from vitaserve.lmtext.sampling_params import SamplingParams
+from vitaserve.lmtext.schedule import Schedule
 
 GREEDY = SamplingParams(repetition_penalty=1.05)
 
@@ -131,8 +131,8 @@ def test_engine_thread_survives_a_failing_call_and_serves_later_ones(tiny_lm):
 
 # ---- item 4: the prompt keeps the system prompt and the newest whole turns that fit ---------------
 def test_prompt_keeps_newest_whole_turns_within_the_budget(tiny_lm_dir):
-    from vitaserve.generator.prompt import PromptBuilder, PromptTooLong, Turn
-    from vitaserve.generator.text_tokenizer import load_text_tokenizer
+    from vitaserve.lmtext.prompt import PromptBuilder, PromptTooLong, Turn
+    from vitaserve.lmtext.text_tokenizer import load_text_tokenizer
 
     pb = PromptBuilder(load_text_tokenizer(tiny_lm_dir))
     history = [Turn([i] * 20, [100 + i] * 30) for i in range(10)]

@@ -10,7 +10,7 @@ import pytest
 
 from vitaserve.gateway.generator_client import GenerationOptions, GeneratorClient, GeneratorError
 from vitaserve.generator.generate import generate
-from vitaserve.generator.sampling_params import SamplingParams
+from vitaserve.lmtext.sampling_params import SamplingParams
 
 
 GREEDY = GenerationOptions(mode="boost", max_new_tokens=40, greedy=True)

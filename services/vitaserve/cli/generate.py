@@ -23,7 +23,7 @@ def resolve_dtype(args) -> str:
 
 def load_model(args, num_slots: int = 1):
     from vitaserve.cli.main import CLIError
-    from vitaserve.generator.config import CheckpointError
+    from vitaserve.lmtext.config import CheckpointError
     from vitaserve.generator.generate import LanguageModel
 
     try:
@@ -78,13 +78,13 @@ def cmd(args) -> int:
 
     from vitaserve.cli.main import CLIError
     from vitaserve.generator.generate import generate
-    from vitaserve.generator.sampling_params import SamplingParams
+    from vitaserve.lmtext.sampling_params import SamplingParams
 
     lm = load_model(args)
     tokenizer = None
     if args.tts_text is not None:
-        from vitaserve.generator.prompt import PromptBuilder
-        from vitaserve.generator.text_tokenizer import load_text_tokenizer
+        from vitaserve.lmtext.prompt import PromptBuilder
+        from vitaserve.lmtext.text_tokenizer import load_text_tokenizer
 
         try:
             tokenizer = load_text_tokenizer(args.lm)
@@ -115,7 +115,7 @@ def cmd(args) -> int:
         "prompt_len": len(prompt),
     }
     if tokenizer is not None:
-        from vitaserve.generator.detokenize import TextStream
+        from vitaserve.lmtext.detokenize import TextStream
 
         stream = TextStream(tokenizer, lm.vocab.endoftext_id)
         result["text"] = "".join(stream.push(t) for t in result["tokens"]) + stream.flush()

@@ -20,7 +20,7 @@ from vitaserve.common.resample import StreamResampler
 from vitaserve.gateway.chunker import ChunkPlan, TokenChunker
 from vitaserve.gateway.codecs import encode_audio
 from vitaserve.gateway.generator_client import GenerationOptions
-from vitaserve.generator.detokenize import TextStream
+from vitaserve.lmtext.detokenize import TextStream
 
 DECODER_RATE = 22050
 

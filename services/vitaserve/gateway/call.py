@@ -29,9 +29,9 @@ from vitaserve.gateway.config import GatewayDeps
 from vitaserve.gateway.phone import CODEC_ENUM
 from vitaserve.gateway.generator_client import GenerationOptions, GeneratorError
 from vitaserve.gateway.vad import SpeechEnded, SpeechStarted, VadConfig, VoiceActivityDetector
-from vitaserve.generator.prompt import LUKE_SYSTEM, PromptTooLong, Turn
-from vitaserve.generator.sampling_params import SamplingParams
-from vitaserve.generator.schedule import Schedule
+from vitaserve.lmtext.prompt import LUKE_SYSTEM, PromptTooLong, Turn
+from vitaserve.lmtext.sampling_params import SamplingParams
+from vitaserve.lmtext.schedule import Schedule
 
 log = structlog.get_logger(__name__)
 

@@ -9,8 +9,8 @@ from tokenizers import Tokenizer
 from vitaserve.common.session_store import SessionStore
 from vitaserve.gateway.backends import DecoderClient, EncoderClient
 from vitaserve.gateway.generator_client import GeneratorClient
-from vitaserve.generator.prompt import PromptBuilder
-from vitaserve.generator.vocab import AudioVocab
+from vitaserve.lmtext.prompt import PromptBuilder
+from vitaserve.lmtext.vocab import AudioVocab
 
 
 @dataclass(frozen=True)

@@ -125,7 +125,7 @@ class ConversationServicer(conversation_pb2_grpc.ConversationServicer):
             await self._abort(context, grpc.StatusCode.INVALID_ARGUMENT,
                               f"audio must last 0.1..{MAX_TRANSCRIBE_S:.0f} s, got {samples.size / fmt.sample_rate:.2f} s")
         from vitaserve.common.resample import resample
-        from vitaserve.generator.detokenize import TextStream
+        from vitaserve.lmtext.detokenize import TextStream
 
         try:
             x = await asyncio.to_thread(resample, samples, fmt.sample_rate, 16000)
@@ -157,11 +157,11 @@ def build_deps(lm_dir: str, encoder: str, decoder: str, triton: str, redis_url: 
     from vitaserve.common.session_store import SessionStore, connect_redis
     from vitaserve.gateway.backends import DecoderClient, EncoderClient
     from vitaserve.gateway.generator_client import GeneratorClient
-    from vitaserve.generator.prompt import PromptBuilder
-    from vitaserve.generator.text_tokenizer import load_text_tokenizer
-    from vitaserve.generator.vocab import AudioVocab
+    from vitaserve.lmtext.prompt import PromptBuilder
+    from vitaserve.lmtext.text_tokenizer import load_text_tokenizer
+    from vitaserve.lmtext.vocab import AudioVocab
 
-    from vitaserve.generator.config import LMConfig
+    from vitaserve.lmtext.config import LMConfig
 
     tokenizer = load_text_tokenizer(lm_dir)
     store = SessionStore(connect_redis(redis_url),

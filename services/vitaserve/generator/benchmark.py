@@ -14,7 +14,7 @@ import torch
 
 from vitaserve.generator.engine import Engine, Request
 from vitaserve.generator.generate import LanguageModel, generate
-from vitaserve.generator.sampling_params import SamplingParams
+from vitaserve.lmtext.sampling_params import SamplingParams
 
 FIRST_CHUNK_INDEX = 10
 GREEDY = SamplingParams(do_sample=False, repetition_penalty=1.05)

@@ -8,12 +8,12 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from vitaserve.generator.config import LMConfig
+from vitaserve.lmtext.config import LMConfig
 from vitaserve.generator.loader import save_lm_weights
 from vitaserve.generator.model import VitaAudioLM
-from vitaserve.generator.schedule import MODES
-from vitaserve.generator.text_tokenizer import build_text_tokenizer, write_tokenizer_files
-from vitaserve.generator.vocab import QWEN_SPECIAL_TOKENS, AudioVocab
+from vitaserve.lmtext.schedule import MODES
+from vitaserve.lmtext.text_tokenizer import build_text_tokenizer, write_tokenizer_files
+from vitaserve.lmtext.vocab import QWEN_SPECIAL_TOKENS, AudioVocab
 
 RELEASED_BASE = 151643  # id of <|endoftext|> in Qwen2.5
 

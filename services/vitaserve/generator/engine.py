@@ -17,7 +17,7 @@ import torch
 from vitaserve.generator.generate import LanguageModel, TokenEvent, validate_prompt
 from vitaserve.generator.runner import run_step
 from vitaserve.generator.sampling import make_generator
-from vitaserve.generator.sampling_params import SamplingParams
+from vitaserve.lmtext.sampling_params import SamplingParams
 from vitaserve.generator.sequence import Sequence
 
 

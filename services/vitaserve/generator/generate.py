@@ -13,15 +13,15 @@ from pathlib import Path
 
 import torch
 
-from vitaserve.generator.config import GenerationDefaults, LMConfig
+from vitaserve.lmtext.config import GenerationDefaults, LMConfig
 from vitaserve.generator.loader import load_lm, parse_dtype
 from vitaserve.generator.model import VitaAudioLM
 from vitaserve.generator.runner import run_step
 from vitaserve.generator.sampling import make_generator
-from vitaserve.generator.sampling_params import SamplingParams
-from vitaserve.generator.schedule import Schedule
+from vitaserve.lmtext.sampling_params import SamplingParams
+from vitaserve.lmtext.schedule import Schedule
 from vitaserve.generator.sequence import Sequence
-from vitaserve.generator.vocab import AUDIO_CODEBOOK_SIZE, AudioVocab
+from vitaserve.lmtext.vocab import AUDIO_CODEBOOK_SIZE, AudioVocab
 
 
 @dataclass(frozen=True)

@@ -15,7 +15,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from vitaserve.common.state_dict import shape_mismatch
-from vitaserve.generator.config import CheckpointError, LMConfig
+from vitaserve.lmtext.config import CheckpointError, LMConfig
 from vitaserve.generator.model import VitaAudioLM
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,

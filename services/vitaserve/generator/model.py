@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from vitaserve.generator.config import LMConfig
+from vitaserve.lmtext.config import LMConfig
 
 
 class RMSNorm(nn.Module):

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from vitaserve.generator.sampling_params import SamplingParams
+from vitaserve.lmtext.sampling_params import SamplingParams
 
 
 def make_generator(params: SamplingParams, device) -> torch.Generator | None:

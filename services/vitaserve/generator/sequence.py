@@ -14,8 +14,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from vitaserve.generator.sampling_params import SamplingParams
-from vitaserve.generator.schedule import Schedule
+from vitaserve.lmtext.sampling_params import SamplingParams
+from vitaserve.lmtext.schedule import Schedule
 
 
 @dataclass

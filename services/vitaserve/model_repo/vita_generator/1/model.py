@@ -52,7 +52,7 @@ class TritonPythonModel:
         from vitaserve.generator.engine import Request
         from vitaserve.generator.engine_service import EngineService, RequestCancelled
         from vitaserve.generator.generate import LanguageModel
-        from vitaserve.generator.sampling_params import SamplingParams
+        from vitaserve.lmtext.sampling_params import SamplingParams
 
         from vitaserve.common.threads import set_torch_threads
 

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 
 from tokenizers import Tokenizer
 
-from vitaserve.generator.vocab import AUDIO_CODEBOOK_SIZE, audio_token
+from vitaserve.lmtext.vocab import AUDIO_CODEBOOK_SIZE, audio_token
 
 LUKE_SYSTEM = "Your Name: Luke\nYour Gender: male\n\nRespond in a text-audio interleaved manner."
 ASR_INSTRUCTION = "Convert the speech to text."

@@ -7,7 +7,7 @@ import math
 import numbers
 from dataclasses import dataclass, replace
 
-from vitaserve.generator.config import GenerationDefaults
+from vitaserve.lmtext.config import GenerationDefaults
 
 # Ranges of the caller-settable values (see SamplingParams.validated).
 MIN_TEMPERATURE, MAX_TEMPERATURE = 0.01, 100.0

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
 
-from vitaserve.generator.vocab import AUDIO_CODEBOOK_SIZE, QWEN_SPECIAL_TOKENS, VITA_SPECIAL_TOKENS, audio_token
+from vitaserve.lmtext.vocab import AUDIO_CODEBOOK_SIZE, QWEN_SPECIAL_TOKENS, VITA_SPECIAL_TOKENS, audio_token
 
 # Qwen2's pre-tokenizer split pattern (a fact of the released tokenizer.json).
 QWEN2_SPLIT = (
