@@ -56,7 +56,8 @@ def run_official(args, prompt: list[int], causal_fix: bool) -> dict:
 def load_ours(args, prompt: list[int]):
     import torch
 
-    from vitaserve.generator.generate import LanguageModel, generate
+    from vitaserve.generator.generate import generate
+    from vitaserve.generator.language_model import LanguageModel
     from vitaserve.lmtext.sampling_params import SamplingParams
 
     if args.threads:

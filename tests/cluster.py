@@ -8,8 +8,7 @@ from __future__ import annotations
 import asyncio
 import threading
 
-from vitaserve.api import conversation_pb2_grpc, decoder_pb2_grpc, encoder_pb2_grpc
-from vitaserve.common.grpc_server import ServiceRunner, make_server
+from vitaserve.common.grpc_server import ServiceRunner
 
 
 TRITON_MAX_LEN = 1024  # servers.triton_server's default context
@@ -22,7 +21,7 @@ class InProcessCluster:
         self.loop = asyncio.new_event_loop()
         self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
         self.decoders: list[ServiceRunner] = []
-        self.gateways: list[ServiceRunner] = []
+        self.gateways: list = []  # gateway.service.Gateway
         self.servicers = []
 
     def run(self, coro, timeout: float = 120):
@@ -35,52 +34,53 @@ class InProcessCluster:
 
     async def _start(self) -> None:
         from vitaserve.decoder.audio_decoder import AudioDecoder
-        from vitaserve.encoder.service import EncoderServicer
+        from vitaserve.encoder.service import encoder_replica
+        from vitaserve.encoder.settings import EncoderSettings
         from vitaserve.encoder.tokenizer import SpeechTokenizer
 
-        tokenizer = await asyncio.to_thread(SpeechTokenizer.from_pretrained, str(self.ckpt / "tokenizer"))
-        encoder = EncoderServicer(tokenizer)
-        server = make_server()
-        encoder_pb2_grpc.add_EncoderServicer_to_server(encoder, server)
-        self.encoder = ServiceRunner(server, ["vita.audio.v1.Encoder"], 0, host="127.0.0.1", batchers=[encoder.batcher])
+        settings = EncoderSettings(tokenizer=str(self.ckpt / "tokenizer"), port=0, host="127.0.0.1")
+        tokenizer = await asyncio.to_thread(SpeechTokenizer.from_pretrained, settings.tokenizer)
+        self.encoder, _ = encoder_replica(settings, tokenizer)
         await self.encoder.start()
         self.decoder_model = await asyncio.to_thread(AudioDecoder.from_pretrained, str(self.ckpt / "decoder"))
         for _ in range(2):
             self.decoders.append(await self.start_decoder())
         decoder_target = "ipv4:" + ",".join(f"127.0.0.1:{d.port}" for d in self.decoders)
         for i in range(2):
-            runner, servicer = await self.start_gateway(decoder_target, replica_id=f"gw{i}")
-            self.gateways.append(runner)
+            gateway, servicer = await self.start_gateway(decoder_target, replica_id=f"gw{i}")
+            self.gateways.append(gateway)
             self.servicers.append(servicer)
 
     async def start_decoder(self, port: int = 0) -> ServiceRunner:
-        """One more decoder replica (its runner is the caller's to stop)."""
+        """One more decoder replica (its runner is the caller's to stop), composed as serve() does."""
         from vitaserve.common.session_store import SessionStore, connect_redis
-        from vitaserve.decoder.service import DecoderServicer
+        from vitaserve.decoder.service import decoder_replica
+        from vitaserve.decoder.settings import DecoderSettings
 
-        store = SessionStore(connect_redis(self.redis_url))
-        server = make_server(16 * 1024 * 1024)
-        servicer = DecoderServicer(self.decoder_model, store, deterministic=self.deterministic)
-        decoder_pb2_grpc.add_DecoderServicer_to_server(servicer, server)
-        runner = ServiceRunner(server, ["vita.audio.v1.Decoder"], port, host="127.0.0.1", batchers=[servicer.batcher])
+        settings = DecoderSettings(decoder=str(self.ckpt / "decoder"), redis_url=self.redis_url, port=port,
+                                   host="127.0.0.1", deterministic=self.deterministic)
+        runner, _ = decoder_replica(settings, self.decoder_model, SessionStore(connect_redis(settings.redis_url)))
         await runner.start()
         return runner
 
-    async def start_gateway(self, decoder_target: str, **config):
-        """One more gateway replica talking to `decoder_target`: (runner, servicer)."""
-        from vitaserve.gateway.config import GatewayConfig
-        from vitaserve.gateway.service import ConversationServicer, build_deps
+    async def start_gateway(self, decoder_target: str, replica_id: str = "gw-extra"):
+        """One more gateway replica talking to `decoder_target`, started the way a pod starts one: flags
+        and the Redis URL in the environment -> GatewaySettings -> Gateway.start (serve() without the
+        signal handling). (gateway, servicer); gateway.stop() stops it and closes its clients."""
+        import argparse
 
-        config = {"default_mode": "boost", "replica_id": "gw-extra", "max_utterance_s": 8.0,
-                  "context_tokens": TRITON_MAX_LEN, **config}
-        deps = build_deps(str(self.ckpt / "lm"), f"127.0.0.1:{self.encoder.port}", decoder_target,
-                          self.triton_grpc, self.redis_url, GatewayConfig(**config))
-        servicer = ConversationServicer(deps)
-        server = make_server(1024 * 1024)
-        conversation_pb2_grpc.add_ConversationServicer_to_server(servicer, server)
-        runner = ServiceRunner(server, ["vita.audio.v1.Conversation"], 0, host="127.0.0.1")
-        await runner.start()
-        return runner, servicer
+        from vitaserve.common.settings import REDIS_URL_ENV
+        from vitaserve.gateway.service import Gateway
+        from vitaserve.gateway.settings import GatewaySettings
+
+        parser = argparse.ArgumentParser()
+        GatewaySettings.add_arguments(parser)
+        args = parser.parse_args([
+            "--lm", str(self.ckpt / "lm"), "--encoder", f"127.0.0.1:{self.encoder.port}", "--decoder", decoder_target,
+            "--triton", self.triton_grpc, "--host", "127.0.0.1", "--port", "0", "--replica-id", replica_id,
+            "--mode", "boost", "--max-utterance-s", "8", "--context-tokens", str(TRITON_MAX_LEN)])
+        gateway = await Gateway.start(GatewaySettings.from_args(args, {REDIS_URL_ENV: self.redis_url}))
+        return gateway, gateway.servicer
 
     def gateway(self, i: int = 0) -> str:
         return f"127.0.0.1:{self.gateways[i].port}"
@@ -90,7 +90,7 @@ class InProcessCluster:
 
     def stop(self) -> None:
         async def _stop():
-            for runner in [*self.gateways, *self.decoders, self.encoder]:
+            for runner in [*self.gateways, *self.decoders, self.encoder]:  # a Gateway also closes its clients
                 await runner.stop(0)
         self.run(_stop())
         self.loop.call_soon_threadsafe(self.loop.stop)

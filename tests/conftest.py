@@ -18,14 +18,14 @@ torch.set_num_threads(1)
 
 @pytest.fixture(scope="session")
 def tiny_lm_dir(tmp_path_factory):
-    from vitaserve.generator.checkpoint import write_lm_checkpoint
+    from vitaserve.devcluster.checkpoints import ensure_checkpoints
 
-    return write_lm_checkpoint(tmp_path_factory.mktemp("ckpt") / "lm", "tiny", seed=0)
+    return ensure_checkpoints(tmp_path_factory.mktemp("ckpt"), "tiny", seed=0, parts=("lm",)).lm
 
 
 @pytest.fixture(scope="session")
 def tiny_lm(tiny_lm_dir):
-    from vitaserve.generator.generate import LanguageModel
+    from vitaserve.generator.language_model import LanguageModel
 
     return LanguageModel.from_folder(tiny_lm_dir, num_slots=4, max_len=512)
 
@@ -33,13 +33,11 @@ def tiny_lm(tiny_lm_dir):
 # -- the in-process cluster (real Redis, real Triton, real gRPC servers), shared by the suites ---------
 @pytest.fixture(scope="session")
 def ckpt(tmp_path_factory, tiny_lm_dir):
-    from vitaserve.decoder.checkpoint import write_decoder_checkpoint
-    from vitaserve.encoder.checkpoint import write_tokenizer_checkpoint
+    """The folder holding lm/, tokenizer/ and decoder/ (the LM of tiny_lm_dir, the codec made once)."""
+    from vitaserve.devcluster.checkpoints import ensure_checkpoints
 
     root = tiny_lm_dir.parent
-    if not (root / "tokenizer").exists():
-        write_tokenizer_checkpoint(root / "tokenizer", "tiny")
-        write_decoder_checkpoint(root / "decoder", "tiny")
+    ensure_checkpoints(root, "tiny")
     return root
 
 

@@ -9,9 +9,9 @@ import pytest
 import torch
 
 from vitaserve.cli.main import main as cli_main
+from vitaserve.common.checkpoint_errors import CheckpointError
 from vitaserve.decoder.audio_decoder import AudioDecoder, split_blocks
 from vitaserve.decoder.checkpoint import write_decoder_checkpoint
-from vitaserve.decoder.hift import CheckpointError
 from vitaserve.decoder.stream_state import DecoderStreamState
 
 TOKENS = np.random.default_rng(7).integers(0, 16384, 48).tolist()

@@ -387,7 +387,8 @@ def test_chunker_cuts_blocks_as_they_fill_and_flush_gives_the_rest():
 
 
 def test_chunker_agrees_with_the_decoders_block_split():
-    from vitaserve.decoder.audio_decoder import WEB_DEMO_BLOCKS, split_blocks
+    from vitaserve.common.audio_facts import GLM4VOICE_BLOCKS as WEB_DEMO_BLOCKS
+    from vitaserve.decoder.audio_decoder import split_blocks
 
     assert PRESETS["glm4voice"].sizes == WEB_DEMO_BLOCKS
     tokens = list(np.random.default_rng(0).integers(0, 16384, 437))

@@ -21,11 +21,12 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from vitaserve.api import decoder_pb2, decoder_pb2_grpc, encoder_pb2, encoder_pb2_grpc
-from vitaserve.common.grpc_server import ServiceRunner, make_server
 from vitaserve.common.resample import resample
 from vitaserve.common.session_store import SessionStore, connect_redis
-from vitaserve.decoder.service import DecoderServicer
-from vitaserve.encoder.service import MAX_MESSAGE_BYTES, EncoderServicer
+from vitaserve.decoder.service import decoder_replica
+from vitaserve.decoder.settings import DecoderSettings
+from vitaserve.encoder.service import MAX_MESSAGE_BYTES, encoder_replica
+from vitaserve.encoder.settings import EncoderSettings
 
 from audio_checks import assert_close_snr, source_snr_db
 
@@ -115,10 +116,9 @@ def _channel(port: int) -> grpc.aio.Channel:
 
 @asynccontextmanager
 async def encoder_server(tokenizer, max_batch: int = 8, max_wait_ms: float = 50.0):
-    servicer = EncoderServicer(tokenizer, max_batch, max_wait_ms)
-    server = make_server(max_message_bytes=MAX_MESSAGE_BYTES)
-    encoder_pb2_grpc.add_EncoderServicer_to_server(servicer, server)
-    runner = ServiceRunner(server, [ENCODER], 0, host="127.0.0.1", batchers=[servicer.batcher])
+    settings = EncoderSettings(tokenizer="(loaded once per module)", port=0, host="127.0.0.1", max_batch=max_batch,
+                               max_wait_ms=max_wait_ms)
+    runner, _ = encoder_replica(settings, tokenizer)  # as serve() composes it
     await runner.start()
     channel = _channel(runner.port)
     try:
@@ -130,13 +130,13 @@ async def encoder_server(tokenizer, max_batch: int = 8, max_wait_ms: float = 50.
 
 @asynccontextmanager
 async def decoder_server(audio_decoder, redis_url: str, namespace: str, deterministic: bool = True, **batching):
-    """One decoder replica (its own Redis client) in `namespace`; replicas in one namespace share streams."""
+    """One decoder replica (its own Redis client) in `namespace`; replicas in one namespace share streams.
+    Built as serve() builds it, from a SessionStore; yields the replica's DecoderStateStore."""
     redis = connect_redis(redis_url, timeout_s=0.5)
-    store = SessionStore(redis, namespace=namespace)
-    servicer = DecoderServicer(audio_decoder, store, deterministic=deterministic, **batching)
-    server = make_server(max_message_bytes=16 << 20)
-    decoder_pb2_grpc.add_DecoderServicer_to_server(servicer, server)
-    runner = ServiceRunner(server, [DECODER], 0, host="127.0.0.1", batchers=[servicer.batcher])
+    settings = DecoderSettings(decoder="(loaded once per module)", redis_url=redis_url, port=0, host="127.0.0.1",
+                               deterministic=deterministic, **batching)
+    runner, servicer = decoder_replica(settings, audio_decoder, SessionStore(redis, namespace=namespace))
+    store = servicer.states
     await runner.start()
     channel = _channel(runner.port)
     try:
@@ -247,9 +247,9 @@ def test_stream_through_the_service_equals_offline_decode_chunk(audio_decoder, r
             for seq, block in enumerate(blocks):
                 final = seq == len(blocks) - 1
                 replies.append(await stub.DecodeBlock(block_request(stream, seq, block, final, ode_steps=10 * (seq % 2))))
-                stored.append(await store.get_decoder_state(stream))
+                stored.append((await store.get(stream))[:2])
             await stub.EndStream(decoder_pb2.EndStreamRequest(stream_id=stream))
-            gone = [await store.get_decoder_state(stream), await store.get_decoder_state(stream + ":prev")]
+            gone = [await store.get(stream), [k async for k in store.redis.scan_iter(match=f"{ns}:*")]]
             return replies, stored, gone
 
     replies, stored, gone = asyncio.run(main())
@@ -257,7 +257,7 @@ def test_stream_through_the_service_equals_offline_decode_chunk(audio_decoder, r
         assert reply.seq == seq and reply.sample_rate == 22050
         assert np.array_equal(pcm_of(reply), want_pcm), f"block {seq} differs from decode_chunk"
         assert seq_stored == seq and same_state(data, want_state) and reply.state_bytes == len(data)
-    assert gone == [None, None]
+    assert gone == [None, []]  # EndStream left nothing of the stream in Redis
     print("\nblock tokens, compute ms, state bytes:",
           [(len(b), round(r.compute_ms), r.state_bytes) for b, r in zip(blocks, replies)])
 
@@ -334,12 +334,12 @@ def test_retried_blocks_return_the_same_pcm_and_the_stream_continues(audio_decod
                 request = block_request(stream, seq, block, seq == last)
                 if seq == 1:
                     first, again = await asyncio.gather(a.DecodeBlock(request), b.DecodeBlock(request))
-                    stored = await store.get_decoder_state(stream)
+                    stored = await store.get(stream)
                     out.append((seq, first, stored, again, stored))
                     continue
                 first = await a.DecodeBlock(request)
-                stored = await store.get_decoder_state(stream)
-                out.append((seq, first, stored, await b.DecodeBlock(request), await store.get_decoder_state(stream)))
+                stored = await store.get(stream)
+                out.append((seq, first, stored, await b.DecodeBlock(request), await store.get(stream)))
             return out
 
     out = asyncio.run(main())
@@ -374,7 +374,7 @@ def test_decode_block_errors_have_clear_statuses_and_lose_nothing(audio_decoder,
         async with decoder_server(audio_decoder, redis_url, ns) as (stub, _, store):
             replies = [await stub.DecodeBlock(block_request(stream, 0, blocks[0]))]
             errors = [await rpc_error(stub.DecodeBlock(request)) for request, _, _ in bad]
-            short_stored = await store.get_decoder_state("tts:short")
+            short_stored = await store.get("tts:short")
             for seq in range(1, len(blocks)):
                 replies.append(await stub.DecodeBlock(block_request(stream, seq, blocks[seq], seq == len(blocks) - 1)))
             errors.append(await rpc_error(stub.DecodeBlock(block_request(stream, 0, blocks[0]))))

@@ -9,8 +9,9 @@ import math
 import pytest
 import torch
 
+from vitaserve.common.checkpoint_errors import CheckpointError
 from vitaserve.decoder.flow import FlowModel, load_flow, random_flow_state_dict
-from vitaserve.decoder.flow_config import DecoderCheckpointError, FlowConfig
+from vitaserve.decoder.flow_config import FlowConfig
 from vitaserve.decoder.yaml_config import (
     DecoderConfigError,
     decoder_yaml_for_preset,
@@ -104,7 +105,7 @@ def test_missing_unexpected_and_misshaped_keys_are_named(tmp_path, state):
     bad["encoder.extra.weight"] = torch.zeros(1)
     dump_decoder_yaml(decoder_yaml_for_preset("tiny"), tmp_path / "config.yaml")
     torch.save(bad, tmp_path / "flow.pt")
-    with pytest.raises(DecoderCheckpointError) as err:
+    with pytest.raises(CheckpointError) as err:
         load_flow(tmp_path)
     msg = str(err.value)
     assert "missing keys: encoder_proj.bias" in msg
@@ -116,7 +117,7 @@ def test_missing_files_fail_clearly(tmp_path):
     with pytest.raises(DecoderConfigError, match="config.yaml"):
         load_flow(tmp_path)
     dump_decoder_yaml(decoder_yaml_for_preset("tiny"), tmp_path / "config.yaml")
-    with pytest.raises(DecoderCheckpointError, match="flow.pt"):
+    with pytest.raises(CheckpointError, match="flow.pt"):
         load_flow(tmp_path)
 
 

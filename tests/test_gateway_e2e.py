@@ -8,15 +8,11 @@ import numpy as np
 import pytest
 
 from vitaserve.api import audio_pb2, conversation_pb2 as pb, conversation_pb2_grpc
+from vitaserve.client.scripted_phone import ScriptedPhone as Phone  # a scripted caller: paced audio out, all in
 from vitaserve.gateway.codecs import decode_audio, encode_audio
 
 
 MULAW_8K = audio_pb2.AudioFormat(codec=audio_pb2.AUDIO_CODEC_MULAW, sample_rate=8000)
-FRAME = 160  # 20 ms at 8 kHz
-
-
-def frames(samples: np.ndarray) -> list[bytes]:
-    return [encode_audio(samples[i : i + FRAME], "mulaw", 8000) for i in range(0, len(samples), FRAME)]
 
 
 def config(**kw) -> pb.ConverseRequest:
@@ -24,52 +20,6 @@ def config(**kw) -> pb.ConverseRequest:
     kw.setdefault("max_new_tokens", 40)
     kw.setdefault("sampling", audio_pb2.SamplingOptions(greedy=True))
     return pb.ConverseRequest(config=pb.CallConfig(**kw))
-
-
-class Phone:
-    """A scripted caller: paced audio out, every server message recorded."""
-
-    def __init__(self, target: str):
-        self.channel = grpc.aio.insecure_channel(target)
-        self.stub = conversation_pb2_grpc.ConversationStub(self.channel)
-        self.outbox: asyncio.Queue = asyncio.Queue()
-        self.messages: list[pb.ConverseResponse] = []
-        self.events: dict[str, asyncio.Event] = {}
-
-    def event(self, name: str) -> asyncio.Event:
-        return self.events.setdefault(name, asyncio.Event())
-
-    async def _requests(self):
-        while (msg := await self.outbox.get()) is not None:
-            yield msg
-
-    async def run(self):
-        call = self.stub.Converse(self._requests())
-        try:
-            async for msg in call:
-                self.messages.append(msg)
-                kind = msg.WhichOneof("message")
-                self.event(kind).set()
-                if kind == "turn_finished":
-                    self.event(f"turn_finished:{msg.turn_finished.turn}").set()
-            return grpc.StatusCode.OK
-        except grpc.aio.AioRpcError as exc:
-            self.error = exc
-            return exc.code()
-        finally:
-            await self.channel.close()
-
-    async def speak(self, samples: np.ndarray, silence_s: float = 1.0, realtime: float = 1.0):
-        pad = np.zeros(int(silence_s * 8000), np.float32)
-        for f in frames(np.concatenate([pad[:1600], samples, pad])):
-            await self.outbox.put(pb.ConverseRequest(audio=pb.AudioFrame(data=f)))
-            await asyncio.sleep(0.02 / realtime)
-
-    async def control(self, action):
-        await self.outbox.put(pb.ConverseRequest(control=pb.Control(action=action)))
-
-    def of(self, kind: str):
-        return [getattr(m, kind) for m in self.messages if m.WhichOneof("message") == kind]
 
 
 async def wait(event: asyncio.Event, timeout: float = 60):
@@ -319,3 +269,98 @@ def test_metrics_move(cluster, utterance):
     # later blocks were requested with the audio the caller still had to play (what orders the decoder)
     assert value("vita_decoder_playback_slack_s_count") > before_slack[0]
     assert value("vita_decoder_playback_slack_s_sum") > before_slack[1]
+
+
+# ---- the gateway's settings, its outbox and its start/stop, as a pod runs them -------------------
+def gateway_args(*extra: str):
+    import argparse
+
+    from vitaserve.gateway.settings import GatewaySettings
+
+    parser = argparse.ArgumentParser()
+    GatewaySettings.add_arguments(parser)
+    return parser.parse_args(["--lm", "lm", "--encoder", "e:1", "--decoder", "d:1", "--triton", "t:1", *extra])
+
+
+def test_gateway_settings_read_the_redis_url_from_the_environment_never_argv(tmp_path):
+    from vitaserve.common.settings import SettingsError
+    from vitaserve.gateway.settings import GatewaySettings
+
+    secret = tmp_path / "redis-url"
+    secret.write_text("redis://:s3cret@redis:6379/0\n")
+    settings = GatewaySettings.from_args(
+        gateway_args("--chunk-plan", "10,25", "--max-utterance-s", "12", "--max-new-tokens", "300"),
+        {"VITA_REDIS_URL_FILE": str(secret)})
+    assert settings.redis_url == "redis://:s3cret@redis:6379/0" and "s3cret" not in repr(settings)
+    assert settings.chunk_plan.sizes == (10, 25) and settings.max_utterance_s == 12 and settings.max_new_tokens == 300
+    with pytest.raises(SystemExit):
+        gateway_args("--redis", "redis://:s3cret@redis:6379/0")
+    with pytest.raises(SettingsError, match="VITA_REDIS_URL"):
+        GatewaySettings.from_args(gateway_args(), {})
+    with pytest.raises(SettingsError, match="--chunk-plan"):
+        GatewaySettings.from_args(gateway_args("--chunk-plan", "fast"), {"VITA_REDIS_URL": "redis://r"})
+    with pytest.raises(SettingsError, match="--max-utterance-s"):
+        GatewaySettings.from_args(gateway_args("--max-utterance-s", "0"), {"VITA_REDIS_URL": "redis://r"})
+
+
+def test_outbox_holds_a_slow_reader_back_keeps_order_and_never_blocks_a_cancelled_answer():
+    from contextlib import aclosing
+
+    from vitaserve.gateway.outbox import Outbox
+
+    async def main():
+        outbox, put = Outbox(4), []
+
+        async def answer():
+            for i in range(20):
+                await outbox.put(i)
+                put.append(i)
+
+        got = []
+        async with aclosing(outbox.drain(answer())) as messages:
+            async for message in messages:
+                got.append(message)
+                if message == 0:  # a slow reader: the answer waits for it
+                    await asyncio.sleep(0.05)
+                    assert len(put) <= 5
+        assert got == list(range(20))
+
+        outbox, interrupted = Outbox(2), asyncio.Event()
+
+        async def endless_answer():
+            try:
+                while True:
+                    await outbox.put("audio")
+            except asyncio.CancelledError:  # barge-in's Interrupted, put into a full outbox
+                await outbox.put("interrupted")
+                interrupted.set()
+                raise
+
+        async with aclosing(outbox.drain(endless_answer())) as messages:
+            async for _ in messages:
+                break  # the caller went away
+        assert interrupted.is_set()
+
+        async def failing():
+            await outbox.put("before")
+            raise ValueError("decoder down")
+
+        outbox = Outbox()
+        seen = []
+        with pytest.raises(ValueError, match="decoder down"):
+            async for message in outbox.drain(failing()):
+                seen.append(message)
+        assert seen == ["before"]
+
+    asyncio.run(asyncio.wait_for(main(), 10))
+
+
+def test_a_stopped_gateway_closes_its_clients_and_shares_one_vad_model(cluster):
+    from servers import free_port
+
+    gateway, _ = cluster.run(cluster.start_gateway(f"127.0.0.1:{free_port()}", replica_id="gw-close"))
+    deps = gateway.deps
+    assert deps.vad_model is cluster.gateways[0].deps.vad_model  # loaded once, at start-up
+    cluster.run(gateway.stop(0))
+    assert deps.encoder.channel.get_state() == grpc.ChannelConnectivity.SHUTDOWN
+    assert deps.decoder.channel.get_state() == grpc.ChannelConnectivity.SHUTDOWN

@@ -4,6 +4,7 @@ probes, autoscaling on metrics the code really exports, drain, network isolation
 
 from __future__ import annotations
 
+import base64
 import importlib.util
 import os
 import re
@@ -17,7 +18,7 @@ import yaml
 from prometheus_client.metrics import MetricWrapperBase
 
 import vitaserve.common.metrics as service_metrics
-from vitaserve.generator.triton_local import model_repository_template
+from vitaserve.devcluster.triton_local import model_repository_template
 
 ROOT = Path(__file__).resolve().parent.parent
 CHART = ROOT / "charts" / "vita-audio"
@@ -285,11 +286,50 @@ def test_external_redis_and_copied_checkpoints():
     deployments = by_kind(docs, "Deployment")
     for component in ("gateway", "decoder"):
         env = {e["name"]: e for e in deployments[component]["spec"]["template"]["spec"]["containers"][0]["env"]}
-        assert env["REDIS_URL"]["valueFrom"]["secretKeyRef"] == {"name": "redis-url", "key": "redis-url"}
+        assert env["VITA_REDIS_URL"]["valueFrom"]["secretKeyRef"] == {"name": "redis-url", "key": "redis-url"}
     for component in SCALED:
         spec = deployments[component]["spec"]["template"]["spec"]
         assert spec["initContainers"][0]["name"] == "copy-checkpoints"
         assert next(v for v in spec["volumes"] if v["name"] == "checkpoints")["emptyDir"]
+
+
+def test_the_redis_password_is_in_no_command_args_or_env_value(rendered):
+    """The password (generated into the chart's Secret) reaches redis-server in a config file mounted
+    from that Secret and the services as VITA_REDIS_URL from it: no rendered object but the Secret
+    holds it, and no container's command, args or plain env value carries it or a reference to it."""
+    docs, _ = rendered
+    (secret,) = [d for d in docs if d["kind"] == "Secret" and d["metadata"]["name"] == "vita-vita-audio-redis"]
+    data = {k: base64.b64decode(v).decode() for k, v in secret["data"].items()}
+    password = data["redis-password"]
+    assert len(password) >= 32 and f"requirepass {password}" in data["redis.conf"] and password in data["redis-url"]
+    for doc in docs:
+        if doc is not secret:
+            assert password not in yaml.safe_dump(doc), f"{doc['kind']}/{doc['metadata']['name']} holds the password"
+    for name, spec in pod_specs(docs):
+        for c in spec["containers"] + spec.get("initContainers", []):
+            words = [*c.get("command", []), *c.get("args", [])]
+            assert not [w for w in words if password in w or "$(" in w or "pass" in w.lower()], f"{name}/{c['name']}"
+            for env in c.get("env", []):
+                assert password not in env.get("value", "") and "$(" not in env.get("value", ""), f"{name}/{c['name']}"
+    deployments, redis = by_kind(docs, "Deployment"), by_kind(docs, "StatefulSet")["redis"]["spec"]["template"]["spec"]
+    for component in ("gateway", "decoder"):
+        (c,) = deployments[component]["spec"]["template"]["spec"]["containers"]
+        env = {e["name"]: e for e in c["env"]}
+        assert env["VITA_REDIS_URL"]["valueFrom"]["secretKeyRef"] == {"name": secret["metadata"]["name"],
+                                                                      "key": "redis-url"}
+    (server,) = redis["containers"]
+    assert server["command"] == ["redis-server"] and server["args"][0] == "/etc/redis/redis.conf"
+    config = next(v for v in redis["volumes"] if v["name"] == "config")["secret"]
+    assert config["secretName"] == secret["metadata"]["name"] and config["items"] == [
+        {"key": "redis.conf", "path": "redis.conf"}]
+    assert {"name": "config", "mountPath": "/etc/redis", "readOnly": True} in server["volumeMounts"]
+
+
+def test_gateway_settings_come_from_values():
+    docs = render("--set-string", r"gateway.chunkPlan=10\,25\,50", "--set-json", "gateway.maxUtteranceSeconds=12.5",
+                  "--set", "gateway.maxNewTokens=300")
+    (c,) = by_kind(docs, "Deployment")["gateway"]["spec"]["template"]["spec"]["containers"]
+    assert {"--chunk-plan=10,25,50", "--max-utterance-s=12.5", "--max-new-tokens=300"} <= set(c["args"])
 
 
 def test_pod_monitor_when_the_operator_is_present():

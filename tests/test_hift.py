@@ -6,9 +6,10 @@ import numpy as np
 import pytest
 import torch
 
+from vitaserve.common.checkpoint_errors import CheckpointError
 from vitaserve.decoder.audio_decoder import check_tokens, hamming_cross_fade, split_blocks
 from vitaserve.decoder.checkpoint import random_hift_state
-from vitaserve.decoder.hift import CheckpointError, HiftConfig, HiFTGenerator, load_hift
+from vitaserve.decoder.hift import HiftConfig, HiFTGenerator, load_hift
 from vitaserve.decoder.stream_state import DecoderStreamState, StreamStateError
 
 CFG = HiftConfig(base_channels=32, f0_cond_channels=16)

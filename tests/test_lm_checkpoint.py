@@ -9,8 +9,9 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from vitaserve.lmtext.config import CheckpointError
-from vitaserve.generator.loader import load_lm, weight_files
+from vitaserve.common.checkpoint_errors import CheckpointError
+from vitaserve.common.weight_files import weight_files
+from vitaserve.generator.loader import load_lm
 from vitaserve.generator.sampling import apply_repetition_penalty, warp
 from vitaserve.lmtext.sampling_params import SamplingParams
 

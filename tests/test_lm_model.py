@@ -199,7 +199,7 @@ def test_engine_cancel_frees_slot_and_keeps_others(tiny_lm):
 def test_mtp_audio_head_is_off_by_default_and_only_touches_mcts_steps(tiny_lm_dir):
     """The optional audio-rows head: backbone tokens unchanged, MCTP tokens always audio ids, and
     identical to the full head whenever the full head's choice was an audio id."""
-    from vitaserve.generator.generate import LanguageModel
+    from vitaserve.generator.language_model import LanguageModel
 
     full = LanguageModel.from_folder(tiny_lm_dir, max_len=256)
     fast = LanguageModel.from_folder(tiny_lm_dir, max_len=256, mtp_audio_head=True)

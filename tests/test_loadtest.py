@@ -10,7 +10,7 @@ from collections import Counter
 import numpy as np
 import pytest
 
-from vitaserve.common.local_cluster import free_port
+from vitaserve.devcluster.processes import free_port
 from vitaserve.loadtest.report import (TurnMeasurement, from_json, html_report, percentiles, playout_starvation,
                                        summarize, text_table, to_json)
 from vitaserve.loadtest.runner import (LevelResult, LoadConfig, LoadConfigError, levels, over_objective, run_level,

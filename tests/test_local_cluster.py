@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -18,7 +19,8 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from servers import free_port
-from vitaserve.common.local_cluster import ClusterError, LocalCluster, group_pids
+from vitaserve.devcluster.cluster import LocalCluster
+from vitaserve.devcluster.processes import ClusterError, group_pids
 from vitaserve.common.wav import write_wav
 
 
@@ -65,6 +67,7 @@ def test_encoder_and_decoder_processes_serve_then_stop_cleanly(ckpt, tmp_path):
             assert b"# TYPE" in resp.read()
         pids = {pid for s in cluster.services for pid in group_pids(s.proc.pid)}
         assert {s.proc.pid for s in cluster.services} <= pids
+        assert not [s.name for s in cluster.services if "redis://" in " ".join(s.proc.args)]  # env, not argv
     finally:
         cluster.stop()
     assert cluster.services == []
@@ -171,3 +174,23 @@ def test_up_checks_the_call_before_starting_anything(tmp_path):
 def test_up_rejects_partial_checkpoint_folders():
     done = vita("up", "--lm", "/tmp", timeout=60)
     assert done.returncode == 2 and "all three" in done.stderr
+
+
+def test_serve_takes_the_redis_url_from_the_environment_never_a_flag(tmp_path):
+    env = {k: v for k, v in os.environ.items() if not k.startswith("VITA_REDIS_URL")}
+
+    def serve(*args, **extra_env):
+        return subprocess.run([sys.executable, "-m", "vitaserve.cli", "serve", "decoder", "--decoder", str(tmp_path),
+                               *args], env={**env, **extra_env}, capture_output=True, text=True, timeout=120)
+
+    missing = serve()
+    assert missing.returncode == 2 and "VITA_REDIS_URL is not set" in missing.stderr
+    assert missing.stderr.count("\n") <= 1
+    url_file = tmp_path / "redis-url"
+    url_file.write_text("redis://:s3cret@127.0.0.1:1/0\n")
+    both = serve(VITA_REDIS_URL="redis://127.0.0.1:1/0", VITA_REDIS_URL_FILE=str(url_file))
+    assert both.returncode == 2 and "not both" in both.stderr
+    from_file = serve(VITA_REDIS_URL_FILE=str(url_file))  # settings accepted: fails later, on the folder
+    assert from_file.returncode == 2 and "no config.yaml" in from_file.stderr and "s3cret" not in from_file.stderr
+    flag = serve("--redis", "redis://127.0.0.1:1/0", VITA_REDIS_URL="redis://127.0.0.1:1/0")
+    assert flag.returncode == 2 and "unrecognized arguments: --redis" in flag.stderr

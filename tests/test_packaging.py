@@ -27,7 +27,7 @@ def test_wheel_installs_and_runs_without_the_checkout(tmp_path):
     # PYTHONPATH comes before the checkout's editable finder: this imports the installed copy
     env = {**os.environ, "PYTHONPATH": str(target)}
     probe = ("import vitaserve, vitaserve.api.conversation_pb2_grpc as g;"
-             "from vitaserve.generator.triton_local import model_repository_template as t;"
+             "from vitaserve.devcluster.triton_local import model_repository_template as t;"
              "print(vitaserve.__file__); print((t() / 'vita_generator' / 'config.pbtxt').is_file())")
     out = subprocess.run([sys.executable, "-c", probe], env=env, cwd=tmp_path, check=True, capture_output=True,
                          text=True).stdout.split()

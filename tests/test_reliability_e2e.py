@@ -161,7 +161,7 @@ def test_decoder_failure_mid_answer_is_an_error_and_the_next_turn_works(cluster,
 def test_a_failed_turn_before_any_audio_gives_its_number_back(cluster, utterance):
     """Item 1, failure before anything was heard: the decoder is down from the start; Error for
     turn 1, then with the decoder back the next turn is turn 1 again: no gap in the history."""
-    from vitaserve.common.local_cluster import free_port
+    from vitaserve.devcluster.processes import free_port
 
     port = free_port()
     gateway, _ = cluster.run(cluster.start_gateway(f"127.0.0.1:{port}", replica_id="gw-item1b"))

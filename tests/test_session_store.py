@@ -1,5 +1,5 @@
-"""Session store against a real redis-server (no mocks): round trips, TTLs, fencing, claims,
-decoder state seq fencing, Redis down, trimming and size limits."""
+"""Session store and decoder state store against a real redis-server (no mocks): round trips, TTLs,
+fencing, claims, decoder state seq fencing and atomic writes, Redis down, trimming and size limits."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ import uuid
 import pytest
 
 from vitaserve.common import keys
-from vitaserve.common.local_cluster import free_port
+from vitaserve.devcluster.processes import free_port
 from vitaserve.common.session_store import (
     RecordTooLarge,
     SessionConfig,
@@ -28,6 +28,7 @@ from vitaserve.common.session_store import (
     TurnRecord,
     connect_redis,
 )
+from vitaserve.decoder.state_store import DecoderStateStore
 
 pytestmark = pytest.mark.skipif(shutil.which("redis-server") is None, reason="needs redis-server")
 
@@ -117,10 +118,11 @@ def test_create_get_history_round_trip(redis_url):
 
 def test_every_key_has_a_ttl_and_every_write_refreshes_it(redis_url):
     async def body():
-        async with open_store(redis_url, session_ttl_s=600, decoder_state_ttl_s=60) as (store, r):
+        async with open_store(redis_url, session_ttl_s=600) as (store, r):
+            states = DecoderStateStore.beside(store, ttl_s=60)
             sid = await store.create(CFG, owner="o")
             await play_turns(store, sid, "o", 1)
-            await store.put_decoder_state("s1", 0, b"x")
+            await states.put("s1", 0, b"x")
             found = [k async for k in r.scan_iter(match=f"{store.namespace}:*")]
             assert len(found) == 3  # session hash, history list, decoder state
             for k in found:
@@ -145,7 +147,7 @@ def test_every_key_has_a_ttl_and_every_write_refreshes_it(redis_url):
 
             dkey = keys.decoder_state_key(store.namespace, "s1")
             assert await r.pexpire(dkey, 5000)
-            await store.put_decoder_state("s1", 1, b"y")
+            await states.put("s1", 1, b"y")
             assert 5000 < await r.pttl(dkey) <= 60_000
 
     asyncio.run(body())
@@ -271,37 +273,101 @@ def test_retried_script_after_a_lost_reply_is_not_a_conflict(redis_url):
 def test_decoder_state_seq_fencing(redis_url):
     async def body():
         async with open_store(redis_url) as (store, _):
+            states = DecoderStateStore.beside(store)
             blob = bytes(range(256)) * 1200  # ~300 KB, every byte value
-            assert await store.get_decoder_state("call-1:turn-1") is None
-            await store.put_decoder_state("call-1:turn-1", 0, blob)
-            assert await store.get_decoder_state("call-1:turn-1") == (0, blob)
+            assert await states.get("call-1:turn-1") is None
+            await states.put("call-1:turn-1", 0, blob)
+            assert (await states.get("call-1:turn-1"))[:2] == (0, blob)
 
             with pytest.raises(StaleWriteError, match="holds seq 0"):
-                await store.put_decoder_state("call-1:turn-1", 2, b"too early")
+                await states.put("call-1:turn-1", 2, b"too early")
             with pytest.raises(StaleWriteError):
-                await store.put_decoder_state("call-1:turn-1", 0, b"restart over it")
-            assert await store.get_decoder_state("call-1:turn-1") == (0, blob)
+                await states.put("call-1:turn-1", 0, b"restart over it")
+            assert (await states.get("call-1:turn-1"))[:2] == (0, blob)
 
-            await store.put_decoder_state("call-1:turn-1", 1, blob[::-1])
-            await store.put_decoder_state("call-1:turn-1", 1, blob[::-1])  # a retry: accepted
+            await states.put("call-1:turn-1", 1, blob[::-1])
+            await states.put("call-1:turn-1", 1, blob[::-1])  # a retry: accepted
             with pytest.raises(StaleWriteError, match="holds seq 1"):
-                await store.put_decoder_state("call-1:turn-1", 1, b"another replica")
-            assert await store.get_decoder_state("call-1:turn-1") == (1, blob[::-1])
+                await states.put("call-1:turn-1", 1, b"another replica")
+            assert (await states.get("call-1:turn-1"))[:2] == (1, blob[::-1])
+            # the state before block 1 is kept beside it, for a retry of block 1
+            assert (await states.get("call-1:turn-1"))[2:4] == (0, blob)
 
             with pytest.raises(SessionNotFound, match="no stored state"):
-                await store.put_decoder_state("never-started", 3, b"x")
-            await store.delete_decoder_state("call-1:turn-1")
-            assert await store.get_decoder_state("call-1:turn-1") is None
-            await store.delete_decoder_state("call-1:turn-1")  # idempotent
+                await states.put("never-started", 3, b"x")
+            await states.delete("call-1:turn-1")
+            assert await states.get("call-1:turn-1") is None
+            await states.delete("call-1:turn-1")  # idempotent
 
-            for bad_id in ("", "has space", "{tag}", "x" * 129):
+            for bad_id in ("", "has space", "{tag}", "x" * 129, "ends:prev"):
                 with pytest.raises(SessionInputError):
-                    await store.put_decoder_state(bad_id, 0, b"x")
+                    await states.put(bad_id, 0, b"x")
+            await states.put("x" * 128, 0, b"x")  # the longest id: no room kept for a suffix
             for bad_seq in (-1, 1.0, True):
                 with pytest.raises(SessionInputError):
-                    await store.put_decoder_state("s", bad_seq, b"x")
+                    await states.put("s", bad_seq, b"x")
             with pytest.raises(SessionInputError):
-                await store.put_decoder_state("s", 0, "not bytes")
+                await states.put("s", 0, "not bytes")
+
+    asyncio.run(body())
+
+
+def test_decoder_state_write_is_one_atomic_script_on_one_key(redis_url):
+    """One key per stream and one command per write: the new state and the previous one land
+    together or not at all. A client that dies right after its write (the reply lost) leaves a
+    consistent record, which its retry recognises and a block retried later is served from."""
+    from redis.exceptions import ConnectionError as RedisConnectionError
+
+    from vitaserve.decoder.stream_state import DecoderStreamState
+
+    def state(n: int) -> DecoderStreamState:
+        import torch
+
+        return DecoderStreamState(blocks_done=n, prompt_tokens=torch.arange(n * 10, dtype=torch.int32))
+
+    async def body():
+        async with open_store(redis_url) as (store, r):
+            states = DecoderStateStore.beside(store)
+            sent, die_after_write = [], []
+            real = r.execute_command
+
+            async def spy(*args, **options):
+                sent.append(args[0].upper() if isinstance(args[0], str) else args[0])
+                reply = await real(*args, **options)
+                if die_after_write and args[0].upper() == "EVALSHA":
+                    die_after_write.pop()
+                    raise RedisConnectionError("client died after its write reached Redis")
+                return reply
+
+            r.execute_command = spy
+            await states.put("warm", 0, b"loads the script")  # the first call may also SCRIPT LOAD
+            for seq in range(3):
+                sent.clear()
+                saved = await states.save("call:t1", seq, state(seq))
+                assert saved.written and saved.size > 0
+                assert sent == ["EVALSHA"], sent  # one command, no separate write of the previous
+            assert [k async for k in r.scan_iter(match=f"{store.namespace}:decoder:*call:t1*")] == [
+                keys.decoder_state_key(store.namespace, "call:t1").encode()]
+            raw = await r.hgetall(keys.decoder_state_key(store.namespace, "call:t1"))
+            assert sorted(raw) == [b"data", b"prev_data", b"prev_seq", b"schema", b"seq"]
+            assert (raw[b"schema"], raw[b"seq"], raw[b"prev_seq"]) == (b"2", b"2", b"1")
+            assert [DecoderStreamState.from_bytes(raw[f]).blocks_done for f in (b"data", b"prev_data")] == [2, 1]
+
+            # The client dies after block 3's write: the retry finds its own write ("done").
+            sent.clear()
+            die_after_write.append(True)
+            assert (await states.save("call:t1", 3, state(3))).written
+            assert sent == ["EVALSHA", "EVALSHA"]
+            stored = await states.get("call:t1")
+            assert (stored.seq, stored.prev_seq, stored.prev_data, stored.schema) == (3, 2, raw[b"data"], 2)
+            assert DecoderStreamState.from_bytes(stored.data).blocks_done == 3
+
+            # A fresh replica asked for block 3 again serves it from the previous state.
+            other = DecoderStateStore.beside(store)
+            start = await other.start_of("call:t1", 3)
+            assert start.retry and start.state.blocks_done == 2
+            assert (await other.start_of("call:t1", 4)).state.blocks_done == 3
+            assert await states.get("call:t1") == stored  # reads changed nothing
 
     asyncio.run(body())
 
@@ -320,8 +386,8 @@ def test_history_is_trimmed_to_max_turns(redis_url):
 
 def test_size_limits_and_bad_records_lose_nothing(redis_url):
     async def body():
-        async with open_store(redis_url, max_turn_bytes=2000, max_system_prompt_bytes=100,
-                              max_decoder_state_bytes=1000) as (store, _):
+        async with open_store(redis_url, max_turn_bytes=2000, max_system_prompt_bytes=100) as (store, _):
+            states = DecoderStateStore.beside(store, max_state_bytes=1000)
             sid = await store.create(CFG, owner="o")
             await play_turns(store, sid, "o", 1)
             await store.begin_turn(sid, 1, "o")
@@ -339,8 +405,8 @@ def test_size_limits_and_bad_records_lose_nothing(redis_url):
             with pytest.raises(RecordTooLarge):
                 await store.create(SessionConfig("boost", "pcm16", 16000, "é" * 51))
             with pytest.raises(RecordTooLarge):
-                await store.put_decoder_state("s", 0, b"\0" * 1001)
-            assert await store.get_decoder_state("s") is None
+                await states.put("s", 0, b"\0" * 1001)
+            assert await states.get("s") is None
 
     asyncio.run(body())
 
@@ -371,6 +437,8 @@ def test_client_with_decoded_responses_is_refused(redis_url):
         SessionStore(aioredis.Redis.from_url(redis_url, decode_responses=True))
     with pytest.raises(SessionInputError, match="namespace"):
         SessionStore(connect_redis(redis_url), namespace="a{b}")
+    with pytest.raises(SessionInputError, match="decode_responses=False"):
+        DecoderStateStore(aioredis.Redis.from_url(redis_url, decode_responses=True))
 
 
 def test_redis_down_fails_fast_with_store_unavailable():
@@ -385,7 +453,7 @@ def test_redis_down_fails_fast_with_store_unavailable():
         with pytest.raises(StoreUnavailable, match=r"create a session \(3 attempts\)"):
             await store.create(CFG, owner="o")
         with pytest.raises(StoreUnavailable):
-            await store.get_decoder_state("s")
+            await DecoderStateStore.beside(store).get("s")
         elapsed = time.monotonic() - t0
         await r.aclose()
         return elapsed

@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
+from vitaserve.common.checkpoint_errors import CheckpointError
 from vitaserve.encoder.benchmark import speech_like, tokenizer_ms_per_audio_s
 from vitaserve.encoder.checkpoint import (
     RELEASED_CONFIG,
@@ -21,7 +22,7 @@ from vitaserve.encoder.checkpoint import (
     load_encoder,
     write_tokenizer_checkpoint,
 )
-from vitaserve.encoder.config import CheckpointError, WhisperVQConfig
+from vitaserve.encoder.config import WhisperVQConfig
 from vitaserve.encoder.model import WhisperVQEncoder, attention_bias
 from vitaserve.encoder.tokenizer import SpeechTokenizer
 

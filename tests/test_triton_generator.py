@@ -3,12 +3,17 @@
 from __future__ import annotations
 
 import asyncio
+import re
 import urllib.request
+from importlib.resources import files
 
 import grpc
+import numpy as np
 import pytest
 
-from vitaserve.gateway.generator_client import GenerationOptions, GeneratorClient, GeneratorError
+from vitaserve.gateway.generator_client import GeneratorClient, GeneratorError
+from vitaserve.generator import contract
+from vitaserve.generator.contract import GeneratedToken, GenerationOptions
 from vitaserve.generator.generate import generate
 from vitaserve.lmtext.sampling_params import SamplingParams
 
@@ -31,6 +36,40 @@ def metric(triton, name):
         if line.startswith(name + "{") or line.startswith(name + " "):
             return float(line.rsplit(" ", 1)[1])
     return None
+
+
+def test_config_pbtxt_documents_the_contract_tensors():
+    text = (files("vitaserve") / "model_repo" / contract.MODEL_NAME / "config.pbtxt").read_text()
+
+    def declared(section):
+        body = re.search(section + r" \[(.*?)\n\]", text, re.S).group(1)
+        return {m[0]: (m[1], bool(m[2])) for m in
+                re.findall(r'\{ name: "(\w+)" data_type: TYPE_(\w+) dims: \[ -?1 \](?: (optional: true))? \}', body)}
+
+    def spec(s, optional):
+        return s.name, ("STRING" if s.triton_dtype == "BYTES" else s.triton_dtype, optional)
+
+    assert declared("input") == dict(spec(s, s is not contract.PROMPT_IDS) for s in contract.INPUTS)
+    assert declared("output") == dict(spec(s, False) for s in contract.OUTPUTS)
+
+
+def test_contract_round_trips_options_and_tokens():
+    full = GenerationOptions(mode="turbo", max_new_tokens=7, greedy=True, temperature=0.5, top_k=3, top_p=0.9,
+                             repetition_penalty=1.1, seed=2**40)
+    for opts in (full, GenerationOptions()):
+        arrays = contract.request_arrays([1, 2, 3], opts)
+        assert all(a.dtype == contract.SPECS[name].numpy_dtype for name, a in arrays.items())
+        prompt, back = contract.parse_request(arrays.get)
+        assert prompt == [1, 2, 3] and back.mode == opts.mode and back.max_new_tokens == opts.max_new_tokens
+        assert back.seed == opts.seed and back.top_k == opts.top_k and back.greedy == opts.greedy
+        assert back.temperature == pytest.approx(opts.temperature) if opts.temperature else back.temperature is None
+    assert set(contract.request_arrays([1], GenerationOptions())) == {"PROMPT_IDS", "MAX_NEW_TOKENS"}
+    token = GeneratedToken(index=4, token_id=151700, is_audio=True, kind="m", finished=False)
+    arrays = contract.token_arrays(token)
+    assert all(a.dtype == contract.SPECS[name].numpy_dtype and a.shape == (1,) for name, a in arrays.items())
+    assert contract.parse_token(arrays.__getitem__) == token
+    with pytest.raises(ValueError, match="PROMPT_IDS"):
+        contract.parse_request({"MODE": np.array([b"boost"], dtype=np.object_)}.get)
 
 
 def test_streamed_tokens_equal_offline_generation(triton, tiny_lm):

@@ -68,26 +68,30 @@ periodSeconds: {{ .Values.startupProbe.periodSeconds }}
 failureThreshold: {{ .Values.startupProbe.failureThreshold }}
 {{- end }}
 
-{{/* The Redis URL as env REDIS_URL (from a Secret; never in args or values). */}}
+{{/* Name of the Secret of the bundled Redis: redis-password, redis-url, redis.conf. */}}
+{{- define "vita-audio.redisSecretName" -}}
+{{- default (include "vita-audio.componentName" (dict "ctx" . "component" "redis")) .Values.redis.existingSecret }}
+{{- end }}
+
+{{/*
+The Redis URL as env VITA_REDIS_URL, read by the services from a Secret: the URL holds the password,
+so it is never in args, in values or in a plain env value (`ps`, events and `kubectl get -o yaml`
+would show it).
+*/}}
 {{- define "vita-audio.redisEnv" -}}
-{{- if .Values.redis.enabled }}
-- name: REDIS_PASSWORD
-  valueFrom:
-    secretKeyRef:
-      name: {{ default (include "vita-audio.componentName" (dict "ctx" . "component" "redis")) .Values.redis.existingSecret }}
-      key: redis-password
-- name: REDIS_URL
-  value: "redis://:$(REDIS_PASSWORD)@{{ include "vita-audio.host" (dict "ctx" . "component" "redis") }}:6379/0"
-{{- else }}
-{{- if not .Values.externalRedis.existingSecret }}
+{{- if and (not .Values.redis.enabled) (not .Values.externalRedis.existingSecret) }}
 {{- fail "redis.enabled is false: set externalRedis.existingSecret to a Secret holding the Redis URL" }}
 {{- end }}
-- name: REDIS_URL
+- name: VITA_REDIS_URL
   valueFrom:
     secretKeyRef:
+      {{- if .Values.redis.enabled }}
+      name: {{ include "vita-audio.redisSecretName" . }}
+      key: redis-url
+      {{- else }}
       name: {{ .Values.externalRedis.existingSecret }}
       key: {{ .Values.externalRedis.urlKey }}
-{{- end }}
+      {{- end }}
 {{- end }}
 
 {{/* Volume holding the checkpoints, by checkpoints.source. */}}

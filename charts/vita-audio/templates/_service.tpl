@@ -1,6 +1,7 @@
 {{/*
 Deployment of one Python service (gateway, encoder, decoder): `vita-audio serve <component>`.
-Called as (dict "ctx" $ "component" "gateway"). Drain: on SIGTERM the service turns its health
+Called as (dict "ctx" $ "component" "gateway"). Secrets (the Redis URL) come from the environment,
+filled from a Secret, never from args. Drain: on SIGTERM the service turns its health
 NOT_SERVING (readiness drops it from endpoints) and running calls get --grace-s = maxCallSeconds.
 */}}
 
@@ -15,9 +16,11 @@ NOT_SERVING (readiness drops it from endpoints) and running calls get --grace-s 
 - --encoder=dns:///{{ include "vita-audio.host" (dict "ctx" .ctx "component" "encoder") }}:{{ $v.encoder.port }}
 - --decoder=dns:///{{ include "vita-audio.host" (dict "ctx" .ctx "component" "decoder") }}:{{ $v.decoder.port }}
 - --triton={{ include "vita-audio.host" (dict "ctx" .ctx "component" "triton") }}:8001
-- --redis=$(REDIS_URL)
 - --mode={{ $v.mode }}
 - --context-tokens={{ $v.triton.maxLen }}
+- --max-new-tokens={{ $c.maxNewTokens }}
+- --chunk-plan={{ $c.chunkPlan }}
+- --max-utterance-s={{ $c.maxUtteranceSeconds }}
 {{- else if eq .component "encoder" }}
 - --tokenizer={{ $ck.mountPath }}/{{ $ck.tokenizerDir }}
 - --device={{ $c.device }}
@@ -25,7 +28,6 @@ NOT_SERVING (readiness drops it from endpoints) and running calls get --grace-s 
 - --threads={{ $c.threads }}
 {{- else }}
 - --decoder={{ $ck.mountPath }}/{{ $ck.decoderDir }}
-- --redis=$(REDIS_URL)
 - --device={{ $c.device }}
 - --max-batch={{ $c.maxBatch }}
 - --max-wait-ms={{ $c.maxWaitMs }}

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from vitaserve.cli.generate import add_model_args
+from vitaserve.generator.lm_options import LMLoadError, LMOptions
 
 
 def subparser_init(subparsers) -> None:
@@ -15,7 +15,7 @@ def subparser_init(subparsers) -> None:
     lm = sub.add_parser("lm", help="one call at a time: first audio chunk and tokens/s per mode",
                         description="Time to the first audio chunk (11th new token: 1 backbone + 10 MCTP tokens "
                                     "after a --prompt-len prompt) and tokens/s, per inference mode, greedy.")
-    add_model_args(lm)
+    LMOptions.add_arguments(lm)
     lm.add_argument("--modes", default="vanilla,balance,boost,turbo")
     lm.add_argument("--prompt-len", type=int, default=32)
     lm.add_argument("--max-new-tokens", type=int, default=64)
@@ -26,7 +26,7 @@ def subparser_init(subparsers) -> None:
     eng = sub.add_parser("engine", help="the batching engine: N calls together",
                          description="N calls submitted together to the continuous-batching engine, each with its "
                                      "own random prompt, greedy: aggregate tokens/s and first-chunk p50/p95.")
-    add_model_args(eng)
+    LMOptions.add_arguments(eng)
     eng.add_argument("--concurrency", type=int, default=16)
     eng.add_argument("--mode", default="boost")
     eng.add_argument("--prompt-len", type=int, default=32)
@@ -74,6 +74,15 @@ def _emit(args, result: dict, table: list[dict]) -> int:
     return 0
 
 
+def _load(opts: LMOptions, num_slots: int = 1):
+    from vitaserve.cli.main import CLIError
+
+    try:
+        return opts.load(num_slots)
+    except LMLoadError as exc:
+        raise CLIError(str(exc)) from exc
+
+
 def _device_info(args) -> dict:
     import platform
 
@@ -86,28 +95,24 @@ def _device_info(args) -> dict:
 
 
 def cmd_lm(args) -> int:
-    from vitaserve.cli.generate import load_model, resolve_dtype
-    from vitaserve.generator.benchmark import bench_modes
+    from vitaserve.generator.benchmark import bench_modes, modes_summary
 
-    lm = load_model(args)
+    opts = LMOptions.from_args(args)
+    lm = _load(opts)
     rows = bench_modes(lm, args.modes.split(","), args.prompt_len, args.max_new_tokens, args.repeats)
-    by_mode = {r["mode"]: r for r in rows}
-    result = {"bench": "lm", **_device_info(args), "dtype": resolve_dtype(args), "checkpoint": str(args.lm),
-              "params": sum(p.numel() for p in lm.model.parameters()), "prompt_len": args.prompt_len,
-              "max_new_tokens": args.max_new_tokens, "modes": rows}
-    if "vanilla" in by_mode and "boost" in by_mode:
-        result["vanilla_over_boost_first_chunk"] = round(
-            by_mode["vanilla"]["first_chunk_ms"] / by_mode["boost"]["first_chunk_ms"], 2)
+    result = {"bench": "lm", **_device_info(args), "dtype": opts.resolved_dtype, "checkpoint": str(args.lm),
+              "prompt_len": args.prompt_len, "max_new_tokens": args.max_new_tokens, "modes": rows,
+              **modes_summary(lm, rows)}
     return _emit(args, result, rows)
 
 
 def cmd_engine(args) -> int:
-    from vitaserve.cli.generate import load_model, resolve_dtype
     from vitaserve.generator.benchmark import bench_engine
 
-    lm = load_model(args, num_slots=args.concurrency)
+    opts = LMOptions.from_args(args)
+    lm = _load(opts, num_slots=args.concurrency)
     row = bench_engine(lm, args.concurrency, args.mode, args.prompt_len, args.max_new_tokens)
-    result = {"bench": "engine", **_device_info(args), "dtype": resolve_dtype(args), "checkpoint": str(args.lm),
+    result = {"bench": "engine", **_device_info(args), "dtype": opts.resolved_dtype, "checkpoint": str(args.lm),
               "prompt_len": args.prompt_len, "max_new_tokens": args.max_new_tokens, **row}
     return _emit(args, result, [row])
 

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import argparse
 
+from vitaserve.common.audio_facts import DECODER_RATE, GLM4VOICE_BLOCKS
 from vitaserve.common.wav import write_wav
 
-DEFAULT_CHUNKS = "25,50,100,150,200"  # GLM-4-Voice web demo blocks, the last size repeating
+DEFAULT_CHUNKS = ",".join(map(str, GLM4VOICE_BLOCKS))  # GLM-4-Voice web demo blocks, the last size repeating
 
 
 def subparser_init(subparsers) -> None:
@@ -61,7 +62,7 @@ def cmd(args: argparse.Namespace) -> int:
     import torch
 
     from vitaserve.cli.main import CLIError
-    from vitaserve.decoder.audio_decoder import SAMPLE_RATE, AudioDecoder, check_tokens, split_blocks
+    from vitaserve.decoder.audio_decoder import AudioDecoder, check_tokens, split_blocks
 
     try:
         tokens = check_tokens(parse_int_list(args.tokens, "--tokens"))
@@ -96,8 +97,8 @@ def cmd(args: argparse.Namespace) -> int:
     except ValueError as exc:
         raise CLIError(str(exc)) from None
     pcm = np.concatenate(chunks) if chunks else np.zeros(0, np.float32)
-    write_wav(args.out, pcm, SAMPLE_RATE, as_float=args.float)
-    audio_s = pcm.shape[0] / SAMPLE_RATE
+    write_wav(args.out, pcm, DECODER_RATE, as_float=args.float)
+    audio_s = pcm.shape[0] / DECODER_RATE
     wall_s = time.perf_counter() - t0
     result = {
         "out": str(args.out), "tokens": len(tokens), "samples": int(pcm.shape[0]), "audio_s": round(audio_s, 3),

@@ -46,7 +46,7 @@ def cmd(args: argparse.Namespace) -> int:
 
     import torch
 
-    from vitaserve.encoder.config import CheckpointError
+    from vitaserve.common.checkpoint_errors import CheckpointError
     from vitaserve.encoder.tokenizer import SpeechTokenizer
 
     try:

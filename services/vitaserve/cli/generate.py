@@ -4,34 +4,9 @@ from __future__ import annotations
 
 import argparse
 
+from vitaserve.generator.lm_options import LMLoadError, LMOptions
+
 FIRST_CHUNK_TOKENS = 11  # one backbone token + a 10-token audio chunk
-
-
-def add_model_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--lm", required=True, help="VITA-Audio checkpoint folder (config.json, safetensors)")
-    p.add_argument("--device", default="cpu", help="cpu or cuda[:N] (default cpu)")
-    p.add_argument("--dtype", default=None, help="float32, bfloat16 or float16 (default: float32 on cpu, bfloat16 on cuda)")
-    p.add_argument("--max-len", type=int, default=4096, help="KV cache length per call (prompt + new tokens)")
-    p.add_argument("--mtp-audio-head", action="store_true",
-                   help="optional speed-up that CHANGES results: MCTP steps score only the 16384 audio rows "
-                        "of lm_head (~10x cheaper); off by default")
-
-
-def resolve_dtype(args) -> str:
-    return args.dtype or ("float32" if args.device == "cpu" else "bfloat16")
-
-
-def load_model(args, num_slots: int = 1):
-    from vitaserve.cli.main import CLIError
-    from vitaserve.lmtext.config import CheckpointError
-    from vitaserve.generator.generate import LanguageModel
-
-    try:
-        return LanguageModel.from_folder(args.lm, device=args.device, dtype=resolve_dtype(args),
-                                         max_len=args.max_len, num_slots=num_slots,
-                                         mtp_audio_head=args.mtp_audio_head)
-    except (CheckpointError, ValueError, FileNotFoundError) as exc:
-        raise CLIError(str(exc)) from exc
 
 
 def parse_ids(text: str) -> list[int]:
@@ -55,7 +30,7 @@ def subparser_init(subparsers) -> None:
             "applies to greedy decoding too, as in the official code)."
         ),
     )
-    add_model_args(p)
+    LMOptions.add_arguments(p)
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--prompt-ids", help="comma-separated prompt token ids")
     src.add_argument("--tts-text", help="text to speak, wrapped in the official TTS prompt")
@@ -80,7 +55,10 @@ def cmd(args) -> int:
     from vitaserve.generator.generate import generate
     from vitaserve.lmtext.sampling_params import SamplingParams
 
-    lm = load_model(args)
+    try:
+        lm = LMOptions.from_args(args).load()
+    except LMLoadError as exc:
+        raise CLIError(str(exc)) from exc
     tokenizer = None
     if args.tts_text is not None:
         from vitaserve.lmtext.prompt import PromptBuilder

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+TINY_CHECKPOINTS = "checkpoints/tiny"  # --local: made on first use, shared with `vita-audio up`
+
 
 def subparser_init(subparsers) -> None:
     p = subparsers.add_parser(
@@ -34,7 +36,6 @@ def subparser_init(subparsers) -> None:
 
 def cmd(args) -> int:
     import asyncio
-    from collections import Counter
     from dataclasses import asdict, replace
     from pathlib import Path
 
@@ -42,7 +43,8 @@ def cmd(args) -> int:
 
     from vitaserve.cli.main import CLIError
     from vitaserve.loadtest.report import html_report, summarize, text_table, to_json
-    from vitaserve.loadtest.runner import LoadConfig, LoadConfigError, levels, run_load
+    from vitaserve.loadtest.runner import (LoadConfig, LoadConfigError, error_counts, failed_calls, levels,
+                                           run_load)
     from vitaserve.loadtest.speech import utterances
 
     try:
@@ -64,15 +66,18 @@ def cmd(args) -> int:
     cluster = None
     target = args.target
     if args.local:
-        from vitaserve.cli.up import resolve_checkpoints
-        from vitaserve.common.local_cluster import LocalCluster, free_port
+        from vitaserve.devcluster.checkpoints import CheckpointWriteError, ensure_checkpoints
+        from vitaserve.devcluster.cluster import LocalCluster
+        from vitaserve.devcluster.processes import free_port
 
-        args.lm = args.tokenizer = args.decoder = None
-        args.checkpoints = "checkpoints/tiny"
-        lm, tok, dec = resolve_checkpoints(args)
+        try:
+            ckpt = ensure_checkpoints(Path(TINY_CHECKPOINTS), "tiny", progress=lambda msg: print(msg, flush=True))
+        except CheckpointWriteError as exc:
+            raise CLIError(str(exc)) from None
         port = free_port()
-        cluster = LocalCluster(lm, tok, dec, port=port, num_slots=max(16, max(levels(cfg))),
-                               max_len=2048, progress=lambda m: print(f"  {m}", flush=True)).start()
+        cluster = LocalCluster(ckpt.lm, ckpt.tokenizer, ckpt.decoder, port=port,
+                               num_slots=max(16, max(levels(cfg))), max_len=2048,
+                               progress=lambda m: print(f"  {m}", flush=True)).start()
         target = f"127.0.0.1:{port}"
     try:
         cfg = replace(cfg, target=target)
@@ -83,14 +88,8 @@ def cmd(args) -> int:
         if cluster is not None:
             cluster.stop()
     turns = [t for level in results for t in level.turns]
-    failed = Counter({(lv.mode, lv.concurrency): sum(lv.failed.values()) for lv in results if lv.failed})
-    errors = Counter()
-    for lv in results:
-        errors.update(lv.failed)
-    for t in turns:
-        if t.error:
-            errors[t.error.split(":")[0]] += 1
-    rows = summarize(turns, failed, {(lv.mode, lv.concurrency): lv.loop_lag_ms for lv in results})
+    errors = error_counts(results)
+    rows = summarize(turns, failed_calls(results), {(lv.mode, lv.concurrency): lv.loop_lag_ms for lv in results})
     config = {**asdict(cfg), "levels_wall_s": {f"{lv.mode}@{lv.concurrency}": round(lv.wall_s, 1) for lv in results}}
     (out / "report.json").write_text(to_json(config, rows, turns, dict(errors)))
     (out / "report.html").write_text(html_report(config, rows, turns, dict(errors)))

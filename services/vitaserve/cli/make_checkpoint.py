@@ -4,10 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-PRESETS = ("tiny", "mini", "7b")
-# The speech codec has two sizes: tiny (tests) and released (benchmarks). The mini LM is the
-# CPU benchmark shape, so it comes with the released codec sizes, as 7b does.
-CODEC_PRESET = {"tiny": "tiny", "mini": "released", "7b": "released"}
+from vitaserve.devcluster.checkpoints import PARTS, PRESETS
 
 
 def subparser_init(subparsers: argparse._SubParsersAction) -> None:
@@ -28,7 +25,7 @@ def subparser_init(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int, default=0, help="seed of the random weights")
     p.add_argument(
         "--only",
-        choices=("lm", "tokenizer", "decoder"),
+        choices=PARTS,
         action="append",
         help="write only these parts (repeatable); default all three",
     )
@@ -38,21 +35,11 @@ def subparser_init(subparsers: argparse._SubParsersAction) -> None:
 def cmd(args: argparse.Namespace) -> int:
     from pathlib import Path
 
+    from vitaserve.devcluster.checkpoints import write_part
+
     out = Path(args.out)
-    parts = args.only or ["lm", "tokenizer", "decoder"]
-    if "lm" in parts:
-        from vitaserve.generator.checkpoint import write_lm_checkpoint
-
-        write_lm_checkpoint(out / "lm", args.preset, seed=args.seed)
-        print(f"wrote {out / 'lm'}")
-    if "tokenizer" in parts:
-        from vitaserve.encoder.checkpoint import write_tokenizer_checkpoint
-
-        write_tokenizer_checkpoint(out / "tokenizer", CODEC_PRESET[args.preset], seed=args.seed)
-        print(f"wrote {out / 'tokenizer'}")
-    if "decoder" in parts:
-        from vitaserve.decoder.checkpoint import write_decoder_checkpoint
-
-        write_decoder_checkpoint(out / "decoder", CODEC_PRESET[args.preset], seed=args.seed)
-        print(f"wrote {out / 'decoder'}")
+    for part in PARTS:
+        if part in (args.only or PARTS):
+            write_part(out / part, part, args.preset, seed=args.seed)
+            print(f"wrote {out / part}")
     return 0

@@ -36,12 +36,12 @@ def subparser_init(subparsers) -> None:
     p.set_defaults(func=cmd)
 
 
-def resolve_checkpoints(args):
-    """[lm, tokenizer, decoder] folders: the three given, or the tiny ones (made once)."""
-    import shutil
+def checkpoint_folders(args):
+    """The three folders given, or the tiny ones (made once into --checkpoints)."""
     from pathlib import Path
 
     from vitaserve.cli.main import CLIError
+    from vitaserve.devcluster.checkpoints import CheckpointSet, CheckpointWriteError, ensure_checkpoints
 
     given = [args.lm, args.tokenizer, args.decoder]
     if any(given) and not all(given):
@@ -51,26 +51,11 @@ def resolve_checkpoints(args):
         missing = [str(p) for p in folders if not p.is_dir()]
         if missing:
             raise CLIError(f"not a folder: {', '.join(missing)}")
-        return folders
-    root = Path(args.checkpoints)
-    for part in ("lm", "tokenizer", "decoder"):
-        if (root / part).exists():
-            continue
-        print(f"making the tiny {part} checkpoint in {root / part} ...", flush=True)
-        if part == "lm":
-            from vitaserve.generator.checkpoint import write_lm_checkpoint as write
-        elif part == "tokenizer":
-            from vitaserve.encoder.checkpoint import write_tokenizer_checkpoint as write
-        else:
-            from vitaserve.decoder.checkpoint import write_decoder_checkpoint as write
-        partial = root / f".{part}.partial"  # an interrupted write must not pass for a checkpoint next time
-        try:
-            shutil.rmtree(partial, ignore_errors=True)
-            write(partial, "tiny")
-            partial.rename(root / part)
-        except OSError as exc:
-            raise CLIError(f"cannot write the tiny checkpoints into {root}: {exc.strerror or exc}") from None
-    return [root / "lm", root / "tokenizer", root / "decoder"]
+        return CheckpointSet(*folders)
+    try:
+        return ensure_checkpoints(Path(args.checkpoints), "tiny", progress=lambda msg: print(msg, flush=True))
+    except CheckpointWriteError as exc:
+        raise CLIError(str(exc)) from None
 
 
 def readiness_table(services) -> str:
@@ -86,7 +71,9 @@ def cmd(args) -> int:
     from pathlib import Path
 
     from vitaserve.cli.main import CLIError
-    from vitaserve.common.local_cluster import ClusterError, LocalCluster
+    from vitaserve.client.file_call import FileCall, FileCallError, place, prepare
+    from vitaserve.devcluster.cluster import LocalCluster
+    from vitaserve.devcluster.processes import ClusterError
 
     # Ctrl-C, SIGTERM and a closed terminal all stop the cluster; the services sit in their own
     # process groups, so only this process sees them. One signal is enough: later ones are ignored
@@ -106,12 +93,10 @@ def cmd(args) -> int:
     try:
         prepared = None
         if args.input:  # check the call's inputs before a minute of start-up, not after
-            from vitaserve.cli.call import prepare_call
-
-            prepared = prepare_call(args)
-        lm, tokenizer, decoder = resolve_checkpoints(args)
-        cluster = LocalCluster(lm, tokenizer, decoder, port=args.port, mode=args.mode, num_slots=args.num_slots,
-                               max_len=args.max_len, threads=args.threads,
+            prepared = prepare(FileCall.from_args(args))
+        ckpt = checkpoint_folders(args)
+        cluster = LocalCluster(ckpt.lm, ckpt.tokenizer, ckpt.decoder, port=args.port, mode=args.mode,
+                               num_slots=args.num_slots, max_len=args.max_len, threads=args.threads,
                                workdir=Path(args.logs) if args.logs else None,
                                progress=lambda msg: print(f"  {msg}", flush=True))
         print(f"starting the local cluster (logs in {cluster.workdir})", flush=True)
@@ -119,10 +104,9 @@ def cmd(args) -> int:
         print(f"\n{readiness_table(cluster.services)}\n", flush=True)
         target = f"127.0.0.1:{args.port}"
         print(f"gateway ready: vita-audio call --target {target} --in question.wav --out answer.wav\n", flush=True)
-        if args.input:
-            from vitaserve.cli.call import place_call
-
-            return place_call(args, target, prepared)
+        if prepared is not None:
+            print("\n".join(place(target, prepared)), flush=True)
+            return 0
         serving = True
         print("running; Ctrl-C stops everything", flush=True)
         while not stopping.wait(1.0):
@@ -131,7 +115,7 @@ def cmd(args) -> int:
                 tails = "\n".join(f"--- last lines of {s.log} ---\n{s.log_tail(15)}" for s in dead)
                 raise CLIError(f"{', '.join(s.name for s in dead)} exited unexpectedly\n{tails}")
         return 0
-    except ClusterError as exc:
+    except (ClusterError, FileCallError) as exc:
         raise CLIError(str(exc)) from None
     except KeyboardInterrupt:
         print("\nstop requested", flush=True)

@@ -65,9 +65,6 @@ class ServiceRunner:
         for batcher in self.batchers:
             await batcher.stop()
 
-    def request_stop(self) -> None:
-        self._stop.set()
-
     async def serve_until_signal(self, grace_s: float, on_drain=None) -> None:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
@@ -82,7 +79,3 @@ def start_metrics(port: int) -> None:
     """Prometheus /metrics on its own port (0 = off)."""
     if port:
         start_http_server(port)
-
-
-def status_name(code: grpc.StatusCode) -> str:
-    return code.name

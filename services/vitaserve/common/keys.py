@@ -1,11 +1,29 @@
-"""Every Redis key, prefix, TTL and size default of vitaserve, in one place (as arq/constants.py).
+"""Every Redis key, prefix, TTL, size default and record version of vitaserve, in one place (as
+arq/constants.py).
 
 Layout (namespace "vita" by default; one namespace per deployment, so two clusters can share a
 Redis and a test can take a fresh one):
 
-  vita:session:{<sid>}           hash   one call: config, turn counter, status, owner, fence
-  vita:session:{<sid>}:history   list   finished turns, oldest first, one compact JSON per turn
-  vita:decoder:{<stream_id>}     hash   one audio stream's decoder state: seq, data (bytes)
+  key                            type   holds                                  schema written / read
+  vita:session:{<sid>}           hash   one call: config, turn counter,        2 / 1, 2
+                                        status, owner, fence, op, schema
+  vita:session:{<sid>}:history   list   finished turns, oldest first, one      2 / 1, 2
+                                        compact JSON per turn, "v" in each
+  vita:decoder:{<stream_id>}     hash   one audio stream's decoder state:      2 / 1, 2
+                                        schema, seq, data, prev_seq, prev_data
+
+Record versions (a rolling upgrade runs two releases against one Redis, so each reads both):
+  session hash   1: no `schema` field (the release before versioning)   2: `schema` = "2"; the
+                 fields are otherwise the same, so release 1 reads a version 2 hash as its own.
+  history turn   1: no "v" key                                          2: "v": 2 first; release 1
+                 ignores the extra key.
+  decoder state  1: seq, data; the state before the newest block under a second key
+                 vita:decoder:{<stream_id>:prev}, written separately (not atomic).
+                 2: one hash, `schema` = "2", the previous state in prev_seq/prev_data, all four
+                 written by one script. seq/data keep their names, so release 1 still reads it;
+                 a version 1 hash reads as a stream with no previous state (its :prev key is
+                 ignored), and its next block rewrites it as version 2.
+A record of a version newer than this code reads fails with a SessionError naming the version.
 
 The braces are Redis Cluster hash tags: both keys of a session land in the same slot, so the Lua
 scripts that touch both stay legal on a cluster; a decoder stream is a tag of its own.
@@ -20,6 +38,11 @@ DEFAULT_NAMESPACE = "vita"
 SESSION_PREFIX = "session"
 HISTORY_SUFFIX = "history"
 DECODER_PREFIX = "decoder"
+
+# Record versions written by this release; each reader also accepts every older one (see above).
+SESSION_SCHEMA = 2  # the session hash and each history turn
+DECODER_STATE_SCHEMA = 2
+FIRST_SCHEMA = 1  # what a record without a version field is
 
 # TTLs: an idle call expires after 30 min; a decoder stream lives between chunks of one answer.
 SESSION_TTL_S = 1800
@@ -43,6 +66,9 @@ RETRY_BACKOFF_CAP_S = 0.5
 # Namespaces and stream ids become parts of keys: no braces (hash tags), no spaces or globs.
 _NAMESPACE_RE = re.compile(r"[A-Za-z0-9_.\-]{1,64}")
 _STREAM_ID_RE = re.compile(r"[A-Za-z0-9_.:\-]{1,128}")
+# Release 1 kept a stream's previous state under "<stream_id>:prev": while a rolling upgrade mixes
+# releases such keys exist, so no stream may be called that.
+LEGACY_PREV_SUFFIX = ":prev"
 _SESSION_ID_RE = re.compile(r"[0-9a-f]{32}")
 
 
@@ -69,8 +95,13 @@ def check_session_id(session_id: str) -> str:
 def check_stream_id(stream_id: str) -> str:
     if not isinstance(stream_id, str) or not _STREAM_ID_RE.fullmatch(stream_id):
         raise InvalidKeyPart(
-            f"decoder stream id {stream_id!r} is not valid: use 1-128 of letters, digits, "
-            "'_', '.', ':', '-'"
+            f"stream_id must be 1-128 characters of letters, digits, '_', '.', ':', '-'; "
+            f"got {stream_id!r}"
+        )
+    if stream_id.endswith(LEGACY_PREV_SUFFIX):
+        raise InvalidKeyPart(
+            f"stream_id must not end in {LEGACY_PREV_SUFFIX!r} (the previous release keeps a "
+            f"stream's retry state there); got {stream_id!r}"
         )
     return stream_id
 

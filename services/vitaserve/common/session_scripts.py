@@ -9,15 +9,28 @@ of the same call after a lost reply finds its own op id and answers "done" inste
 itself as a conflicting writer. Any other writer in between replaces the op id, so the retry is
 then, correctly, stale.
 
+Versions (keys.py): CREATE writes `schema` = SCHEMA; a session of an older version (no field) is
+written in place, its fields being the same; one of a newer version is refused before anything is
+written (claim, begin, commit, abort, owner-checked end), so an older release never takes over a
+call it cannot read back.
+
 Replies are arrays whose first element is a status word:
   ok | done (this op was already applied) | missing | ended | exists | stale (+ what, + value)
+  | schema (+ the stored version: newer than this release reads)
 """
 
 from __future__ import annotations
 
-# Shared prelude: server clock (one clock for all replicas) and the fence check.
+from vitaserve.common import keys
+
+# Shared prelude: server clock (one clock for all replicas), the version check and the fence check.
 # KEYS[1] is the session hash in every script that uses gate().
-_PRELUDE = """
+_PRELUDE = f"""
+local SCHEMA = {keys.SESSION_SCHEMA}  -- written by this release; the newest it reads
+""" + """
+local function newer(schema)
+  return schema and tonumber(schema) and tonumber(schema) > SCHEMA
+end
 local function now()
   local t = redis.call('TIME')
   return t[1] .. '.' .. string.format('%06d', tonumber(t[2]))
@@ -25,7 +38,8 @@ end
 -- nil, fields when the caller may write; else the reply to return
 local function gate(owner, fence, op)
   if redis.call('EXISTS', KEYS[1]) == 0 then return {'missing'} end
-  local f = redis.call('HMGET', KEYS[1], 'status', 'owner', 'fence', 'op', 'turn')
+  local f = redis.call('HMGET', KEYS[1], 'status', 'owner', 'fence', 'op', 'turn', 'schema')
+  if newer(f[6]) then return {'schema', f[6]} end
   if op ~= '' and f[4] == op then return {'done', tonumber(f[5]), tonumber(f[3])} end
   if f[1] == 'ended' then return {'ended'} end
   if f[2] ~= owner then return {'stale', 'owner', f[2]} end
@@ -48,8 +62,8 @@ if redis.call('EXISTS', KEYS[1]) == 1 then
 end
 local t = now()
 redis.call('DEL', KEYS[2])
-redis.call('HSET', KEYS[1], 'created_at', t, 'updated_at', t, 'turn', 0, 'status', 'active',
-           'owner', ARGV[3], 'fence', 0, 'op', ARGV[1], unpack(ARGV, 4))
+redis.call('HSET', KEYS[1], 'schema', SCHEMA, 'created_at', t, 'updated_at', t, 'turn', 0,
+           'status', 'active', 'owner', ARGV[3], 'fence', 0, 'op', ARGV[1], unpack(ARGV, 4))
 refresh(ARGV[2])
 return {'ok'}
 """
@@ -58,6 +72,7 @@ return {'ok'}
 # ARGV[1] expected turn   ARGV[2] owner   ARGV[3] fence ('' = not checked)   ARGV[4] op id
 # ARGV[5] ttl ms
 # returns {'ok', new turn} | {'done', turn} | {'missing'} | {'ended'} | {'stale', what, value}
+#       | {'schema', version}
 # An unfinished turn (status in_turn) of the same owner is abandoned: its number is not reused.
 BEGIN_TURN = """
 local reply, f = gate(ARGV[2], ARGV[3], ARGV[4])
@@ -74,6 +89,7 @@ return {'ok', turn}
 # ARGV[1] turn   ARGV[2] owner   ARGV[3] fence ('' = not checked)   ARGV[4] op id   ARGV[5] ttl ms
 # ARGV[6] turn record (JSON)   ARGV[7] max turns kept (the oldest are trimmed)
 # returns {'ok', history length} | {'done', turn} | {'missing'} | {'ended'} | {'stale', what, value}
+#       | {'schema', version}
 COMMIT_TURN = """
 local reply, f = gate(ARGV[2], ARGV[3], ARGV[4])
 if reply then return reply end
@@ -89,6 +105,7 @@ return {'ok', redis.call('LLEN', KEYS[2])}
 # KEYS[1] session hash   KEYS[2] history list
 # ARGV[1] turn   ARGV[2] owner   ARGV[3] fence ('' = not checked)   ARGV[4] op id   ARGV[5] ttl ms
 # returns {'ok', turn counter} | {'done', ...} | {'missing'} | {'ended'} | {'stale', what, value}
+#       | {'schema', version}
 # A turn that failed before anything of it was committed gives its number back: the counter
 # returns to the last committed turn, so the history has no gap and the next turn reuses it.
 ABORT_TURN = """
@@ -104,11 +121,13 @@ return {'ok', tonumber(ARGV[1]) - 1}
 # KEYS[1] session hash   KEYS[2] history list
 # ARGV[1] new owner   ARGV[2] op id   ARGV[3] ttl ms
 # returns {'ok', fence, HGETALL, LRANGE} | {'done', ...same} | {'missing'} | {'ended'}
+#       | {'schema', version}
 # The new owner gets a bumped fence; an unfinished turn of the old owner is abandoned (status
 # back to active), so the old owner's begin/commit fail on the owner and the fence.
 CLAIM = """
 if redis.call('EXISTS', KEYS[1]) == 0 then return {'missing'} end
-local f = redis.call('HMGET', KEYS[1], 'status', 'op')
+local f = redis.call('HMGET', KEYS[1], 'status', 'op', 'schema')
+if newer(f[3]) then return {'schema', f[3]} end
 local word = 'done'
 if f[2] ~= ARGV[2] then
   if f[1] == 'ended' then return {'ended'} end
@@ -124,7 +143,7 @@ return {word, tonumber(redis.call('HGET', KEYS[1], 'fence')), redis.call('HGETAL
 
 # KEYS[1] session hash   KEYS[2] history list
 # ARGV[1] owner ('' = anyone)   ARGV[2] fence ('' = not checked)   ARGV[3] ttl ms
-# returns {'ok'} (also when already ended) | {'missing'} | {'stale', what, value}
+# returns {'ok'} (also when already ended) | {'missing'} | {'stale', what, value} | {'schema', version}
 END = """
 local st = redis.call('HGET', KEYS[1], 'status')
 if not st then return {'missing'} end
@@ -144,27 +163,6 @@ return {'ok'}
 TOUCH = """
 if redis.call('EXISTS', KEYS[1]) == 0 then return {'missing'} end
 refresh(ARGV[1])
-return {'ok'}
-"""
-
-# KEYS[1] decoder state hash
-# ARGV[1] seq   ARGV[2] data   ARGV[3] ttl ms
-# returns {'ok'} | {'done'} (same seq and bytes already stored: a retry)
-#       | {'missing'} (seq > 0 but nothing stored) | {'stale', 'seq', stored seq}
-PUT_DECODER_STATE = """
-local cur = redis.call('HGET', KEYS[1], 'seq')
-local seq = tonumber(ARGV[1])
-if not cur then
-  if seq ~= 0 then return {'missing'} end
-else
-  if seq == tonumber(cur) and redis.call('HGET', KEYS[1], 'data') == ARGV[2] then
-    redis.call('PEXPIRE', KEYS[1], ARGV[3])
-    return {'done'}
-  end
-  if seq ~= tonumber(cur) + 1 then return {'stale', 'seq', cur} end
-end
-redis.call('HSET', KEYS[1], 'seq', seq, 'data', ARGV[2])
-redis.call('PEXPIRE', KEYS[1], ARGV[3])
 return {'ok'}
 """
 

@@ -1,15 +1,14 @@
-"""Redis-backed session state: each call's conversation (any gateway replica can continue a call)
-and each audio stream's decoder state (any decoder replica can serve the next chunk).
+"""Redis-backed session state: each call's conversation, so any gateway replica can continue a call.
+(Each audio stream's decoder state has its own store: decoder/state_store.py.)
 
 Writes are Lua scripts (session_scripts.py) fenced by the turn counter, the owner and a fencing
 token; a loser gets StaleWriteError and nothing of its write lands. Transient Redis failures are
-retried here with tenacity, bounded in attempts and total time; only reads and writes that are
-idempotent or fenced are retried (every script recognises its own replay), and when the budget is
-spent the caller gets StoreUnavailable (gRPC UNAVAILABLE).
+retried by the shared policy of redis_retry.py, bounded in attempts and total time; only reads and
+writes that are idempotent or fenced are retried (every script recognises its own replay), and
+when the budget is spent the caller gets StoreUnavailable (gRPC UNAVAILABLE).
 
-The store owns the retry policy: build the client with `connect_redis()` (no client-side retries,
-short socket timeouts). redis-py's default client retries 10 times with backoff by itself, which
-multiplies the attempts and the time to fail.
+Build the client with `connect_redis()` (no client-side retries, short socket timeouts): the
+stores own the retry policy.
 """
 
 from __future__ import annotations
@@ -20,20 +19,10 @@ from typing import Any, Awaitable, Callable
 import redis.asyncio as aioredis
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
-from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import ReadOnlyError, TryAgainError
-from redis.exceptions import TimeoutError as RedisTimeoutError
-from tenacity import (
-    AsyncRetrying,
-    RetryCallState,
-    retry_if_exception_type,
-    stop_after_attempt,
-    stop_after_delay,
-    wait_exponential,
-)
 
 from vitaserve.common import keys
-from vitaserve.common.session_scripts import PUT_DECODER_STATE, SESSION_SCRIPTS, session_script
+from vitaserve.common.redis_retry import OnRetry, RedisRetry, check_bytes_client
+from vitaserve.common.session_scripts import SESSION_SCRIPTS, session_script
 from vitaserve.common.session_types import (
     RecordTooLarge,
     SessionConfig,
@@ -45,25 +34,20 @@ from vitaserve.common.session_types import (
     StaleWriteError,
     StoreUnavailable,
     TurnRecord,
+    UnknownSchema,
     record_from_redis,
 )
 
 __all__ = [
     "SessionStore", "connect_redis", "SessionConfig", "SessionRecord", "TurnRecord",
     "SessionError", "SessionNotFound", "SessionEnded", "StaleWriteError", "StoreUnavailable",
-    "SessionInputError", "RecordTooLarge",
+    "SessionInputError", "RecordTooLarge", "UnknownSchema",
 ]
-
-# Transient: the connection failed or timed out (includes BusyLoadingError while Redis loads),
-# a replica became read-only during a failover, a cluster slot is migrating.
-TRANSIENT = (RedisConnectionError, RedisTimeoutError, ReadOnlyError, TryAgainError)
-
-OnRetry = Callable[[str, int, BaseException], None]
 
 
 def connect_redis(url: str = "redis://localhost:6379/0", *, timeout_s: float = 2.0,
                   max_connections: int | None = None) -> aioredis.Redis:
-    """A client fit for SessionStore: bytes replies, short timeouts, no retries of its own.
+    """A client fit for SessionStore and DecoderStateStore: bytes replies, short timeouts, no retries of its own.
 
     `redis://` / `rediss://` URLs name one server; `redis+sentinel://[:password@]h1:p1,h2:p2/service[/db]`
     names Sentinels, and the client follows the current master of `service` across failovers.
@@ -114,82 +98,44 @@ def _s(v: Any) -> str:
 
 
 class SessionStore:
-    """Sessions and decoder stream states of one namespace in one Redis."""
+    """The sessions of one namespace in one Redis."""
 
     def __init__(
         self,
         redis: aioredis.Redis,
         namespace: str = keys.DEFAULT_NAMESPACE,
         session_ttl_s: int = keys.SESSION_TTL_S,
-        decoder_state_ttl_s: int = keys.DECODER_STATE_TTL_S,
         *,
         max_turns: int = keys.MAX_HISTORY_TURNS,
         max_turn_bytes: int = keys.MAX_TURN_BYTES,
         max_system_prompt_bytes: int = keys.MAX_SYSTEM_PROMPT_BYTES,
-        max_decoder_state_bytes: int = keys.MAX_DECODER_STATE_BYTES,
         retry_attempts: int = keys.RETRY_ATTEMPTS,
         retry_max_s: float = keys.RETRY_MAX_S,
         on_retry: OnRetry | None = None,
     ) -> None:
-        if redis.get_connection_kwargs().get("decode_responses"):
-            raise SessionInputError(
-                "SessionStore needs a Redis client with decode_responses=False "
-                "(decoder states are raw bytes); use connect_redis()"
-            )
+        check_bytes_client(redis, "SessionStore")
         for name, v in (("session_ttl_s", session_ttl_s),
-                        ("decoder_state_ttl_s", decoder_state_ttl_s),
                         ("max_turns", max_turns), ("max_turn_bytes", max_turn_bytes),
-                        ("max_system_prompt_bytes", max_system_prompt_bytes),
-                        ("max_decoder_state_bytes", max_decoder_state_bytes),
-                        ("retry_attempts", retry_attempts)):
+                        ("max_system_prompt_bytes", max_system_prompt_bytes)):
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise SessionInputError(f"{name} must be a positive integer, got {v!r}")
-        if not retry_max_s > 0:
-            raise SessionInputError(f"retry_max_s must be > 0, got {retry_max_s!r}")
+        self.retry = RedisRetry(retry_attempts, retry_max_s, on_retry)
         try:
             self.namespace = keys.check_namespace(namespace)
         except keys.InvalidKeyPart as e:
             raise SessionInputError(str(e)) from None
         self.redis = redis
         self.session_ttl_ms = session_ttl_s * 1000
-        self.decoder_state_ttl_ms = decoder_state_ttl_s * 1000
         self.max_turns = max_turns
         self.max_turn_bytes = max_turn_bytes
         self.max_system_prompt_bytes = max_system_prompt_bytes
-        self.max_decoder_state_bytes = max_decoder_state_bytes
-        self.retry_attempts = retry_attempts
-        self.retry_max_s = retry_max_s
-        self.on_retry = on_retry
         # Registered once; redis-py loads a script again by itself after NOSCRIPT (Redis restart).
         self._scripts = {n: redis.register_script(session_script(n)) for n in SESSION_SCRIPTS}
-        self._put_state = redis.register_script(PUT_DECODER_STATE)
 
     # ---- plumbing -------------------------------------------------------------------------
 
     async def _retrying(self, what: str, fn: Callable[[], Awaitable[Any]]) -> Any:
-        """Run fn, retrying transient Redis failures; StoreUnavailable once the budget is spent."""
-
-        def before_sleep(state: RetryCallState) -> None:
-            if self.on_retry is not None and state.outcome is not None:
-                self.on_retry(what, state.attempt_number, state.outcome.exception())
-
-        retrying = AsyncRetrying(
-            retry=retry_if_exception_type(TRANSIENT),
-            stop=stop_after_attempt(self.retry_attempts) | stop_after_delay(self.retry_max_s),
-            wait=wait_exponential(multiplier=keys.RETRY_BACKOFF_S, max=keys.RETRY_BACKOFF_CAP_S),
-            before_sleep=before_sleep,
-            reraise=True,
-        )
-        try:
-            async for attempt in retrying:
-                with attempt:
-                    return await fn()
-        except TRANSIENT as e:
-            n = retrying.statistics.get("attempt_number", 1)
-            raise StoreUnavailable(
-                f"Redis unavailable while trying to {what} "
-                f"({n} attempt{'s' if n != 1 else ''}): {type(e).__name__}: {e}"
-            ) from e
+        return await self.retry.run(what, fn)
 
     async def _run(self, what: str, script: str, keys_: list[str], args: list[Any]) -> list:
         s = self._scripts[script]
@@ -202,13 +148,6 @@ class SessionStore:
             raise SessionInputError(str(e)) from None
         return [keys.session_key(self.namespace, session_id),
                 keys.history_key(self.namespace, session_id)]
-
-    def _state_key(self, stream_id: str) -> str:
-        try:
-            keys.check_stream_id(stream_id)
-        except keys.InvalidKeyPart as e:
-            raise SessionInputError(str(e)) from None
-        return keys.decoder_state_key(self.namespace, stream_id)
 
     @staticmethod
     def _owner(owner: str) -> str:
@@ -234,6 +173,11 @@ class SessionStore:
             raise SessionNotFound(f"session {session_id} not found (unknown id, or expired)")
         if word == "ended":
             raise SessionEnded(f"session {session_id} has ended; cannot {action}")
+        if word == "schema":
+            raise UnknownSchema(
+                f"cannot {action} on session {session_id}: it is stored in schema version "
+                f"{_s(reply[1])}, newer than this release reads ({keys.SESSION_SCHEMA})"
+            )
         if word == "stale":
             what, value = _s(reply[1]), _s(reply[2])
             why = {
@@ -356,47 +300,3 @@ class SessionStore:
         reply = await self._run("refresh a session", "touch", self._keys(session_id),
                                 [self.session_ttl_ms])
         self._raise_for(reply, session_id, "refresh it")
-
-    # ---- decoder stream state -------------------------------------------------------------
-
-    async def put_decoder_state(self, stream_id: str, seq: int, data: bytes) -> None:
-        """Store a stream's state after chunk `seq`: only if seq is the stored seq + 1, or 0 for
-        a new stream. StaleWriteError if another replica stored this or a later seq first;
-        SessionNotFound if seq > 0 and nothing is stored (expired or deleted)."""
-        key = self._state_key(stream_id)
-        _count("seq", seq)
-        if not isinstance(data, (bytes, bytearray, memoryview)):
-            raise SessionInputError(f"decoder state must be bytes, got {type(data).__name__}")
-        data = bytes(data)
-        if len(data) > self.max_decoder_state_bytes:
-            raise RecordTooLarge(
-                f"decoder state of stream {stream_id} is {len(data)} bytes, "
-                f"over the limit of {self.max_decoder_state_bytes}"
-            )
-        reply = await self._retrying(
-            "store a decoder state",
-            lambda: self._put_state(keys=[key], args=[seq, data, self.decoder_state_ttl_ms]),
-        )
-        word = _word(reply)
-        if word == "missing":
-            raise SessionNotFound(
-                f"decoder stream {stream_id} has no stored state (expired or deleted); "
-                f"seq {seq} needs seq {seq - 1} stored first"
-            )
-        if word == "stale":
-            raise StaleWriteError(
-                f"decoder stream {stream_id} holds seq {_s(reply[2])}; cannot store seq {seq} "
-                "(only the next seq, or 0 for a new stream)"
-            )
-
-    async def get_decoder_state(self, stream_id: str) -> tuple[int, bytes] | None:
-        key = self._state_key(stream_id)
-        seq, data = await self._retrying("read a decoder state",
-                                         lambda: self.redis.hmget(key, ["seq", "data"]))
-        if seq is None or data is None:
-            return None
-        return int(seq), bytes(data)
-
-    async def delete_decoder_state(self, stream_id: str) -> None:
-        key = self._state_key(stream_id)
-        await self._retrying("delete a decoder state", lambda: self.redis.delete(key))

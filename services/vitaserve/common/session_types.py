@@ -6,6 +6,9 @@ History encoding: one compact JSON string per finished turn in a Redis list. Why
 * JSON is in the standard library and readable in `redis-cli LRANGE` when debugging a call;
 * compactness: ids are < 2**18, so "123456," is <= 7 bytes per id vs 3-5 for msgpack: within 2x,
   not worth a dependency; separators=(",", ":") drops the padding.
+
+Versions (keys.py has the table): a turn is written with "v": 2 and read with or without it; the
+session hash likewise with a `schema` field. A version newer than this code fails with UnknownSchema.
 """
 
 from __future__ import annotations
@@ -15,6 +18,8 @@ import math
 import operator
 from dataclasses import dataclass, field
 from typing import Any, Sequence
+
+from vitaserve.common import keys
 
 STATUSES = ("active", "in_turn", "ended")
 MAX_TOKEN_ID = 2**31 - 1  # ids travel as int32 elsewhere (Triton tensors, decoder state)
@@ -46,12 +51,36 @@ class StoreUnavailable(SessionError):
     """Redis could not be reached within the retry budget: map to gRPC UNAVAILABLE."""
 
 
+class UnknownSchema(SessionError):
+    """A record written by a newer release, in a version this code cannot read."""
+
+
 class SessionInputError(SessionError, ValueError):
     """An argument the store cannot accept (malformed id, wrong type, bad value)."""
 
 
 class RecordTooLarge(SessionInputError):
     """One turn record (or decoder state, or system prompt) over its configured byte limit."""
+
+
+def record_schema(what: str, raw: Any, newest: int) -> int:
+    """The version of a stored record: absent (None) is version 1, the release before versioning.
+    UnknownSchema names a version this code does not read; SessionError a version that is no number."""
+    if raw is None:
+        return keys.FIRST_SCHEMA
+    text = raw.decode(errors="replace") if isinstance(raw, bytes) else raw
+    if isinstance(text, str) and text.isascii() and text.isdigit():
+        version = int(text)
+    elif isinstance(text, int) and not isinstance(text, bool):
+        version = text
+    else:
+        raise SessionError(f"{what} is corrupt in Redis: schema version {raw!r} is not a number")
+    if not keys.FIRST_SCHEMA <= version <= newest:
+        raise UnknownSchema(
+            f"{what} is stored in schema version {version}; this release reads versions "
+            f"{keys.FIRST_SCHEMA} to {newest} (was it written by a newer release?)"
+        )
+    return version
 
 
 def _short_str(name: str, value: Any, max_len: int = 64) -> str:
@@ -124,7 +153,7 @@ class TurnRecord:
             )
 
     def to_json(self) -> bytes:
-        obj = {k: getattr(self, k) for k in _TURN_FIELDS}
+        obj = {"v": keys.SESSION_SCHEMA, **{k: getattr(self, k) for k in _TURN_FIELDS}}
         return json.dumps(obj, separators=(",", ":"), ensure_ascii=False).encode()
 
     @classmethod
@@ -133,6 +162,10 @@ class TurnRecord:
             obj = json.loads(raw)
             if not isinstance(obj, dict):
                 raise ValueError("not an object")
+        except ValueError as e:
+            raise SessionError(f"stored turn record is corrupt ({e}): {raw[:80]!r}") from None
+        record_schema("stored turn record", obj.get("v"), keys.SESSION_SCHEMA)
+        try:  # versions 1 and 2 have the same fields
             return cls(**{k: obj[k] for k in _TURN_FIELDS})
         except (ValueError, KeyError, TypeError) as e:
             raise SessionError(f"stored turn record is corrupt ({e}): {raw[:80]!r}") from None
@@ -160,6 +193,8 @@ def _text(raw: Any) -> str:
 def record_from_redis(session_id: str, fields: dict, history: list) -> SessionRecord:
     """Build a SessionRecord from HGETALL and LRANGE replies (bytes keys and values)."""
     f = {_text(k): _text(v) for k, v in fields.items()}
+    # Versions 1 (no schema field) and 2 have the same fields; a newer one is refused whole.
+    record_schema(f"session {session_id}", f.get("schema"), keys.SESSION_SCHEMA)
     try:
         rec = SessionRecord(
             session_id=session_id,

@@ -46,3 +46,10 @@ def set_torch_threads(threads: int = 0) -> int:
     n = threads or cpu_budget()
     torch.set_num_threads(n)
     return n
+
+
+def add_threads_argument(parser) -> None:
+    """--threads of a service that runs torch (encoder, decoder)."""
+    parser.add_argument("--threads", type=int, default=0,
+                        help="torch CPU threads (0 = the CPUs this container may use: its cgroup quota, else its "
+                             "cores); set it to the pod's CPU request when there is no CPU limit")

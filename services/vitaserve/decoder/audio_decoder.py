@@ -30,22 +30,20 @@ from typing import Iterable, Sequence
 import numpy as np
 import torch
 
-from vitaserve.decoder.hift import CheckpointError, HiftConfig, HiFTGenerator, load_hift
+from vitaserve.common.audio_facts import AUDIO_CODEBOOK_SIZE, DECODER_RATE, GLM4VOICE_BLOCKS, HOP, TOKENS_PER_SECOND
+from vitaserve.common.checkpoint_errors import CheckpointError
+from vitaserve.decoder.hift import HiftConfig, HiFTGenerator, load_hift
 from vitaserve.decoder.stream_state import DecoderStreamState
 
-SAMPLE_RATE = 22050
-MEL_HOP = 256  # hard-coded in the official flow / flow_inference, not in config.yaml
 TOKEN_OVERLAP = 5  # tokens of mel held back and cross-faded (-> 34 frames)
 HIFT_CACHE_FRAMES = 1
-SOURCE_CACHE = HIFT_CACHE_FRAMES * MEL_HOP  # 256 samples
-VOCAB = 16384
-WEB_DEMO_BLOCKS = (25, 50, 100, 150, 200)  # GLM-4-Voice web_demo.py block_size_list
+SOURCE_CACHE = HIFT_CACHE_FRAMES * HOP  # 256 samples
 VITA_MIN_NEW_TOKENS = 16  # re-decode only when MORE than this many tokens are new
 VITA_RESET_TOKENS = 512  # past this many tokens the re-decode starts over from the next tokens
 VITA_MAX_ODE_STEPS = 10
 
 
-def split_blocks(tokens: Sequence[int], chunk_sizes: Sequence[int] = WEB_DEMO_BLOCKS) -> list[list[int]]:
+def split_blocks(tokens: Sequence[int], chunk_sizes: Sequence[int] = GLM4VOICE_BLOCKS) -> list[list[int]]:
     """Cut tokens into consecutive blocks of chunk_sizes (the last size repeating); the last block
     is what remains (1..size tokens), as when the web demo's stream ends."""
     if not chunk_sizes or any(int(c) <= 0 for c in chunk_sizes):
@@ -63,9 +61,10 @@ def check_tokens(tokens: Iterable[int], allow_empty: bool = False) -> list[int]:
     out = [int(t) for t in tokens]
     if not out and not allow_empty:
         raise ValueError("no audio tokens to decode")
-    bad = [t for t in out if not 0 <= t < VOCAB]
+    bad = [t for t in out if not 0 <= t < AUDIO_CODEBOOK_SIZE]
     if bad:
-        raise ValueError(f"audio token ids must be in [0, {VOCAB}); got {bad[:5]}" + (" ..." if len(bad) > 5 else ""))
+        raise ValueError(f"audio token ids must be in [0, {AUDIO_CODEBOOK_SIZE}); got {bad[:5]}"
+                         + (" ..." if len(bad) > 5 else ""))
     return out
 
 
@@ -96,14 +95,14 @@ class Block:
 class AudioDecoder:
     """Flow (tokens -> mel) + HiFT (mel -> speech); eval mode, one instance serves many streams."""
 
-    def __init__(self, flow: torch.nn.Module, hift: HiFTGenerator, input_frame_rate: float = 12.5,
+    def __init__(self, flow: torch.nn.Module, hift: HiFTGenerator, input_frame_rate: float = TOKENS_PER_SECOND,
                  device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32):
         self.flow = flow.eval()
         self.hift = hift.eval()
         self.device = torch.device(device)
         self.dtype = dtype
         self.input_frame_rate = input_frame_rate
-        self.mel_overlap_len = int(TOKEN_OVERLAP / input_frame_rate * SAMPLE_RATE / MEL_HOP)  # 34
+        self.mel_overlap_len = int(TOKEN_OVERLAP / input_frame_rate * DECODER_RATE / HOP)  # 34
         self.mel_window = np.hamming(2 * self.mel_overlap_len)
 
     @classmethod
@@ -119,7 +118,7 @@ class AudioDecoder:
         cfg = load_decoder_yaml(decoder_dir / "config.yaml")
         flow = load_flow(decoder_dir, device=device, dtype=dtype)
         hift = load_hift(decoder_dir / "hift.pt", HiftConfig.from_yaml_dict(cfg["hift"]), device=device, dtype=dtype)
-        return cls(flow, hift, float(cfg["flow"].get("input_frame_rate", 12.5)), device, dtype)
+        return cls(flow, hift, float(cfg["flow"].get("input_frame_rate", TOKENS_PER_SECOND)), device, dtype)
 
     # ---- randomness -------------------------------------------------------------------------
 
@@ -170,9 +169,10 @@ class AudioDecoder:
     def _vocode(self, mel: torch.Tensor, cache_source: torch.Tensor | None, deterministic: bool,
                 gen, phase_gen) -> tuple[torch.Tensor, torch.Tensor]:
         if mel.shape[2] == 0:
+            min_tokens = int(np.ceil((self.mel_overlap_len + 1) * self.input_frame_rate * HOP / DECODER_RATE))
             raise ValueError(
                 f"block too short: a non-final first block must give more than {self.mel_overlap_len} mel "
-                f"frames (at least {int(np.ceil((self.mel_overlap_len + 1) * self.input_frame_rate * MEL_HOP / SAMPLE_RATE))} tokens)")
+                f"frames (at least {min_tokens} tokens)")
         return self.hift.inference(mel, cache_source, generator=gen, deterministic=deterministic,
                                    phase_generator=phase_gen)
 
@@ -331,7 +331,7 @@ class AudioDecoder:
         pcm, _ = self.decode_chunk(state, tokens, finalize=True, ode_steps=ode_steps)
         return pcm
 
-    def decode_stream(self, tokens: Sequence[int], chunk_sizes: Sequence[int] = WEB_DEMO_BLOCKS,
+    def decode_stream(self, tokens: Sequence[int], chunk_sizes: Sequence[int] = GLM4VOICE_BLOCKS,
                       ode_steps: int | Sequence[int] = 10, deterministic: bool = False, seed: int = 42,
                       seeding: str = "per_block") -> list[np.ndarray]:
         """The web demo's streaming over a whole token list: one PCM chunk per block, last finalized.

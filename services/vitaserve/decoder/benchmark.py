@@ -24,13 +24,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from vitaserve.common.audio_facts import AUDIO_CODEBOOK_SIZE, DECODER_RATE, TOKENS_PER_SECOND, VITA_FIRST_BLOCK
 from vitaserve.common.provenance import git_commit
-from vitaserve.decoder.audio_decoder import SAMPLE_RATE, AudioDecoder, Block
+from vitaserve.decoder.audio_decoder import AudioDecoder, Block
 
-ANSWER_TOKENS = 125  # a 10 s answer at 12.5 tokens/s
+ANSWER_TOKENS = int(10 * TOKENS_PER_SECOND)  # a 10 s answer
 STREAM_BLOCKS = (25, 50, 50)
 BATCH_SIZES = (1, 2, 4, 8)
-FIRST_BLOCK = 10  # the gateway's default chunk plan ("vita") opens with 10 tokens
 
 
 def _sync(device: torch.device) -> None:
@@ -52,7 +52,7 @@ def decoder_numbers(decoder: AudioDecoder, ode_steps: int = 10, seed: int = 0,
                     stream_blocks=STREAM_BLOCKS, answer_tokens: int = ANSWER_TOKENS) -> dict:
     """The four decoder numbers for one loaded decoder (random tokens, the official seeding)."""
     rng = np.random.default_rng(seed)
-    tokens = rng.integers(0, 16384, answer_tokens).tolist()
+    tokens = rng.integers(0, AUDIO_CODEBOOK_SIZE, answer_tokens).tolist()
     dev = decoder.device
     out: dict = {}
 
@@ -69,13 +69,13 @@ def decoder_numbers(decoder: AudioDecoder, ode_steps: int = 10, seed: int = 0,
     out["decoder_first_pcm_ms_10tok_1step"] = round(dt * 1000, 1)
 
     pcm, dt = _timed(lambda: decoder.decode(tokens, ode_steps=ode_steps), dev)
-    out["decoder_rtf_oneshot"] = round(dt / (pcm.shape[0] / SAMPLE_RATE), 3)
+    out["decoder_rtf_oneshot"] = round(dt / (pcm.shape[0] / DECODER_RATE), 3)
 
     def stream():
         return decoder.decode_stream(tokens, stream_blocks, ode_steps=ode_steps)
 
     chunks, dt = _timed(stream, dev)
-    out["decoder_rtf_stream"] = round(dt / (sum(c.shape[0] for c in chunks) / SAMPLE_RATE), 3)
+    out["decoder_rtf_stream"] = round(dt / (sum(c.shape[0] for c in chunks) / DECODER_RATE), 3)
     return out
 
 
@@ -85,8 +85,8 @@ def batch_numbers(decoder: AudioDecoder, batch_sizes=BATCH_SIZES, ode_steps: int
     dev = decoder.device
     rows = []
     for b in batch_sizes:
-        blocks = [Block(decoder.start_stream(), tuple(rng.integers(0, 16384, FIRST_BLOCK).tolist()), False, ode_steps)
-                  for _ in range(b)]
+        blocks = [Block(decoder.start_stream(), tuple(rng.integers(0, AUDIO_CODEBOOK_SIZE, VITA_FIRST_BLOCK).tolist()),
+                        False, ode_steps) for _ in range(b)]
         _, batched = _timed(lambda: decoder.decode_chunks(blocks), dev)
         _, serial = _timed(lambda: [decoder.decode_chunks([blk]) for blk in blocks], dev)
         rows.append({"batch": b, "batched_ms": round(batched * 1000, 1), "one_by_one_ms": round(serial * 1000, 1),

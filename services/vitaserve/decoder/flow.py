@@ -24,20 +24,18 @@ Differences from the official code, all deliberate:
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from vitaserve.common.state_dict import shape_mismatch, shapes_of
+from vitaserve.common.audio_facts import DECODER_RATE, HOP
+from vitaserve.common.state_dict import load_strict
+from vitaserve.common.weight_files import read_torch_state
 from vitaserve.decoder.conformer import BlockConformerEncoder
 from vitaserve.decoder.flow_config import (
-    MEL_HOP,
-    MEL_SAMPLE_RATE,
     CFMConfig,
-    DecoderCheckpointError,
     FlowConfig,
     LengthRegulatorConfig,
 )
@@ -134,7 +132,7 @@ class FlowModel(nn.Module):
     def mel_frames(self, n_tokens: int | torch.Tensor) -> int:
         """Official frame count: int(n / rate * 22050 / 256), in float32 as the official tensor math."""
         n = torch.as_tensor(n_tokens, dtype=torch.int32)
-        return int((n / self.input_frame_rate * MEL_SAMPLE_RATE / MEL_HOP).int())
+        return int((n / self.input_frame_rate * DECODER_RATE / HOP).int())
 
     @torch.inference_mode()
     def encode(self, token: torch.Tensor) -> torch.Tensor:
@@ -224,49 +222,14 @@ def random_flow_state_dict(cfg: FlowConfig, seed: int = 0) -> dict[str, torch.Te
         return FlowModel(cfg).state_dict()
 
 
-def check_state_dict(model: nn.Module, state: dict, source: str) -> None:
-    """Strict key/shape check with one message naming missing, unexpected and mis-shaped keys."""
-    problems = shape_mismatch(shapes_of(model.state_dict()), shapes_of(state))
-    if problems:
-        raise DecoderCheckpointError(f"{source} does not match config.yaml: {problems}")
-
-
 def load_flow(decoder_dir, device="cpu", dtype: torch.dtype = torch.float32) -> FlowModel:
     """Build the flow model from DIR/config.yaml and load DIR/flow.pt strictly."""
     folder = Path(decoder_dir)
     cfg = FlowConfig.from_yaml_dict(load_decoder_yaml(folder / "config.yaml").get("flow"))
     weights = folder / "flow.pt"
-    if not weights.is_file():
-        raise DecoderCheckpointError(f"{weights}: no such file")
-    state = torch.load(weights, map_location="cpu", weights_only=True)
-    if not isinstance(state, dict):
-        raise DecoderCheckpointError(f"{weights}: not a state dict")
+    state = read_torch_state(weights)
     with torch.device("meta"):
         model = FlowModel(cfg)
-    check_state_dict(model, state, str(weights))
     state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
-    model.load_state_dict(state, strict=True, assign=True)
+    load_strict(model, state, str(weights), "config.yaml", assign=True)
     return model.to(device)
-
-
-def time_flow(model: FlowModel, n_tokens: int = 25, n_prompt: int = 0, n_timesteps: int = 10) -> float:
-    """Milliseconds of one `inference` of n_tokens after n_prompt prompt tokens (after one warm-up)."""
-    device = model.input_embedding.weight.device
-    dtype = model.spk_embed_affine_layer.weight.dtype
-    g = torch.Generator().manual_seed(0)
-    vocab = model.cfg.vocab_size
-    token = torch.randint(0, vocab, (1, n_tokens), generator=g).to(device)
-    prompt = torch.randint(0, vocab, (1, n_prompt), generator=g).to(device)
-    feat = torch.randn(1, model.mel_frames(n_prompt), model.output_size, generator=g).to(device, dtype)
-    emb = torch.zeros(1, model.cfg.spk_embed_dim, device=device, dtype=dtype)
-
-    def run() -> None:
-        model.inference(token, n_tokens, prompt, n_prompt, feat, feat.shape[1], emb, n_timesteps,
-                        generator=torch.Generator().manual_seed(42))
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-
-    run()
-    start = time.perf_counter()
-    run()
-    return (time.perf_counter() - start) * 1000.0

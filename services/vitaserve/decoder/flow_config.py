@@ -15,21 +15,14 @@ from __future__ import annotations
 import copy
 from dataclasses import dataclass, field
 
+from vitaserve.common.audio_facts import AUDIO_CODEBOOK_SIZE, DECODER_RATE, TOKENS_PER_SECOND
 from vitaserve.decoder.yaml_config import DecoderConfigError
-
-# The official code hard-codes the mel frame rate (flow.py, flow_inference.py): 22050 Hz, hop 256.
-MEL_SAMPLE_RATE = 22050
-MEL_HOP = 256
 
 FLOW_CLASS = "cosyvoice.flow.flow.MaskedDiffWithXvec"
 ENCODER_CLASS = "cosyvoice.transformer.encoder.BlockConformerEncoder"
 REGULATOR_CLASS = "cosyvoice.flow.length_regulator.InterpolateRegulator"
 CFM_CLASS = "cosyvoice.flow.flow_matching.ConditionalCFM"
 ESTIMATOR_CLASS = "cosyvoice.flow.decoder.ConditionalDecoder"
-
-
-class DecoderCheckpointError(ValueError):
-    """A decoder weight file that does not match its config; the message names the keys."""
 
 
 @dataclass(frozen=True)
@@ -172,10 +165,6 @@ class FlowConfig:
         if self.length_regulator.channels != self.output_size:
             raise DecoderConfigError("flow.length_regulator.channels must equal flow.output_size")
 
-    @property
-    def mel_frames_per_token(self) -> float:
-        return MEL_SAMPLE_RATE / MEL_HOP / self.input_frame_rate
-
 
 def _section(node, class_path: str, where: str) -> dict:
     if not isinstance(node, dict):
@@ -242,8 +231,8 @@ _FLOW = {
     "output_size": 80,
     "spk_embed_dim": 192,
     "output_type": "mel",
-    "vocab_size": 16384,
-    "input_frame_rate": 12.5,
+    "vocab_size": AUDIO_CODEBOOK_SIZE,
+    "input_frame_rate": TOKENS_PER_SECOND,
     "only_mask_loss": True,
     "encoder": {
         "_class": ENCODER_CLASS,
@@ -279,7 +268,7 @@ _HIFT = {
     "in_channels": 80,
     "base_channels": 512,
     "nb_harmonics": 8,
-    "sampling_rate": 22050,
+    "sampling_rate": DECODER_RATE,
     "nsf_alpha": 0.1,
     "nsf_sigma": 0.003,
     "nsf_voiced_threshold": 10,
@@ -303,7 +292,7 @@ def released_decoder_yaml() -> dict:
     """The released decoder config.yaml as a dict (references resolved)."""
     return copy.deepcopy({
         **_SEEDS,
-        "sample_rate": 22050,
+        "sample_rate": DECODER_RATE,
         "text_encoder_input_size": 512,
         "llm_input_size": 1024,
         "llm_output_size": 1024,

@@ -21,11 +21,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from vitaserve.common.state_dict import shape_mismatch, shapes_of
-from vitaserve.decoder.flow_config import DecoderCheckpointError
+from vitaserve.common.audio_facts import DECODER_RATE
+from vitaserve.common.checkpoint_errors import CheckpointError
+from vitaserve.common.state_dict import load_strict
+from vitaserve.common.weight_files import read_torch_state
 from vitaserve.decoder.rng import Generators, draw, per_row
-
-CheckpointError = DecoderCheckpointError  # one error type for every decoder weight file
 
 
 @dataclass(frozen=True)
@@ -33,7 +33,7 @@ class HiftConfig:
     in_channels: int = 80
     base_channels: int = 512
     nb_harmonics: int = 8
-    sampling_rate: int = 22050
+    sampling_rate: int = DECODER_RATE
     nsf_alpha: float = 0.1  # sine amplitude
     nsf_sigma: float = 0.003  # noise std in voiced regions
     nsf_voiced_threshold: float = 10.0  # Hz
@@ -317,25 +317,13 @@ class HiFTGenerator(nn.Module):
         return self.forward(mel, cache_source, generator, deterministic, phase_generator)
 
 
-def load_state_dict_strict(model: nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
-    """load_state_dict(strict=True) whose error names every missing, unexpected and mis-shaped key."""
-    problems = shape_mismatch(shapes_of(model.state_dict()), shapes_of(state))
-    if problems:
-        raise CheckpointError(f"{source} does not match config.yaml: {problems}")
-    model.load_state_dict(state, strict=True)
-
-
 def load_hift(path: str | Path, cfg: HiftConfig, device: str | torch.device = "cpu",
               dtype: torch.dtype = torch.float32) -> HiFTGenerator:
     """hift.pt (a plain state dict) -> HiFTGenerator in eval mode with weight norm folded."""
     path = Path(path)
-    if not path.exists():
-        raise CheckpointError(f"{path}: no such file")
-    state = torch.load(path, map_location="cpu", weights_only=True)
-    if not isinstance(state, dict):
-        raise CheckpointError(f"{path}: expected a state dict, found {type(state).__name__}")
+    state = read_torch_state(path)
     model = HiFTGenerator(cfg)
-    load_state_dict_strict(model, state, str(path))
+    load_strict(model, state, str(path), "config.yaml")
     # pitch and source stay float32: a bf16 F0 drifts the sine phases (cumsum over the whole chunk)
     model = model.to(device=device).eval()
     for name, child in model.named_children():

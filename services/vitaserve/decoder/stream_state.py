@@ -20,7 +20,9 @@ for a carried CPU generator. Measured: 58 KB after a 25-token first block, 279 K
 555 KB at 20 s; a 60 s answer is ~1.7 MB.
 
 Format: safetensors bytes; scalars in its `__metadata__` (format "vitaserve.decoder_stream",
-version 1). Never pickle: bytes from Redis are data, not code.
+version 1). Never pickle: bytes from Redis are data, not code. This version is of the bytes; the
+Redis record around them (state_store.py, one hash with the previous state too) has its own schema.
+to_bytes/from_bytes take milliseconds per MB of state: the store runs them in a worker thread.
 """
 
 from __future__ import annotations

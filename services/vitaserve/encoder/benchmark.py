@@ -13,8 +13,10 @@ import time
 
 import numpy as np
 
+from vitaserve.common.audio_facts import TOKENIZER_RATE
 
-def speech_like(seconds: float, sample_rate: int = 16000, seed: int = 0) -> np.ndarray:
+
+def speech_like(seconds: float, sample_rate: int = TOKENIZER_RATE, seed: int = 0) -> np.ndarray:
     """Deterministic float32 signal with speech-like structure, peak ~0.5."""
     rng = np.random.default_rng(seed)
     t = np.arange(int(seconds * sample_rate)) / sample_rate

@@ -15,11 +15,13 @@ import math
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 from safetensors.torch import save_file
 
-from vitaserve.common.state_dict import shape_mismatch, shapes_of
-from vitaserve.encoder.config import CheckpointError, WhisperVQConfig
+from vitaserve.common.audio_facts import AUDIO_CODEBOOK_SIZE, TOKENIZER_RATE
+from vitaserve.common.checkpoint_errors import CheckpointError
+from vitaserve.common.state_dict import check_shapes, shapes_of
+from vitaserve.common.weight_files import read_safetensors, safetensors_shapes, weight_files
+from vitaserve.encoder.config import WhisperVQConfig
 from vitaserve.encoder.model import WhisperVQEncoder, sinusoids
 
 # config.json of the released folder, key for key (THUDM/glm-4-voice-tokenizer, transformers 4.44.1).
@@ -74,7 +76,7 @@ RELEASED_CONFIG: dict = {
     "quantize_loss_scale": 10.0,
     "quantize_position": 16,
     "quantize_restart_interval": 100,
-    "quantize_vocab_size": 16384,
+    "quantize_vocab_size": AUDIO_CODEBOOK_SIZE,
     "scale_embedding": False,
     "skip_language_detection": True,
     "torch_dtype": "float32",
@@ -97,7 +99,7 @@ RELEASED_PREPROCESSOR: dict = {
     "padding_value": 0.0,
     "processor_class": "WhisperProcessor",
     "return_attention_mask": False,
-    "sampling_rate": 16000,
+    "sampling_rate": TOKENIZER_RATE,
 }
 
 # tiny: a few MB for tests, same layout and front end; the codebook keeps its 16384 rows so that
@@ -120,14 +122,6 @@ PRESETS: dict[str, dict] = {
 }
 
 
-def weight_files(folder: Path) -> list[Path]:
-    """model*.safetensors, as the official loader globs them (the released folder has one file)."""
-    files = sorted(folder.glob("model*.safetensors"))
-    if not files:
-        raise CheckpointError(f"{folder}: no model.safetensors")
-    return files
-
-
 def load_encoder(
     folder: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32
 ) -> WhisperVQEncoder:
@@ -138,18 +132,9 @@ def load_encoder(
     config = WhisperVQConfig.from_folder(folder)
     with torch.device("meta"):
         model = WhisperVQEncoder(config)
-    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-    tensors: dict[str, torch.Tensor] = {}
-    for path in weight_files(folder):
-        with safe_open(str(path), framework="pt", device="cpu") as f:
-            for key in f.keys():
-                if key in tensors:
-                    raise CheckpointError(f"{path.name}: key {key} appears in more than one file")
-                tensors[key] = f.get_tensor(key)
-    problems = shape_mismatch(expected, shapes_of(tensors))
-    if problems:
-        raise CheckpointError(f"{folder}: weights do not match config.json: {problems}")
-    model.load_state_dict(tensors, strict=True, assign=True)
+    files = weight_files(folder)
+    check_shapes(shapes_of(model.state_dict()), safetensors_shapes(files), str(folder), "config.json")
+    model.load_state_dict(read_safetensors(files), strict=True, assign=True)
     model.to(device=device, dtype=dtype)
     model.eval().requires_grad_(False)
     model.refresh_codebook_cache()

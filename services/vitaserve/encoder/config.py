@@ -13,9 +13,7 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-
-class CheckpointError(ValueError):
-    """A tokenizer folder that cannot be loaded; the message names the file and the problem."""
+from vitaserve.common.checkpoint_errors import CheckpointError
 
 
 # Defaults of transformers.WhisperConfig (whisper-tiny sizes) and of GLM-4-Voice's WhisperVQConfig.

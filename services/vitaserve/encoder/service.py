@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import grpc
 import numpy as np
 import structlog
@@ -10,6 +12,10 @@ from vitaserve.api import encoder_pb2, encoder_pb2_grpc
 from vitaserve.common import metrics
 from vitaserve.common.batcher import BatcherStopped, MicroBatcher
 from vitaserve.common.resample import resample
+from vitaserve.encoder.settings import EncoderSettings
+
+if TYPE_CHECKING:
+    from vitaserve.common.grpc_server import ServiceRunner
 
 log = structlog.get_logger(__name__)
 
@@ -83,20 +89,30 @@ class EncoderServicer(encoder_pb2_grpc.EncoderServicer):
             metrics.ENCODER_REQUESTS.labels(code).inc()
 
 
-async def serve(tokenizer_dir: str, port: int, metrics_port: int = 0, device: str = "cpu",
-                max_batch: int = 16, max_wait_ms: float = 5.0, grace_s: float = 10.0, ready=None) -> None:
-    from vitaserve.common.grpc_server import ServiceRunner, make_server, start_metrics
-    from vitaserve.encoder.tokenizer import SpeechTokenizer
+def encoder_replica(settings: EncoderSettings, tokenizer) -> tuple[ServiceRunner, EncoderServicer]:
+    """(runner, servicer) of one replica: its gRPC server (health, reflection, batcher) around a
+    loaded tokenizer, not yet started. serve() composes it for a pod, the tests around a tokenizer
+    loaded once."""
+    from vitaserve.common.grpc_server import ServiceRunner, make_server
 
-    tokenizer = SpeechTokenizer.from_pretrained(tokenizer_dir, device=device)
-    servicer = EncoderServicer(tokenizer, max_batch, max_wait_ms)
+    servicer = EncoderServicer(tokenizer, settings.max_batch, settings.max_wait_ms)
     server = make_server(max_message_bytes=MAX_MESSAGE_BYTES)
     encoder_pb2_grpc.add_EncoderServicer_to_server(servicer, server)
-    runner = ServiceRunner(server, [encoder_pb2.DESCRIPTOR.services_by_name["Encoder"].full_name], port,
-                           batchers=[servicer.batcher])
-    start_metrics(metrics_port)
+    runner = ServiceRunner(server, [encoder_pb2.DESCRIPTOR.services_by_name["Encoder"].full_name], settings.port,
+                           host=settings.host, batchers=[servicer.batcher])
+    return runner, servicer
+
+
+async def serve(settings: EncoderSettings, ready=None) -> None:
+    """Load the tokenizer, serve until SIGTERM/SIGINT, then drain for settings.grace_s."""
+    from vitaserve.common.grpc_server import start_metrics
+    from vitaserve.encoder.tokenizer import SpeechTokenizer
+
+    tokenizer = SpeechTokenizer.from_pretrained(settings.tokenizer, device=settings.device)
+    runner, _ = encoder_replica(settings, tokenizer)
+    start_metrics(settings.metrics_port)
     await runner.start()
-    log.info("encoder serving", port=runner.port, tokenizer=tokenizer_dir)
+    log.info("encoder serving", port=runner.port, tokenizer=settings.tokenizer)
     if ready is not None:
         ready(runner)
-    await runner.serve_until_signal(grace_s)
+    await runner.serve_until_signal(settings.grace_s)

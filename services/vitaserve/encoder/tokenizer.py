@@ -18,8 +18,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from vitaserve.common.checkpoint_errors import CheckpointError
 from vitaserve.encoder.checkpoint import load_encoder
-from vitaserve.encoder.config import CheckpointError
 from vitaserve.encoder.model import WhisperVQEncoder
 
 WINDOW_SECONDS = 30  # the official code cuts at 30 * 16000 samples

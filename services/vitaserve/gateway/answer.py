@@ -1,9 +1,10 @@
-"""One spoken answer: generation streamed from Triton, cut into blocks, decoded, sent as audio.
+"""One answer: generation streamed from Triton, cut into blocks, decoded, sent as audio.
 
 Generation and decoding overlap: a producer reads tokens (text deltas go out at once, audio tokens
 fill the chunker) and a consumer decodes full blocks in order and sends them in the caller's codec.
 Cancelling the answer (barge-in) cancels both: the Triton stream and the decoder call in flight.
 What was actually delivered is tracked, so the history records only what the caller heard.
+A text-only answer (a transcription) has no output format: its audio tokens are counted, not decoded.
 """
 
 from __future__ import annotations
@@ -13,22 +14,19 @@ import time
 import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
 
+from vitaserve.common.audio_facts import DECODER_RATE
 from vitaserve.common.resample import StreamResampler
-from vitaserve.gateway.chunker import ChunkPlan, TokenChunker
-from vitaserve.gateway.codecs import encode_audio
+from vitaserve.gateway.chunker import TokenChunker
+from vitaserve.gateway.codecs import OutputFormat, encode_audio
 from vitaserve.gateway.generator_client import GenerationOptions
 from vitaserve.lmtext.detokenize import TextStream
 
-DECODER_RATE = 22050
-
-
-@dataclass(frozen=True)
-class OutputFormat:
-    codec: str
-    sample_rate: int
+if TYPE_CHECKING:
+    from vitaserve.gateway.deps import GatewayDeps
 
 
 @dataclass
@@ -63,14 +61,14 @@ class AnswerSinks:
     audio: Callable[[bytes, int, float], Awaitable[None]]  # (payload, seq, duration s)
 
 
-async def speak(deps, prompt_ids: list[int], opts: GenerationOptions, fmt: OutputFormat, sinks: AnswerSinks,
-                progress: AnswerProgress, plan: ChunkPlan, stream_prefix: str = "") -> AnswerProgress:
-    """Run one answer to its end (or until cancelled); fills `progress` as it goes."""
+async def speak(deps: GatewayDeps, prompt_ids: list[int], opts: GenerationOptions, fmt: OutputFormat | None,
+                sinks: AnswerSinks, progress: AnswerProgress, stream_prefix: str = "") -> AnswerProgress:
+    """Run one answer to its end (or until cancelled); fills `progress` as it goes.
+    fmt None: text only, the audio tokens are counted and never decoded."""
     vocab, stream_id = deps.vocab, f"{stream_prefix or 'tts'}:{uuid.uuid4().hex}"
     text_stream = TextStream(deps.text_tokenizer, vocab.endoftext_id)
-    chunker = TokenChunker(plan)
-    blocks: asyncio.Queue[tuple[list[int], bool, int]] = asyncio.Queue()
-    out_resampler = StreamResampler(DECODER_RATE, fmt.sample_rate)
+    chunker = TokenChunker(deps.settings.chunk_plan)
+    blocks: asyncio.Queue[tuple[list[int], bool, int]] = asyncio.Queue()  # at most max_new_tokens of them
 
     async def produce() -> None:
         async for token in deps.generator.generate(prompt_ids, opts):
@@ -79,7 +77,7 @@ async def speak(deps, prompt_ids: list[int], opts: GenerationOptions, fmt: Outpu
                 progress.first_token_at = time.perf_counter()
             if token.is_audio:
                 progress.audio_tokens += 1
-                block = chunker.push(vocab.audio_index(token.token_id))
+                block = chunker.push(vocab.audio_index(token.token_id)) if fmt is not None else None
                 if block:
                     if progress.first_block_at is None:
                         progress.first_block_at = time.perf_counter()
@@ -92,7 +90,8 @@ async def speak(deps, prompt_ids: list[int], opts: GenerationOptions, fmt: Outpu
         tail = text_stream.flush()
         if tail:
             await _send_text(tail)
-        await blocks.put((chunker.flush(), True, len(progress.generated)))
+        if fmt is not None:
+            await blocks.put((chunker.flush(), True, len(progress.generated)))
 
     async def _send_text(delta: str) -> None:
         progress.text += delta
@@ -102,7 +101,8 @@ async def speak(deps, prompt_ids: list[int], opts: GenerationOptions, fmt: Outpu
         if progress.audio_tokens == 0:  # text before any audio is delivered as it goes out
             progress.delivered_upto = len(progress.generated)
 
-    async def consume() -> None:
+    async def consume(fmt: OutputFormat) -> None:
+        out_resampler = StreamResampler(DECODER_RATE, fmt.sample_rate)
         seq, finished = 0, False
         try:
             while True:
@@ -135,7 +135,8 @@ async def speak(deps, prompt_ids: list[int], opts: GenerationOptions, fmt: Outpu
     try:
         async with asyncio.TaskGroup() as group:
             group.create_task(produce())
-            group.create_task(consume())
+            if fmt is not None:
+                group.create_task(consume(fmt))
     except BaseExceptionGroup as group_error:  # the caller sees the failure itself, not a group
         raise first_leaf(group_error) from None
     progress.delivered_upto = len(progress.generated)

@@ -13,6 +13,8 @@ import numpy as np
 from tenacity import AsyncRetrying, retry_if_exception, stop_after_attempt, stop_after_delay, wait_exponential
 
 from vitaserve.api import decoder_pb2, decoder_pb2_grpc, encoder_pb2, encoder_pb2_grpc
+from vitaserve.common.audio_facts import TOKENIZER_RATE
+from vitaserve.gateway.convert import decoder_samples, encoder_pcm16
 
 RETRYABLE = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.RESOURCE_EXHAUSTED}
 
@@ -47,8 +49,7 @@ class EncoderClient:
         self.timeout_s, self.attempts = timeout_s, attempts
 
     async def encode(self, samples_16k: np.ndarray) -> list[int]:
-        pcm = (np.clip(samples_16k, -1.0, 1.0) * 32767.0).astype("<i2").tobytes()
-        request = encoder_pb2.EncodeRequest(pcm16=pcm, sample_rate=16000)
+        request = encoder_pb2.EncodeRequest(pcm16=encoder_pcm16(samples_16k), sample_rate=TOKENIZER_RATE)
         async for attempt in _retrying(self.attempts, self.timeout_s * self.attempts):
             with attempt:
                 response = await self.stub.Encode(request, timeout=self.timeout_s)
@@ -72,7 +73,7 @@ class DecoderClient:
         async for attempt in _retrying(self.attempts, self.timeout_s * 2):
             with attempt:
                 response = await self.stub.DecodeBlock(request, timeout=self.timeout_s)
-        return np.frombuffer(response.pcm_f32, dtype="<f4")
+        return decoder_samples(response.pcm_f32)
 
     async def end_stream(self, stream_id: str) -> None:
         try:

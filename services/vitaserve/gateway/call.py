@@ -1,9 +1,11 @@
 """One phone call on the Converse stream: caller audio in, turns answered, barge-in, history.
 
-Protocol handling stays here and in service.py; the answer pipeline is answer.speak. A call is one
-task reading the caller's messages plus at most one answer task; barge-in is one cancel. Protocol
-errors raise CallError (the servicer turns it into the gRPC status); a failed turn is reported with
-an Error message and the call goes on.
+`Call.run` is an async generator of the call's messages, which the servicer passes on. It reads the
+caller in one task; each turn's answer (encode -> prompt -> speak, gateway.pipeline) is a task of
+its TaskGroup, at most one at a time, so barge-in is one cancel and a half-close lets the running
+answer finish. Answer messages reach `run` through a bounded Outbox: a slow reader holds the answer
+back. Protocol errors raise CallError (the servicer turns it into the gRPC status); a failed turn is
+reported with an Error message and the call goes on.
 """
 
 from __future__ import annotations
@@ -11,121 +13,95 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
+from collections.abc import AsyncIterator
+from contextlib import aclosing
 from dataclasses import replace
 
 import grpc
 import numpy as np
 import structlog
 
-from vitaserve.api import audio_pb2, conversation_pb2 as pb
+from vitaserve.api import conversation_pb2 as pb
 from vitaserve.common import metrics
+from vitaserve.common.audio_facts import TOKENIZER_RATE
 from vitaserve.common.resample import StreamResampler
 from vitaserve.common.session_store import (SessionConfig, SessionEnded, SessionNotFound, StaleWriteError,
                                             StoreUnavailable, TurnRecord)
-from vitaserve.gateway.answer import AnswerProgress, AnswerSinks, OutputFormat, speak
-from vitaserve.gateway.chunker import ChunkPlan
-from vitaserve.gateway.codecs import AudioFormatError, check_format, decode_audio
-from vitaserve.gateway.config import GatewayDeps
-from vitaserve.gateway.phone import CODEC_ENUM
-from vitaserve.gateway.generator_client import GenerationOptions, GeneratorError
+from vitaserve.gateway.answer import AnswerProgress, AnswerSinks, first_leaf
+from vitaserve.gateway.codecs import AudioFormatError, OutputFormat, decode_audio
+from vitaserve.gateway.convert import CallError, generation_options, output_format, turn_status, wire_format
+from vitaserve.gateway.deps import GatewayDeps
+from vitaserve.gateway.outbox import Outbox
+from vitaserve.gateway.pipeline import AnswerPipeline
 from vitaserve.gateway.vad import SpeechEnded, SpeechStarted, VadConfig, VoiceActivityDetector
-from vitaserve.lmtext.prompt import LUKE_SYSTEM, PromptTooLong, Turn
-from vitaserve.lmtext.sampling_params import SamplingParams
-from vitaserve.lmtext.schedule import Schedule
+from vitaserve.lmtext.prompt import LUKE_SYSTEM, Turn
 
 log = structlog.get_logger(__name__)
 
-CODEC_NAMES = {enum: name for name, enum in CODEC_ENUM.items()}
-MODEL_RATE = 16000
 MIN_UTTERANCE_TOKENS = 13  # 1 s of speech at 12.5 tokens/s
 
 
-class CallError(Exception):
-    def __init__(self, code: grpc.StatusCode, message: str):
-        super().__init__(message)
-        self.code = code
-
-
-def audio_format(fmt: audio_pb2.AudioFormat, what: str) -> OutputFormat:
-    if fmt.codec not in CODEC_NAMES:
-        raise CallError(grpc.StatusCode.INVALID_ARGUMENT, f"{what}: unknown or unset codec ({fmt.codec})")
-    try:
-        codec = check_format(CODEC_NAMES[fmt.codec], fmt.sample_rate)
-    except AudioFormatError as exc:
-        raise CallError(grpc.StatusCode.INVALID_ARGUMENT, f"{what}: {exc}") from None
-    return OutputFormat(codec, fmt.sample_rate)
-
-
-def generation_options(deps: GatewayDeps, mode: str, sampling: audio_pb2.SamplingOptions,
-                       max_new_tokens: int) -> GenerationOptions:
-    """Options of one answer; a bad mode or sampling value raises CallError(INVALID_ARGUMENT)."""
-    mode = mode or deps.config.default_mode
-    try:
-        Schedule.parse(mode, deps.num_mtp_modules)
-    except ValueError as exc:
-        raise CallError(grpc.StatusCode.INVALID_ARGUMENT, f"mode: {exc}") from None
-    if not 0 <= max_new_tokens < deps.config.context_tokens:
-        raise CallError(grpc.StatusCode.INVALID_ARGUMENT,
-                        f"max_new_tokens must be in [0, {deps.config.context_tokens}) (0 = the server default; the "
-                        f"context holds {deps.config.context_tokens} tokens of prompt and answer), got {max_new_tokens}")
-
-    def opt(name):
-        return getattr(sampling, name) if sampling.HasField(name) else None
-
-    options = GenerationOptions(
-        mode=mode, max_new_tokens=max_new_tokens or deps.config.max_new_tokens,
-        greedy=opt("greedy"), temperature=opt("temperature"), top_k=opt("top_k"), top_p=opt("top_p"),
-        repetition_penalty=opt("repetition_penalty"), seed=opt("seed"))
-    given = {k: getattr(options, k) for k in ("temperature", "top_k", "top_p", "repetition_penalty", "seed")}
-    try:  # the engine's own rules, so a bad value never reaches (or hurts) the generator
-        SamplingParams(do_sample=not options.greedy, **{k: v for k, v in given.items() if v is not None}).validated()
-    except ValueError as exc:
-        raise CallError(grpc.StatusCode.INVALID_ARGUMENT, f"sampling: {exc}") from None
-    return options
-
-
-def answer_sinks(out: asyncio.Queue, turn: int, fmt: OutputFormat) -> AnswerSinks:
-    pb_fmt = audio_pb2.AudioFormat(codec=CODEC_ENUM[fmt.codec], sample_rate=fmt.sample_rate)
+def answer_sinks(outbox: Outbox[pb.ConverseResponse], turn: int, fmt: OutputFormat) -> AnswerSinks:
+    pb_fmt = wire_format(fmt)
 
     async def text(delta: str) -> None:
-        await out.put(pb.ConverseResponse(text=pb.TextDelta(turn=turn, text=delta)))
+        await outbox.put(pb.ConverseResponse(text=pb.TextDelta(turn=turn, text=delta)))
 
     async def audio(payload: bytes, seq: int, duration: float) -> None:
-        await out.put(pb.ConverseResponse(audio=pb.AudioChunk(turn=turn, seq=seq, data=payload, format=pb_fmt,
-                                                              duration_s=duration)))
+        await outbox.put(pb.ConverseResponse(audio=pb.AudioChunk(turn=turn, seq=seq, data=payload, format=pb_fmt,
+                                                                 duration_s=duration)))
 
     return AnswerSinks(text, audio)
 
 
 class Call:
-    def __init__(self, deps: GatewayDeps, out: asyncio.Queue):
-        self.deps, self.out = deps, out
-        self.owner = f"{deps.config.replica_id}:{uuid.uuid4().hex[:8]}"
+    def __init__(self, deps: GatewayDeps):
+        self.deps, self.settings = deps, deps.settings
+        self.pipeline = AnswerPipeline(deps)
+        self.outbox: Outbox[pb.ConverseResponse] = Outbox()
+        self.owner = f"{self.settings.replica_id}:{uuid.uuid4().hex[:8]}"
+        self.answers: asyncio.TaskGroup | None = None
         self.answer_task: asyncio.Task | None = None
         self.session_id = ""
         self.turns_done = 0
 
+    async def run(self, requests) -> AsyncIterator[pb.ConverseResponse]:
+        """The call's messages, in order, until it ends: SessionStarted, then whatever the caller's
+        audio and controls and the answers produce. A CallError or a store failure ends it."""
+        requests = aiter(requests)
+        first = await anext(requests, None)
+        if first is None or first.WhichOneof("message") != "config":
+            raise CallError(grpc.StatusCode.INVALID_ARGUMENT,
+                            "the first message of a call must be `config` (CallConfig)")
+        yield await self._open(first.config)
+        async with aclosing(self.outbox.drain(self._converse(requests))) as messages:
+            async for message in messages:
+                yield message
+
     # ---- set-up --------------------------------------------------------------------------
-    async def _open(self, config: pb.CallConfig) -> None:
-        self.in_fmt = audio_format(config.input_format, "input_format")
-        self.out_fmt = (audio_format(config.output_format, "output_format")
+    async def _open(self, config: pb.CallConfig) -> pb.ConverseResponse:
+        """Check the config, create or claim the session; the SessionStarted message."""
+        self.in_fmt = output_format(config.input_format, "input_format")
+        self.out_fmt = (output_format(config.output_format, "output_format")
                         if config.HasField("output_format") and config.output_format.codec else self.in_fmt)
-        mode = config.mode or self.deps.config.default_mode
-        self.opts = generation_options(self.deps, mode, config.sampling, config.max_new_tokens)
+        mode = config.mode or self.settings.default_mode
+        self.opts = generation_options(mode, config.sampling, config.max_new_tokens, settings=self.settings,
+                                       num_mtp_modules=self.deps.num_mtp_modules)
         self.system = config.system_prompt if config.HasField("system_prompt") else LUKE_SYSTEM
         explicit = config.max_new_tokens > 0
         self._fit_answer_to_context(explicit)
         self.push_to_talk = config.push_to_talk
         vad_opts = config.vad
         try:
-            vad_cfg = VadConfig(max_utterance_s=self.deps.config.max_utterance_s).with_options(
+            vad_cfg = VadConfig(max_utterance_s=self.settings.max_utterance_s).with_options(
                 threshold=vad_opts.threshold if vad_opts.HasField("threshold") else None,
                 min_silence_ms=vad_opts.min_silence_ms if vad_opts.HasField("min_silence_ms") else None,
                 min_speech_ms=vad_opts.min_speech_ms if vad_opts.HasField("min_speech_ms") else None)
         except ValueError as exc:
             raise CallError(grpc.StatusCode.INVALID_ARGUMENT, f"vad: {exc}") from None
-        self.vad = None if self.push_to_talk else VoiceActivityDetector(vad_cfg)
-        self.in_resampler = StreamResampler(self.in_fmt.sample_rate, MODEL_RATE)
+        self.vad = (None if self.push_to_talk else  # own state, the process's one model (torch: off the loop)
+                    await asyncio.to_thread(VoiceActivityDetector, vad_cfg, self.deps.vad_model))
+        self.in_resampler = StreamResampler(self.in_fmt.sample_rate, TOKENIZER_RATE)
         self.ptt_buffer: list[np.ndarray] = []
         store = self.deps.store
         resumed = bool(config.session_id)
@@ -146,16 +122,15 @@ class Call:
         except ValueError as exc:
             raise CallError(grpc.StatusCode.INVALID_ARGUMENT, f"session_id: {exc}") from None
         structlog.contextvars.bind_contextvars(session_id=self.session_id)
-        await self.out.put(pb.ConverseResponse(session_started=pb.SessionStarted(
+        return pb.ConverseResponse(session_started=pb.SessionStarted(
             session_id=self.session_id, resumed=resumed, turns_so_far=self.turns_done,
-            output_format=audio_pb2.AudioFormat(codec=CODEC_ENUM[self.out_fmt.codec],
-                                                sample_rate=self.out_fmt.sample_rate), mode=mode)))
+            output_format=wire_format(self.out_fmt), mode=mode))
 
     def _fit_answer_to_context(self, explicit: bool) -> None:
         """The smallest prompt of this call (system prompt and a 1 s utterance, no history) and the
         answer must fit the context: an explicit max_new_tokens that does not is refused, the
         server default is lowered to what fits."""
-        context = self.deps.config.context_tokens
+        context = self.settings.context_tokens
         floor = len(self.deps.prompts.spoken_qa([0] * MIN_UTTERANCE_TOKENS, [], self.system or None))
         if self.opts.max_new_tokens + floor <= context:
             return
@@ -166,39 +141,36 @@ class Call:
         self.opts = replace(self.opts, max_new_tokens=context - floor)
 
     # ---- the caller's messages ---------------------------------------------------------------
-    async def run(self, requests) -> None:
-        first = await anext(requests, None)
-        if first is None or first.WhichOneof("message") != "config":
-            raise CallError(grpc.StatusCode.INVALID_ARGUMENT,
-                            "the first message of a call must be `config` (CallConfig)")
-        await self._open(first.config)
+    async def _converse(self, requests) -> None:
+        """Read the caller until half-close or HANG_UP. Answers are tasks of a TaskGroup: a
+        half-close lets the running one finish; a failure or cancellation of the call stops it."""
+        try:
+            async with asyncio.TaskGroup() as self.answers:
+                await self._read(requests)
+        except BaseExceptionGroup as group_error:  # the call's own error, not a group
+            raise first_leaf(group_error) from None
+
+    async def _read(self, requests) -> None:
         started = time.monotonic()
         audio_s = 0.0
-        try:
-            async for msg in requests:
-                kind = msg.WhichOneof("message")
-                if kind == "audio":
-                    audio_s += await self._on_audio(msg.audio.data)
-                    if audio_s > time.monotonic() - started + self.deps.config.realtime_slack_s:
-                        raise CallError(grpc.StatusCode.RESOURCE_EXHAUSTED,
-                                        f"audio arrives faster than real time ({audio_s:.1f} s of audio in "
-                                        f"{time.monotonic() - started:.1f} s): send 20 ms frames as they are spoken")
-                elif kind == "control":
-                    if await self._on_control(msg.control.action):
-                        break
-                else:
-                    raise CallError(grpc.StatusCode.INVALID_ARGUMENT, "config may only be sent once, first")
-        except BaseException:
-            await self._barge_in()  # the call failed or was cancelled: stop its answer too
-            raise
-        # the caller stopped sending (half-close) or hung up: let a running answer finish
-        if self.answer_task is not None:
-            await asyncio.gather(self.answer_task, return_exceptions=True)
+        async for msg in requests:
+            kind = msg.WhichOneof("message")
+            if kind == "audio":
+                audio_s += await self._on_audio(msg.audio.data)
+                if audio_s > time.monotonic() - started + self.settings.realtime_slack_s:
+                    raise CallError(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                                    f"audio arrives faster than real time ({audio_s:.1f} s of audio in "
+                                    f"{time.monotonic() - started:.1f} s): send 20 ms frames as they are spoken")
+            elif kind == "control":
+                if await self._on_control(msg.control.action):
+                    return
+            else:
+                raise CallError(grpc.StatusCode.INVALID_ARGUMENT, "config may only be sent once, first")
 
     async def _on_audio(self, data: bytes) -> float:
-        if len(data) > self.deps.config.max_frame_bytes:
+        if len(data) > self.settings.max_frame_bytes:
             raise CallError(grpc.StatusCode.INVALID_ARGUMENT,
-                            f"audio frame of {len(data)} bytes exceeds {self.deps.config.max_frame_bytes}")
+                            f"audio frame of {len(data)} bytes exceeds {self.settings.max_frame_bytes}")
         try:
             samples = decode_audio(data, self.in_fmt.codec, self.in_fmt.sample_rate)
         except AudioFormatError as exc:
@@ -206,9 +178,9 @@ class Call:
         x = self.in_resampler.process(samples)
         if self.push_to_talk:
             self.ptt_buffer.append(x)
-            if sum(len(b) for b in self.ptt_buffer) > self.deps.config.max_utterance_s * MODEL_RATE:
+            if sum(len(b) for b in self.ptt_buffer) > self.settings.max_utterance_s * TOKENIZER_RATE:
                 raise CallError(grpc.StatusCode.OUT_OF_RANGE,
-                                f"utterance longer than {self.deps.config.max_utterance_s:.0f} s without END_OF_UTTERANCE")
+                                f"utterance longer than {self.settings.max_utterance_s:.0f} s without END_OF_UTTERANCE")
         elif x.size:
             for event in await asyncio.to_thread(self.vad.process, x):
                 await self._on_vad(event)
@@ -218,10 +190,10 @@ class Call:
         turn = self.turns_done + 1
         if isinstance(event, SpeechStarted):
             await self._barge_in()
-            await self.out.put(pb.ConverseResponse(speech_started=pb.SpeechStarted(turn=turn, at_s=event.t)))
+            await self.outbox.put(pb.ConverseResponse(speech_started=pb.SpeechStarted(turn=turn, at_s=event.t)))
         elif isinstance(event, SpeechEnded):
-            await self.out.put(pb.ConverseResponse(speech_ended=pb.SpeechEnded(
-                turn=turn, at_s=event.t, duration_s=len(event.audio) / MODEL_RATE)))
+            await self.outbox.put(pb.ConverseResponse(speech_ended=pb.SpeechEnded(
+                turn=turn, at_s=event.t, duration_s=len(event.audio) / TOKENIZER_RATE)))
             await self._start_answer(event.audio)
 
     async def _on_control(self, action) -> bool:
@@ -236,8 +208,8 @@ class Call:
                 audio = ended[-1].audio if ended else audio
             else:
                 audio = np.concatenate([audio, tail])
-            if audio.size < MODEL_RATE // 10:
-                await self.out.put(pb.ConverseResponse(error=pb.Error(
+            if audio.size < TOKENIZER_RATE // 10:
+                await self.outbox.put(pb.ConverseResponse(error=pb.Error(
                     code=grpc.StatusCode.INVALID_ARGUMENT.value[0], turn=self.turns_done + 1,
                     message="END_OF_UTTERANCE with less than 0.1 s of audio: nothing to answer")))
                 return False
@@ -263,34 +235,34 @@ class Call:
 
     async def _start_answer(self, audio: np.ndarray) -> None:
         await self._barge_in()  # one answer at a time
-        self.answer_task = asyncio.create_task(self._answer(audio, time.perf_counter()))
+        self.answer_task = self.answers.create_task(self._answer(audio, time.perf_counter()))
 
     async def _answer(self, audio: np.ndarray, t_end: float) -> None:
         """One turn. Whatever fails reaches the caller as Error{code, turn} and leaves the session
         ready for the next turn: a turn that failed before any of it was heard gives its number
         back; one that failed mid-answer keeps what the caller heard, like a barge-in."""
-        deps, turn = self.deps, self.turns_done + 1
+        turn = self.turns_done + 1
         structlog.contextvars.bind_contextvars(turn=turn)
         progress = AnswerProgress()
         user_tokens: list[int] = []
         outcome, begun = "failed", False
         try:
             t = time.perf_counter()
-            user_tokens = await deps.encoder.encode(audio)
+            user_tokens = await self.pipeline.encode(audio)
             encode_ms = (time.perf_counter() - t) * 1000
             metrics.GATEWAY_STAGE_MS.labels("encode").observe(encode_ms)
-            history = [Turn(r.user_audio, r.assistant_ids) for r in await deps.store.history(self.session_id)]
-            prompt = await asyncio.to_thread(deps.prompts.spoken_qa, user_tokens, history, self.system or None,
-                                             deps.config.context_tokens - self.opts.max_new_tokens)
+            history = [Turn(r.user_audio, r.assistant_ids) for r in await self.deps.store.history(self.session_id)]
+            prompt = await self.pipeline.spoken_qa_prompt(user_tokens, history, self.system or None,
+                                                          self.settings.context_tokens - self.opts.max_new_tokens)
             turn = await self._begin_turn()
             begun = True
             try:
-                await speak(deps, prompt, self.opts, self.out_fmt, answer_sinks(self.out, turn, self.out_fmt),
-                            progress, ChunkPlan.parse(deps.config.chunk_plan), f"{self.session_id}:{turn}")
+                await self.pipeline.speak(prompt, self.opts, self.out_fmt, answer_sinks(self.outbox, turn, self.out_fmt),
+                                          progress, f"{self.session_id}:{turn}")
                 outcome = "completed"
             except asyncio.CancelledError:
                 outcome = "interrupted"
-                await self.out.put(pb.ConverseResponse(interrupted=pb.Interrupted(
+                await self.outbox.put(pb.ConverseResponse(interrupted=pb.Interrupted(
                     turn=turn, audio_chunks_sent=progress.chunks_sent, audio_sent_s=progress.audio_sent_s)))
                 raise
             finally:
@@ -304,19 +276,19 @@ class Call:
                     metrics.GATEWAY_STAGE_MS.labels(stage).observe((at - t_end) * 1000)
             if progress.first_decode_ms is not None:
                 metrics.GATEWAY_STAGE_MS.labels("first_decode").observe(progress.first_decode_ms)
-            await self.out.put(pb.ConverseResponse(turn_finished=pb.TurnFinished(
+            await self.outbox.put(pb.ConverseResponse(turn_finished=pb.TurnFinished(
                 turn=turn, mode=self.opts.mode, text=progress.text, text_tokens=progress.text_tokens,
                 audio_tokens=progress.audio_tokens, timings=timings)))
         except asyncio.CancelledError:
             outcome = "interrupted"
             raise
         except Exception as exc:
-            code, message = turn_error(exc)
+            code, message = turn_status(exc)
             metrics.GATEWAY_ERRORS.labels(code.name).inc()
             log.warning("turn failed", error=repr(exc), code=code.name)
             if begun and outcome == "failed":
                 await asyncio.shield(self._settle_failed(turn, user_tokens, progress))
-            await self.out.put(pb.ConverseResponse(error=pb.Error(code=code.value[0], message=message, turn=turn)))
+            await self.outbox.put(pb.ConverseResponse(error=pb.Error(code=code.value[0], message=message, turn=turn)))
         finally:
             metrics.GATEWAY_TURNS.labels(outcome).inc()
 
@@ -370,23 +342,3 @@ def turn_timings(progress: AnswerProgress, t_end: float, t_encode: float, encode
         encode_ms=encode_ms, first_token_ms=since_end(progress.first_token_at),
         first_decode_ms=progress.first_decode_ms or 0.0, total_ms=since_end(time.perf_counter()))
 
-
-def turn_error(exc: Exception) -> tuple[grpc.StatusCode, str]:
-    """The status code and caller-facing message of a failed turn."""
-    if isinstance(exc, CallError):
-        return exc.code, str(exc)
-    if isinstance(exc, grpc.aio.AioRpcError):
-        return exc.code(), f"{exc.code().name}: {exc.details()}"
-    if isinstance(exc, GeneratorError):
-        return exc.code, f"generator: {exc}"
-    if isinstance(exc, PromptTooLong):
-        return grpc.StatusCode.INVALID_ARGUMENT, f"{exc}: ask for fewer max_new_tokens or speak a shorter turn"
-    if isinstance(exc, StoreUnavailable):
-        return grpc.StatusCode.UNAVAILABLE, f"session store: {exc}"
-    if isinstance(exc, StaleWriteError):
-        return grpc.StatusCode.ABORTED, str(exc)
-    if isinstance(exc, (SessionNotFound, SessionEnded)):
-        return grpc.StatusCode.NOT_FOUND, str(exc)
-    error_id = uuid.uuid4().hex[:12]
-    log.error("turn failed with an unexpected error", error_id=error_id, error=repr(exc))
-    return grpc.StatusCode.INTERNAL, f"internal error (id {error_id})"

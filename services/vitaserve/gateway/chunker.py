@@ -23,6 +23,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from vitaserve.common.audio_facts import GLM4VOICE_BLOCKS, VITA_BLOCKS
+
 
 class ChunkPlanError(ValueError):
     """An unusable block-size list, preset name or token; the message says which."""
@@ -63,10 +65,9 @@ class ChunkPlan:
         return cls(sizes)
 
 
-GLM4VOICE_SIZES = (25, 50, 100, 150, 200)
 PRESETS: dict[str, ChunkPlan] = {
-    "glm4voice": ChunkPlan(GLM4VOICE_SIZES),
-    "vita": ChunkPlan((10,) + GLM4VOICE_SIZES),
+    "glm4voice": ChunkPlan(GLM4VOICE_BLOCKS),
+    "vita": ChunkPlan(VITA_BLOCKS),
 }
 
 

@@ -12,7 +12,11 @@ clipped to [-1, 1) (a vocoder overshoots a little) but NaN or inf are refused.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
+
+from vitaserve.api import audio_pb2
 
 PCM16, MULAW, ALAW = "pcm16", "mulaw", "alaw"
 CODECS = (PCM16, MULAW, ALAW)
@@ -28,6 +32,8 @@ _ALIASES = {
     "alaw": ALAW, "a-law": ALAW, "pcma": ALAW, "g711a": ALAW,
 }
 BYTES_PER_SAMPLE = {PCM16: 2, MULAW: 1, ALAW: 1}
+# codec name <-> the wire enum of vita.audio.v1.AudioFormat (the gateway and its clients share it)
+CODEC_ENUM = {PCM16: audio_pb2.AUDIO_CODEC_PCM16, MULAW: audio_pb2.AUDIO_CODEC_MULAW, ALAW: audio_pb2.AUDIO_CODEC_ALAW}
 
 
 class AudioFormatError(ValueError):
@@ -166,6 +172,14 @@ def check_format(codec: str, sample_rate: int) -> str:
         raise UnsupportedRateError(
             f"{name} is supported at {', '.join(str(r) for r in rates)} Hz, not {sample_rate!r}")
     return name
+
+
+@dataclass(frozen=True)
+class OutputFormat:
+    """A checked (canonical codec name, sample rate): how a call's or an answer's audio goes on the wire."""
+
+    codec: str
+    sample_rate: int
 
 
 def payload_duration_s(payload_len: int, codec: str, sample_rate: int) -> float:

@@ -9,17 +9,14 @@ from __future__ import annotations
 import asyncio
 import uuid
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
 
 import grpc
-import numpy as np
 import tritonclient.grpc.aio as triton_aio
 from tritonclient.grpc import InferInput
 from tritonclient.utils import InferenceServerException
 
 from vitaserve.generator import contract
-
-MODEL_NAME = "vita_generator"
+from vitaserve.generator.contract import GeneratedToken, GenerationOptions
 
 
 class GeneratorError(Exception):
@@ -35,46 +32,13 @@ class GeneratorError(Exception):
         return cls(message, grpc.StatusCode[code])
 
 
-@dataclass(frozen=True)
-class GeneratedToken:
-    index: int
-    token_id: int
-    is_audio: bool
-    kind: str
-    finished: bool
-
-
-@dataclass(frozen=True)
-class GenerationOptions:
-    mode: str | None = None
-    max_new_tokens: int = 1024
-    greedy: bool | None = None
-    temperature: float | None = None
-    top_k: int | None = None
-    top_p: float | None = None
-    repetition_penalty: float | None = None
-    seed: int | None = None
-
-
-def _input(name: str, value, dtype: str, np_dtype) -> InferInput:
-    arr = np.asarray(value, dtype=np_dtype).reshape(-1)
-    tensor = InferInput(name, list(arr.shape), dtype)
-    tensor.set_data_from_numpy(arr)
-    return tensor
-
-
 def build_inputs(prompt_ids: list[int], opts: GenerationOptions) -> list[InferInput]:
-    inputs = [
-        _input("PROMPT_IDS", prompt_ids, "INT64", np.int64),
-        _input("MAX_NEW_TOKENS", [opts.max_new_tokens], "INT32", np.int32),
-    ]
-    if opts.mode:
-        inputs.append(_input("MODE", [opts.mode.encode()], "BYTES", np.object_))
-    optional = [("GREEDY", opts.greedy, "BOOL", np.bool_), ("TEMPERATURE", opts.temperature, "FP32", np.float32),
-                ("TOP_K", opts.top_k, "INT32", np.int32), ("TOP_P", opts.top_p, "FP32", np.float32),
-                ("REPETITION_PENALTY", opts.repetition_penalty, "FP32", np.float32),
-                ("SEED", opts.seed, "INT64", np.int64)]
-    inputs += [_input(name, [v], dt, npd) for name, v, dt, npd in optional if v is not None]
+    """The contract's input arrays, each wrapped in tritonclient's InferInput."""
+    inputs = []
+    for name, array in contract.request_arrays(prompt_ids, opts).items():
+        tensor = InferInput(name, list(array.shape), contract.SPECS[name].triton_dtype)
+        tensor.set_data_from_numpy(array)
+        inputs.append(tensor)
     return inputs
 
 
@@ -94,16 +58,10 @@ async def _closes_by_itself(stream, timeout_s: float = 2.0) -> bool:
 
 
 class GeneratorClient:
-    def __init__(self, url: str, model: str = MODEL_NAME):
+    def __init__(self, url: str, model: str = contract.MODEL_NAME):
         self.url = url
         self.model = model
         self._client = triton_aio.InferenceServerClient(url)
-
-    async def ready(self) -> bool:
-        try:
-            return await self._client.is_model_ready(self.model)
-        except InferenceServerException:
-            return False
 
     async def generate(self, prompt_ids: list[int], opts: GenerationOptions,
                        request_id: str | None = None, timeout_s: float | None = None) -> AsyncIterator[GeneratedToken]:
@@ -119,11 +77,7 @@ class GeneratorClient:
             async for result, error in stream:
                 if error is not None:
                     raise GeneratorError.from_text(str(error.message() if hasattr(error, "message") else error))
-                token = GeneratedToken(
-                    index=int(result.as_numpy("INDEX")[0]), token_id=int(result.as_numpy("TOKEN_ID")[0]),
-                    is_audio=bool(result.as_numpy("IS_AUDIO")[0]), kind=result.as_numpy("STEP_KIND")[0].decode(),
-                    finished=bool(result.as_numpy("FINISHED")[0]),
-                )
+                token = contract.parse_token(result.as_numpy)
                 yield token
                 if token.finished:
                     closed = await _closes_by_itself(stream)

@@ -10,10 +10,10 @@ import random
 import statistics
 import time
 
-import torch
-
+from vitaserve.common.percentiles import percentile
 from vitaserve.generator.engine import Engine, Request
-from vitaserve.generator.generate import LanguageModel, generate
+from vitaserve.generator.generate import generate
+from vitaserve.generator.language_model import LanguageModel
 from vitaserve.lmtext.sampling_params import SamplingParams
 
 FIRST_CHUNK_INDEX = 10
@@ -74,12 +74,17 @@ def bench_engine(lm: LanguageModel, concurrency: int, mode: str, prompt_len: int
     tps, first = run()
     return {
         "concurrency": concurrency, "mode": mode, "tokens_per_s": round(tps, 2),
-        "first_chunk_ms_p50": round(_percentile(first, 50), 3),
-        "first_chunk_ms_p95": round(_percentile(first, 95), 3),
+        "first_chunk_ms_p50": round(percentile(first, 50), 3),
+        "first_chunk_ms_p95": round(percentile(first, 95), 3),
     }
 
 
-def _percentile(values: list[float], q: float) -> float:
-    if not values:
-        return float("nan")
-    return float(torch.quantile(torch.tensor(values, dtype=torch.float64), q / 100))
+def modes_summary(lm: LanguageModel, rows: list[dict]) -> dict:
+    """The checkpoint's parameter count and, when both ran, vanilla's first chunk over boost's (what
+    MCTP buys; both measured in the same run)."""
+    summary = {"params": sum(p.numel() for p in lm.model.parameters())}
+    by_mode = {r["mode"]: r for r in rows}
+    if "vanilla" in by_mode and "boost" in by_mode:
+        summary["vanilla_over_boost_first_chunk"] = round(
+            by_mode["vanilla"]["first_chunk_ms"] / by_mode["boost"]["first_chunk_ms"], 2)
+    return summary

@@ -3,7 +3,8 @@
 `step()` is schedule, run, postprocess (nano-vllm's shape): waiting requests take free cache slots,
 each running sequence contributes the plan of its next token (a backbone or an MCTP step of its own
 schedule), `run_step` batches plans of the same kind, and finished sequences free their slots.
-The engine is synchronous and single-threaded; the Triton adapter drives it from its own thread.
+The engine is synchronous and single-threaded; the Triton adapter drives it from its own thread
+(engine_service.py), and `generate()` drives it with one request: there is one generation loop.
 """
 
 from __future__ import annotations
@@ -14,11 +15,22 @@ from dataclasses import dataclass, field
 
 import torch
 
-from vitaserve.generator.generate import LanguageModel, TokenEvent, validate_prompt
+from vitaserve.generator.language_model import LanguageModel
 from vitaserve.generator.runner import run_step
 from vitaserve.generator.sampling import make_generator
-from vitaserve.lmtext.sampling_params import SamplingParams
 from vitaserve.generator.sequence import Sequence
+from vitaserve.lmtext.sampling_params import SamplingParams
+
+
+@dataclass(frozen=True)
+class TokenEvent:
+    index: int  # 0-based among the new tokens
+    token_id: int
+    kind: str  # "M": backbone step, "m": MCTP step
+    module: int  # MCTP module index, -1 for backbone
+    is_audio: bool
+    elapsed_s: float  # from the request's arrival (queueing and prefill included) until this token existed
+    finished: bool  # last token of the call (an end id, or max_new_tokens reached)
 
 
 @dataclass
@@ -48,7 +60,7 @@ class Engine:
 
     def add(self, request: Request) -> None:
         """Queue a call; invalid prompts and settings raise ValueError here, before any GPU work."""
-        validate_prompt(self.lm, request.prompt_ids, request.max_new_tokens)
+        self.lm.validate_prompt(request.prompt_ids, request.max_new_tokens)
         self.lm.schedule(request.mode)
         if request.request_id in self.running or any(r.request_id == request.request_id for r, _ in self.waiting):
             raise ValueError(f"request id {request.request_id!r} is already in use")

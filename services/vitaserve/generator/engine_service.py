@@ -13,8 +13,8 @@ from dataclasses import dataclass
 
 import structlog
 
-from vitaserve.generator.engine import Engine, Request
-from vitaserve.generator.generate import LanguageModel, TokenEvent
+from vitaserve.generator.engine import Engine, Request, TokenEvent
+from vitaserve.generator.language_model import LanguageModel
 
 log = structlog.get_logger(__name__)
 

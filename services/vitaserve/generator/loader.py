@@ -11,12 +11,12 @@ import json
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 from safetensors.torch import save_file
 
-from vitaserve.common.state_dict import shape_mismatch
-from vitaserve.lmtext.config import CheckpointError, LMConfig
+from vitaserve.common.state_dict import check_shapes, shapes_of
+from vitaserve.common.weight_files import INDEX_FILE, read_safetensors, safetensors_shapes, weight_files
 from vitaserve.generator.model import VitaAudioLM
+from vitaserve.lmtext.config import LMConfig
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
           "float16": torch.float16, "fp16": torch.float16}
@@ -30,40 +30,15 @@ def parse_dtype(name: str | torch.dtype) -> torch.dtype:
     return DTYPES[name]
 
 
-def weight_files(folder: Path) -> list[Path]:
-    """The safetensors files of a folder: those the index names, or the single model.safetensors."""
-    index = folder / "model.safetensors.index.json"
-    if index.exists():
-        weight_map = json.loads(index.read_text()).get("weight_map", {})
-        files = sorted(set(weight_map.values()))
-        missing = [f for f in files if not (folder / f).exists()]
-        if missing:
-            raise CheckpointError(f"{folder}: the index names missing shard(s) {', '.join(missing)}")
-        return [folder / f for f in files]
-    single = folder / "model.safetensors"
-    if single.exists():
-        return [single]
-    raise CheckpointError(f"{folder}: no model.safetensors.index.json or model.safetensors")
-
-
-def load_state_dict_strict(model: torch.nn.Module, files: list[Path], dtype: torch.dtype, device) -> None:
-    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+def load_state_dict_strict(model: torch.nn.Module, folder: Path, dtype: torch.dtype, device) -> None:
+    """Check every key and shape from the file headers, then read the tensors into `model`."""
+    expected = shapes_of(model.state_dict())
     tied = getattr(model, "config", None) is not None and model.config.tie_word_embeddings
     if tied:
         expected.pop("lm_head.weight", None)
-    found: dict[str, tuple[int, ...]] = {}
-    for path in files:
-        with safe_open(str(path), framework="pt", device="cpu") as f:
-            for key in f.keys():
-                found[key] = tuple(f.get_slice(key).get_shape())
-    problems = shape_mismatch(expected, found)
-    if problems:
-        raise CheckpointError(f"checkpoint does not match config.json: {problems}")
-    state = {}
-    for path in files:
-        with safe_open(str(path), framework="pt", device="cpu") as f:
-            for key in f.keys():
-                state[key] = f.get_tensor(key).to(device=device, dtype=dtype)
+    files = weight_files(folder)
+    check_shapes(expected, safetensors_shapes(files), str(folder), "config.json")
+    state = read_safetensors(files, dtype, device)
     if tied:
         state["lm_head.weight"] = state["model.embed_tokens.weight"]
     model.load_state_dict(state, strict=True, assign=True)
@@ -74,10 +49,9 @@ def load_lm(folder: str | Path, device: str | torch.device = "cpu", dtype: str |
     folder = Path(folder)
     cfg = LMConfig.from_folder(folder)
     dtype = parse_dtype(dtype)
-    files = weight_files(folder)
     with torch.device("meta"):
         model = VitaAudioLM(cfg)
-    load_state_dict_strict(model, files, dtype, torch.device(device))
+    load_state_dict_strict(model, folder, dtype, torch.device(device))
     return model.eval().requires_grad_(False)
 
 
@@ -104,4 +78,4 @@ def save_lm_weights(model: VitaAudioLM, folder: str | Path, max_shard_bytes: int
         weight_map.update({k: name for k in shard})
     total = sum(t.numel() * t.element_size() for t in state.values())
     index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
-    (folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+    (folder / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")

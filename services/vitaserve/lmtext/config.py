@@ -10,9 +10,7 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-
-class CheckpointError(ValueError):
-    """A checkpoint folder that cannot be loaded; the message names the file and the problem."""
+from vitaserve.common.checkpoint_errors import CheckpointError
 
 
 @dataclass(frozen=True)

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from vitaserve.common.audio_facts import AUDIO_CODEBOOK_SIZE
+
 QWEN_SPECIAL_TOKENS = [
     "<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|object_ref_start|>", "<|object_ref_end|>",
     "<|box_start|>", "<|box_end|>", "<|quad_start|>", "<|quad_end|>", "<|vision_start|>",
@@ -26,7 +28,6 @@ VITA_SPECIAL_TOKENS = [
     "<|begin_of_box|>", "<|end_of_box|>",
     "<|image|>", "<|video|>", "<|audio|>",
 ]
-AUDIO_CODEBOOK_SIZE = 16384
 
 
 def audio_token(i: int) -> str:
@@ -36,10 +37,6 @@ def audio_token(i: int) -> str:
 @dataclass(frozen=True)
 class AudioVocab:
     endoftext_id: int
-
-    @property
-    def im_start_id(self) -> int:
-        return self.endoftext_id + 1
 
     @property
     def im_end_id(self) -> int:

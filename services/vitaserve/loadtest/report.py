@@ -10,6 +10,8 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
+from vitaserve.common.percentiles import percentile
+
 PERCENTILES = (50, 90, 95, 99)
 
 
@@ -54,7 +56,7 @@ def percentiles(values: list[float]) -> dict[str, float | None]:
     if not values:
         return {**{f"p{q}": None for q in PERCENTILES}, "max": None, "n": 0}
     arr = np.asarray(values, dtype=float)
-    return {**{f"p{q}": round(float(np.percentile(arr, q)), 1) for q in PERCENTILES},
+    return {**{f"p{q}": round(percentile(arr, q), 1) for q in PERCENTILES},
             "max": round(float(arr.max()), 1), "n": int(arr.size)}
 
 

@@ -16,8 +16,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from vitaserve.client.phone import CallResult, run_call
 from vitaserve.gateway.codecs import check_format
-from vitaserve.gateway.phone import CallResult, run_call
 from vitaserve.loadtest.report import TurnMeasurement, percentiles, playout_starvation
 
 
@@ -169,3 +169,19 @@ async def run_load(cfg: LoadConfig, speech: list[np.ndarray], progress=None) -> 
             if cfg.ramp_slo_ms is not None and over_objective(level, cfg.ramp_slo_ms):
                 break
     return results
+
+
+def failed_calls(results: list[LevelResult]) -> Counter:
+    """(mode, concurrency) -> calls that ended without finishing, for the levels that lost any."""
+    return Counter({(lv.mode, lv.concurrency): sum(lv.failed.values()) for lv in results if lv.failed})
+
+
+def error_counts(results: list[LevelResult]) -> Counter:
+    """Every error of a run by kind: lost calls by status, failed turns by their Error code."""
+    errors: Counter = Counter()
+    for lv in results:
+        errors.update(lv.failed)
+    for t in (t for lv in results for t in lv.turns):
+        if t.error:
+            errors[t.error.split(":")[0]] += 1
+    return errors

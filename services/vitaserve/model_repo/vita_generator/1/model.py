@@ -9,18 +9,15 @@ import site
 import threading
 import uuid
 
-import numpy as np
 import triton_python_backend_utils as pb_utils
 
 FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
 
 
-def _optional(request, name, cast):
+def _numpy(request, name):
+    """The named input as a numpy array, None when the request does not carry it."""
     tensor = pb_utils.get_input_tensor_by_name(request, name)
-    if tensor is None:
-        return None
-    value = tensor.as_numpy().reshape(-1)[0]
-    return cast(value.decode() if isinstance(value, bytes) else value)
+    return None if tensor is None else tensor.as_numpy()
 
 
 class _Call:
@@ -51,7 +48,7 @@ class TritonPythonModel:
         from vitaserve.generator import contract
         from vitaserve.generator.engine import Request
         from vitaserve.generator.engine_service import EngineService, RequestCancelled
-        from vitaserve.generator.generate import LanguageModel
+        from vitaserve.generator.language_model import LanguageModel
         from vitaserve.lmtext.sampling_params import SamplingParams
 
         from vitaserve.common.threads import set_torch_threads
@@ -72,10 +69,10 @@ class TritonPythonModel:
         self.in_flight_family = family = pb_utils.MetricFamily(name="vita_generator_requests_in_flight",
                                        description="generation requests running or queued in the engine",
                                        kind=pb_utils.MetricFamily.GAUGE)
-        self.in_flight_metric = family.Metric(labels={"model": "vita_generator"})
+        self.in_flight_metric = family.Metric(labels={"model": contract.MODEL_NAME})
         self.tokens_family = tokens = pb_utils.MetricFamily(name="vita_generator_tokens_total", description="tokens generated",
                                        kind=pb_utils.MetricFamily.COUNTER)
-        self.tokens_metric = tokens.Metric(labels={"model": "vita_generator"})
+        self.tokens_metric = tokens.Metric(labels={"model": contract.MODEL_NAME})
 
     def _count(self, delta):
         with self.lock:
@@ -97,31 +94,16 @@ class TritonPythonModel:
         return None
 
     def _parse(self, request):
-        prompt = pb_utils.get_input_tensor_by_name(request, "PROMPT_IDS").as_numpy().reshape(-1).tolist()
-        greedy = _optional(request, "GREEDY", bool)
-        sampling = self.SamplingParams.from_defaults(
-            self.lm.defaults, do_sample=False if greedy else None,
-            temperature=_optional(request, "TEMPERATURE", float), top_k=_optional(request, "TOP_K", int),
-            top_p=_optional(request, "TOP_P", float),
-            repetition_penalty=_optional(request, "REPETITION_PENALTY", float), seed=_optional(request, "SEED", int),
-        )
-        mode = _optional(request, "MODE", str) or None
-        self.lm.schedule(mode)  # validates early, with a message the client can read
-        return self.Request(
-            request_id=request.request_id() or uuid.uuid4().hex, prompt_ids=[int(t) for t in prompt], mode=mode,
-            sampling=sampling, max_new_tokens=_optional(request, "MAX_NEW_TOKENS", int) or 1024,
-        )
+        prompt, options = self.contract.parse_request(lambda name: _numpy(request, name))
+        sampling = self.SamplingParams.from_defaults(self.lm.defaults, **options.sampling_overrides())
+        self.lm.schedule(options.mode)  # validates early, with a message the client can read
+        return self.Request(request_id=request.request_id() or uuid.uuid4().hex, prompt_ids=prompt,
+                            mode=options.mode, sampling=sampling, max_new_tokens=options.max_new_tokens)
 
     def _on_token(self, call):
         def send(event):
             self.tokens_metric.increment(1)
-            outputs = [
-                pb_utils.Tensor("TOKEN_ID", np.array([event.token_id], dtype=np.int64)),
-                pb_utils.Tensor("IS_AUDIO", np.array([event.is_audio], dtype=np.bool_)),
-                pb_utils.Tensor("STEP_KIND", np.array([event.kind.encode()], dtype=np.object_)),
-                pb_utils.Tensor("INDEX", np.array([event.index], dtype=np.int32)),
-                pb_utils.Tensor("FINISHED", np.array([event.finished], dtype=np.bool_)),
-            ]
+            outputs = [pb_utils.Tensor(name, array) for name, array in self.contract.token_arrays(event).items()]
             # The last token carries FINAL itself: a client that stops reading at the finished token
             # (and cancels its stream) must not race a separate FINAL message, or Triton never sees
             # the request complete and waits its whole exit timeout at shutdown.

@@ -1,10 +1,11 @@
 """The embedded default: every service of the cluster as a local process, started and stopped together.
 
 Redis (temp dir, no persistence), Triton (the nvidia-pytriton binary), then encoder, decoder and
-gateway as `python -m vitaserve.cli serve ...` subprocesses, each in its own process group (so a
-Ctrl-C in the terminal reaches only `vita-audio up`, which stops them in order) with its own log file.
-`start()` waits for each to be ready (gRPC health SERVING, Triton HTTP ready) and, if one fails, stops
-everything it started and raises ClusterError with the tail of that service's log.
+gateway as `python -m vitaserve.cli serve ...` subprocesses, started exactly as a pod starts them
+(flags for settings, the Redis URL in $VITA_REDIS_URL, never in argv), each in its own process group
+(so a Ctrl-C in the terminal reaches only `vita-audio up`, which stops them in order) with its own
+log file. `start()` waits for each to be ready (gRPC health SERVING, Triton HTTP ready) and, if one
+fails, stops everything it started and raises ClusterError with the tail of that service's log.
 
 Processes spawned here also get a parent-death signal (`setpriv --pdeathsig`), so that even a
 `kill -9` of the parent leaves no orphans. Linux sends it when the *thread* that spawned the child
@@ -17,19 +18,18 @@ from __future__ import annotations
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
 from pathlib import Path
 
-import grpc
-from grpc_health.v1 import health_pb2, health_pb2_grpc
-
+from vitaserve.common.settings import REDIS_URL_ENV
 from vitaserve.common.threads import cpu_budget
+from vitaserve.devcluster.processes import (ClusterError, Service, free_port, signal_group, wait_grpc_serving,
+                                            wait_tcp)
+from vitaserve.devcluster.redis_local import local_redis_url, redis_command
 
 SERVICES = ("redis", "triton", "encoder", "decoder", "gateway")  # start order
 STOP_STAGES = (("gateway",), ("encoder", "decoder", "triton"), ("redis",))  # callers before what they call
@@ -37,79 +37,8 @@ STOP_STAGES = (("gateway",), ("encoder", "decoder", "triton"), ("redis",))  # ca
 # unloads in ~3 s. Longer means it hangs (e.g. a model that keeps a request alive): kill it.
 BACKEND_STOP_S = 8.0
 COMPUTE_SERVICES = 3  # Triton's engine, the encoder and the decoder run torch; the gateway barely does
-
-
-class ClusterError(RuntimeError):
-    """A service did not come up; the message names it and carries the tail of its log."""
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@dataclass
-class Service:
-    name: str
-    proc: subprocess.Popen
-    address: str
-    log: Path
-    metrics: str = ""
-    ready: Callable[[float], None] = field(default=lambda timeout_s: None, repr=False)  # raises if not ready
-
-    def log_tail(self, n: int = 30) -> str:
-        try:
-            return "\n".join(self.log.read_text(errors="replace").splitlines()[-n:])
-        except OSError:
-            return "(no log)"
-
-
-def wait_grpc_serving(address: str, proc: subprocess.Popen, timeout_s: float) -> None:
-    """Poll grpc.health.v1 until SERVING; fail at once if the process exits."""
-    deadline = time.monotonic() + timeout_s
-    with grpc.insecure_channel(address) as channel:
-        stub = health_pb2_grpc.HealthStub(channel)
-        while time.monotonic() < deadline:
-            if proc.poll() is not None:
-                raise ClusterError(f"exited with code {proc.returncode}")
-            try:
-                status = stub.Check(health_pb2.HealthCheckRequest(), timeout=1).status
-                if status == health_pb2.HealthCheckResponse.SERVING:
-                    return
-            except grpc.RpcError:
-                pass
-            time.sleep(0.2)
-    raise ClusterError(f"not SERVING after {timeout_s:.0f} s")
-
-
-def wait_tcp(port: int, proc: subprocess.Popen, timeout_s: float) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise ClusterError(f"exited with code {proc.returncode}")
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=0.2):
-                return
-        except OSError:
-            time.sleep(0.05)
-    raise ClusterError(f"port {port} not open after {timeout_s:.0f} s")
-
-
-def group_pids(pgid: int) -> list[int]:
-    """Live (non-zombie) processes of a process group, read from /proc."""
-    pids = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            stat = (entry / "stat").read_text()
-        except OSError:
-            continue
-        fields = stat[stat.rindex(")") + 2 :].split()  # after "pid (comm) ": state ppid pgrp ...
-        if int(fields[2]) == pgid and fields[0] != "Z":
-            pids.append(int(entry.name))
-    return pids
+# the parent's own Redis settings must not reach a child: it gets this cluster's URL, or nothing
+INHERITED_SECRETS = (REDIS_URL_ENV, f"{REDIS_URL_ENV}_FILE")
 
 
 class LocalCluster:
@@ -180,12 +109,15 @@ class LocalCluster:
                                f"{service.log_tail()}") from None
         self.progress(f"{service.name} ready at {service.address} ({time.monotonic() - start:.1f} s)")
 
-    def _spawn(self, name: str, cmd: list[str], address: str, metrics: str = "") -> Service:
+    def _spawn(self, name: str, cmd: list[str], address: str, metrics: str = "",
+               secrets: dict[str, str] | None = None) -> Service:
+        """Start `cmd`; `secrets` go into its environment (as a pod's come from a Secret), never argv."""
+        env = {k: v for k, v in os.environ.items() if k not in INHERITED_SECRETS}
+        env.update(OMP_WAIT_POLICY="PASSIVE", **(secrets or {}))
         log = self.workdir / f"{name}.log"
         with open(log, "ab") as out:  # the child keeps its own copy of the descriptor
             proc = subprocess.Popen([*self.pdeathsig, *cmd], stdout=out, stderr=subprocess.STDOUT,
-                                    stdin=subprocess.DEVNULL, start_new_session=True,
-                                    env={**os.environ, "OMP_WAIT_POLICY": "PASSIVE"})
+                                    stdin=subprocess.DEVNULL, start_new_session=True, env=env)
         return self._track(Service(name, proc, address, log, metrics))
 
     def _track(self, service: Service) -> Service:
@@ -198,18 +130,14 @@ class LocalCluster:
                 "--metrics-port", str(metrics_port), "--grace-s", str(self.grace_s), *args]
 
     def spawn_redis(self) -> Service:
-        exe = shutil.which("redis-server")
-        if exe is None:
-            raise ClusterError("redis-server is not installed (run scripts/setup.sh, or apt-get install redis-server)")
         port = free_port()
-        redis = self._spawn("redis", [exe, "--port", str(port), "--bind", "127.0.0.1", "--save", "",
-                                      "--appendonly", "no", "--dir", str(self.workdir)], f"127.0.0.1:{port}")
+        redis = self._spawn("redis", redis_command(port, self.workdir), f"127.0.0.1:{port}")
         redis.ready = lambda timeout_s: wait_tcp(port, redis.proc, timeout_s)
-        self.redis_url = f"redis://127.0.0.1:{port}/0"
+        self.redis_url = local_redis_url(port)
         return redis
 
     def spawn_triton(self) -> Service:
-        from vitaserve.generator import triton_local
+        from vitaserve.devcluster import triton_local
 
         repo = triton_local.prepare_model_repository(self.workdir / "model_repo", self.lm, num_slots=self.num_slots,
                                                      max_len=self.max_len, threads=self.threads)
@@ -221,10 +149,10 @@ class LocalCluster:
         triton.ready = lambda timeout_s: triton_local.wait_ready(proc, http_port, timeout_s)
         return triton
 
-    def _spawn_grpc(self, name: str, *args: str) -> Service:
-        port, metrics_port = free_port(), free_port()
+    def _spawn_grpc(self, name: str, *args: str, port: int = 0, secrets: dict[str, str] | None = None) -> Service:
+        port, metrics_port = port or free_port(), free_port()
         service = self._spawn(name, self._serve(name, port, metrics_port, *args), f"127.0.0.1:{port}",
-                              f"http://127.0.0.1:{metrics_port}/metrics")
+                              f"http://127.0.0.1:{metrics_port}/metrics", secrets)
         service.ready = lambda timeout_s: wait_grpc_serving(service.address, service.proc, timeout_s)
         return service
 
@@ -232,18 +160,15 @@ class LocalCluster:
         return self._spawn_grpc("encoder", "--tokenizer", str(self.tokenizer), "--threads", str(self.threads))
 
     def spawn_decoder(self) -> Service:
-        return self._spawn_grpc("decoder", "--decoder", str(self.decoder), "--redis", self.redis_url,
-                                "--threads", str(self.threads))
+        return self._spawn_grpc("decoder", "--decoder", str(self.decoder), "--threads", str(self.threads),
+                                secrets={REDIS_URL_ENV: self.redis_url})
 
     def spawn_gateway(self) -> Service:
-        metrics_port = free_port()
-        gateway = self._spawn("gateway", self._serve(
-            "gateway", self.port, metrics_port, "--lm", str(self.lm), "--encoder", self.service("encoder").address,
+        return self._spawn_grpc(
+            "gateway", "--lm", str(self.lm), "--encoder", self.service("encoder").address,
             "--decoder", self.service("decoder").address, "--triton", self.service("triton").address,
-            "--redis", self.redis_url, "--mode", self.mode, "--context-tokens", str(self.max_len)),
-            f"127.0.0.1:{self.port}", f"http://127.0.0.1:{metrics_port}/metrics")
-        gateway.ready = lambda timeout_s: wait_grpc_serving(gateway.address, gateway.proc, timeout_s)
-        return gateway
+            "--mode", self.mode, "--context-tokens", str(self.max_len),
+            port=self.port, secrets={REDIS_URL_ENV: self.redis_url})
 
     # ---- stop --------------------------------------------------------------------------------
     def stop(self, timeout_s: float | None = None) -> None:
@@ -264,9 +189,9 @@ class LocalCluster:
                     service.proc.wait(max(0.1, deadline - time.monotonic()))
                 except subprocess.TimeoutExpired:
                     self.progress(f"{service.name} did not stop within {limit:.0f} s: killed")
-                    _signal_group(service.proc.pid, signal.SIGKILL)
+                    signal_group(service.proc.pid, signal.SIGKILL)
                     service.proc.wait(5)
-                _signal_group(service.proc.pid, signal.SIGKILL)  # stragglers left in the group
+                signal_group(service.proc.pid, signal.SIGKILL)  # stragglers left in the group
         self.services.clear()
 
     def dead(self) -> list[Service]:
@@ -278,12 +203,3 @@ class LocalCluster:
 
     def __exit__(self, *exc) -> None:
         self.stop()
-
-
-def _signal_group(pgid: int, sig: int) -> None:
-    # each service leads its own group (start_new_session), so its pid is the group id; Linux keeps
-    # that id reserved while any member lives, and an empty group gives ProcessLookupError
-    try:
-        os.killpg(pgid, sig)
-    except (ProcessLookupError, PermissionError):
-        pass

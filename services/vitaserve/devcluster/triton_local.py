@@ -19,11 +19,13 @@ import subprocess
 import sys
 import time
 import urllib.request
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytriton
 
-MODEL_NAME = "vita_generator"
+from vitaserve.generator.contract import MODEL_NAME
 
 
 def model_repository_template() -> Path:
@@ -125,3 +127,28 @@ def wait_ready(proc: subprocess.Popen, http_port: int, timeout_s: float = 120.0)
             pass
         time.sleep(0.2)
     raise TimeoutError(f"tritonserver not ready after {timeout_s:.0f} s")
+
+
+@contextmanager
+def triton_server(workdir: Path, lm_dir: str | Path, num_slots: int = 16, max_len: int = 4096,
+                  timeout_s: float = 180.0) -> Iterator[dict]:
+    """A ready tritonserver with the generator on `lm_dir` for the length of the block:
+    yields {"grpc": address, "metrics": url, "log": path}; a failed start raises with the log's tail."""
+    from vitaserve.devcluster.processes import free_port
+
+    repo = prepare_model_repository(workdir / "model_repo", lm_dir, num_slots=num_slots, max_len=max_len)
+    grpc_port, http_port, metrics_port = free_port(), free_port(), free_port()
+    log = workdir / "triton.log"
+    proc = start_tritonserver(repo, grpc_port, http_port, metrics_port, log)
+    try:
+        try:
+            wait_ready(proc, http_port, timeout_s=timeout_s)
+        except Exception as exc:
+            raise RuntimeError(f"{exc}\n--- triton log ---\n{log.read_text()[-4000:]}") from exc
+        yield {"grpc": f"127.0.0.1:{grpc_port}", "metrics": f"http://127.0.0.1:{metrics_port}/metrics", "log": log}
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            proc.kill()

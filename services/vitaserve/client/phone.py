@@ -16,11 +16,8 @@ import grpc
 import numpy as np
 
 from vitaserve.api import audio_pb2, conversation_pb2 as pb, conversation_pb2_grpc
-from vitaserve.gateway.codecs import check_format, encode_audio
+from vitaserve.gateway.codecs import CODEC_ENUM, check_format, encode_audio
 
-# codec name (gateway.codecs) -> wire enum; the one mapping client and server share
-CODEC_ENUM = {"pcm16": audio_pb2.AUDIO_CODEC_PCM16, "mulaw": audio_pb2.AUDIO_CODEC_MULAW,
-              "alaw": audio_pb2.AUDIO_CODEC_ALAW}
 FRAME_S = 0.02
 
 

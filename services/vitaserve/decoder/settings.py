@@ -1,0 +1,50 @@
+"""The decoder's settings: built once in `vita-audio serve decoder` from flags and, for the Redis URL
+(it may hold a password), from $VITA_REDIS_URL or the file named by $VITA_REDIS_URL_FILE; then
+passed to serve(), so a pod, the local cluster and the tests start the service the same way."""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+from vitaserve.common.settings import add_server_arguments, redis_url
+from vitaserve.common.threads import add_threads_argument
+
+
+@dataclass(frozen=True)
+class DecoderSettings:
+    decoder: str                           # glm-4-voice-decoder folder
+    redis_url: str = field(repr=False)     # a secret: never logged, never in argv
+    port: int = 50053                      # 0: any free port
+    metrics_port: int = 0                  # Prometheus /metrics (0: off)
+    grace_s: float = 30.0                  # drain on SIGTERM
+    host: str = "0.0.0.0"
+    device: str = "cpu"
+    max_batch: int = 8                     # blocks of concurrent streams per forward (equal shapes only)
+    max_wait_ms: float = 2.0               # how long a block waits for company
+    ode_steps: int = 10                    # flow ODE steps when a request says 0
+    deterministic: bool = False            # zero noise: reproducible output
+    threads: int = 0                       # torch CPU threads, set by the process (0: its CPU budget)
+
+    @classmethod
+    def add_arguments(cls, parser: argparse.ArgumentParser) -> None:
+        parser.add_argument("--decoder", required=True, metavar="DIR", help="glm-4-voice-decoder folder")
+        parser.add_argument("--device", default=cls.device)
+        parser.add_argument("--max-batch", type=int, default=cls.max_batch,
+                            help="blocks of concurrent streams decoded in one forward (equal shapes only: the same "
+                                 "block of streams cut by the same chunk plan); others wait for the next forward")
+        parser.add_argument("--max-wait-ms", type=float, default=cls.max_wait_ms,
+                            help="how long a block waits for company before its forward starts")
+        parser.add_argument("--ode-steps", type=int, default=cls.ode_steps, help="flow ODE steps when a request says 0")
+        parser.add_argument("--deterministic", action="store_true", help="zero noise: reproducible output")
+        add_threads_argument(parser)
+        add_server_arguments(parser, cls.port, cls.grace_s)
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace, environ: Mapping[str, str] | None = None) -> "DecoderSettings":
+        """SettingsError when the Redis URL is in neither $VITA_REDIS_URL nor $VITA_REDIS_URL_FILE."""
+        return cls(decoder=args.decoder, redis_url=redis_url(environ), port=args.port,
+                   metrics_port=args.metrics_port, grace_s=args.grace_s, device=args.device,
+                   max_batch=args.max_batch, max_wait_ms=args.max_wait_ms, ode_steps=args.ode_steps,
+                   deterministic=args.deterministic, threads=args.threads)

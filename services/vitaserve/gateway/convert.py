@@ -1,0 +1,128 @@
+"""Every translation between the wire (vita.audio.v1 messages, gRPC status codes) and the gateway's types.
+
+Codec enum <-> codec name, AudioFormat <-> OutputFormat, a caller's options -> GenerationOptions,
+a failure -> (status code, message for the caller), and float samples <-> the PCM bytes the encoder
+and decoder messages carry. A bad value raises CallError with the status code it deserves, so the
+edge only has to pass it on.
+"""
+
+from __future__ import annotations
+
+import uuid
+
+import grpc
+import numpy as np
+import structlog
+
+from vitaserve.api import audio_pb2
+from vitaserve.common.session_types import SessionEnded, SessionNotFound, StaleWriteError, StoreUnavailable
+from vitaserve.gateway.codecs import CODEC_ENUM, AudioFormatError, OutputFormat, check_format
+from vitaserve.gateway.generator_client import GenerationOptions, GeneratorError
+from vitaserve.gateway.settings import GatewaySettings
+from vitaserve.lmtext.prompt import PromptTooLong
+from vitaserve.lmtext.sampling_params import SamplingParams
+from vitaserve.lmtext.schedule import Schedule
+
+log = structlog.get_logger(__name__)
+
+CODEC_NAMES = {enum: name for name, enum in CODEC_ENUM.items()}  # wire enum -> codec name (gateway.codecs)
+
+
+class CallError(Exception):
+    """A call or request the gateway refuses; `code` is the gRPC status the caller gets."""
+
+    def __init__(self, code: grpc.StatusCode, message: str):
+        super().__init__(message)
+        self.code = code
+
+
+# ---- audio formats --------------------------------------------------------------------------------
+
+def output_format(fmt: audio_pb2.AudioFormat, what: str) -> OutputFormat:
+    """The checked format of a wire AudioFormat; `what` names the field in the error."""
+    if fmt.codec not in CODEC_NAMES:
+        raise CallError(grpc.StatusCode.INVALID_ARGUMENT, f"{what}: unknown or unset codec ({fmt.codec})")
+    try:
+        codec = check_format(CODEC_NAMES[fmt.codec], fmt.sample_rate)
+    except AudioFormatError as exc:
+        raise CallError(grpc.StatusCode.INVALID_ARGUMENT, f"{what}: {exc}") from None
+    return OutputFormat(codec, fmt.sample_rate)
+
+
+def wire_format(fmt: OutputFormat) -> audio_pb2.AudioFormat:
+    return audio_pb2.AudioFormat(codec=CODEC_ENUM[fmt.codec], sample_rate=fmt.sample_rate)
+
+
+# ---- generation options ---------------------------------------------------------------------------
+
+def generation_options(mode: str, sampling: audio_pb2.SamplingOptions, max_new_tokens: int, *,
+                       settings: GatewaySettings, num_mtp_modules: int) -> GenerationOptions:
+    """Options of one answer; a bad mode or sampling value raises CallError(INVALID_ARGUMENT)."""
+    mode = mode or settings.default_mode
+    try:
+        Schedule.parse(mode, num_mtp_modules)
+    except ValueError as exc:
+        raise CallError(grpc.StatusCode.INVALID_ARGUMENT, f"mode: {exc}") from None
+    context = settings.context_tokens
+    if not 0 <= max_new_tokens < context:
+        raise CallError(grpc.StatusCode.INVALID_ARGUMENT,
+                        f"max_new_tokens must be in [0, {context}) (0 = the server default; the "
+                        f"context holds {context} tokens of prompt and answer), got {max_new_tokens}")
+
+    def opt(name):
+        return getattr(sampling, name) if sampling.HasField(name) else None
+
+    options = GenerationOptions(
+        mode=mode, max_new_tokens=max_new_tokens or settings.max_new_tokens,
+        greedy=opt("greedy"), temperature=opt("temperature"), top_k=opt("top_k"), top_p=opt("top_p"),
+        repetition_penalty=opt("repetition_penalty"), seed=opt("seed"))
+    given = {k: getattr(options, k) for k in ("temperature", "top_k", "top_p", "repetition_penalty", "seed")}
+    try:  # the engine's own rules, so a bad value never reaches (or hurts) the generator
+        SamplingParams(do_sample=not options.greedy, **{k: v for k, v in given.items() if v is not None}).validated()
+    except ValueError as exc:
+        raise CallError(grpc.StatusCode.INVALID_ARGUMENT, f"sampling: {exc}") from None
+    return options
+
+
+# ---- failures -> status ---------------------------------------------------------------------------
+
+def turn_status(exc: Exception) -> tuple[grpc.StatusCode, str]:
+    """The status code and caller-facing message of a failed turn (or Synthesize, Transcribe)."""
+    if isinstance(exc, CallError):
+        return exc.code, str(exc)
+    if isinstance(exc, grpc.aio.AioRpcError):
+        return exc.code(), f"{exc.code().name}: {exc.details()}"
+    if isinstance(exc, GeneratorError):
+        return exc.code, f"generator: {exc}"
+    if isinstance(exc, PromptTooLong):
+        return grpc.StatusCode.INVALID_ARGUMENT, f"{exc}: ask for fewer max_new_tokens or speak a shorter turn"
+    if isinstance(exc, StoreUnavailable):
+        return grpc.StatusCode.UNAVAILABLE, f"session store: {exc}"
+    if isinstance(exc, StaleWriteError):
+        return grpc.StatusCode.ABORTED, str(exc)
+    if isinstance(exc, (SessionNotFound, SessionEnded)):
+        return grpc.StatusCode.NOT_FOUND, str(exc)
+    error_id = uuid.uuid4().hex[:12]
+    log.error("turn failed with an unexpected error", error_id=error_id, error=repr(exc))
+    return grpc.StatusCode.INTERNAL, f"internal error (id {error_id})"
+
+
+def call_status(exc: Exception) -> tuple[grpc.StatusCode, str]:
+    """The status a whole Converse call ends with when it fails (a failed turn does not end it)."""
+    if isinstance(exc, CallError):
+        return exc.code, str(exc)
+    if isinstance(exc, StoreUnavailable):
+        return grpc.StatusCode.UNAVAILABLE, f"session store unavailable: {exc}"
+    return grpc.StatusCode.INTERNAL, f"internal error: {exc!r}"
+
+
+# ---- PCM as the encoder and decoder messages carry it ---------------------------------------------
+
+def encoder_pcm16(samples: np.ndarray) -> bytes:
+    """EncodeRequest.pcm16: float samples clipped to [-1, 1], scaled by 32767, int16 little-endian."""
+    return (np.clip(samples, -1.0, 1.0) * 32767.0).astype("<i2").tobytes()
+
+
+def decoder_samples(pcm_f32: bytes) -> np.ndarray:
+    """DecodeBlockResponse.pcm_f32: float32 little-endian samples (a read-only view of the bytes)."""
+    return np.frombuffer(pcm_f32, dtype="<f4")

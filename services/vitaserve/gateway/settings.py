@@ -1,0 +1,113 @@
+"""Everything the gateway needs, in one frozen object built once at start-up and passed down.
+
+Plain values come from flags (`add_arguments`, read back by `from_args`); the Redis URL carries the
+password, so it never does: it is read from $VITA_REDIS_URL or the file named by $VITA_REDIS_URL_FILE
+(vitaserve.common.settings), and it is left out of the repr so logging the settings cannot leak it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import socket
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+from vitaserve.common.settings import REDIS_URL_ENV, SettingsError, add_server_arguments, redis_url
+from vitaserve.gateway.chunker import PRESETS, ChunkPlan, ChunkPlanError
+
+DEFAULT_PORT = 50051
+
+
+@dataclass(frozen=True)
+class GatewaySettings:
+    lm_dir: str                           # VITA-Audio folder: its text tokenizer and config.json are read
+    encoder: str                          # gRPC targets: host:port, dns:///name:port, ipv4:a,b (round-robin)
+    decoder: str
+    triton: str                           # Triton's gRPC address (the generator)
+    redis_url: str = field(repr=False)    # a secret: from the environment, never argv
+    host: str = "0.0.0.0"
+    port: int = DEFAULT_PORT              # 0 = any free port
+    metrics_port: int = 0                 # Prometheus /metrics (0 = off)
+    grace_s: float = 30.0                 # on SIGTERM: running calls get this long to finish
+    replica_id: str = "gateway"           # names this replica in session ownership
+    default_mode: str = "boost"
+    max_new_tokens: int = 1024            # answers of calls that ask for 0 (lowered to what fits the context)
+    context_tokens: int = 4096            # the generator's context (Triton's max_len): prompt + answer
+    chunk_plan: ChunkPlan = PRESETS["vita"]  # decoder block sizes (gateway.chunker)
+    max_utterance_s: float = 30.0         # longer turns: VAD cuts them; push-to-talk gets OUT_OF_RANGE
+    realtime_slack_s: float = 2.0         # caller audio may run this far ahead of the wall clock
+    max_frame_bytes: int = 64 * 1024      # one AudioFrame
+
+    def __post_init__(self) -> None:
+        for name in ("lm_dir", "encoder", "decoder", "triton", "redis_url", "host", "replica_id", "default_mode"):
+            if not getattr(self, name):
+                raise SettingsError(f"{_where(name)} is empty")
+        for name, lo, hi in (("port", 0, 65535), ("metrics_port", 0, 65535), ("max_new_tokens", 1, None),
+                             ("context_tokens", 1, None), ("max_frame_bytes", 1, None)):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < lo or (hi is not None and value > hi):
+                raise SettingsError(f"{_where(name)} must be a whole number in "
+                                    f"[{lo}, {hi if hi is not None else 'inf'}], got {value!r}")
+        if not 0.5 <= self.max_utterance_s <= 600:  # the VAD's own range (gateway.vad.VadConfig)
+            raise SettingsError(f"{_where('max_utterance_s')} must be in [0.5, 600], got {self.max_utterance_s}")
+        for name in ("grace_s", "realtime_slack_s"):
+            if not getattr(self, name) >= 0:
+                raise SettingsError(f"{_where(name)} must be >= 0, got {getattr(self, name)}")
+        if not isinstance(self.chunk_plan, ChunkPlan):
+            raise SettingsError(f"{_where('chunk_plan')} must be a ChunkPlan, got {self.chunk_plan!r}")
+
+    @classmethod
+    def add_arguments(cls, parser: argparse.ArgumentParser) -> None:
+        """The gateway's flags: every plain setting (the Redis URL is not one: see the secrets section)."""
+        d, p = cls, parser.add_argument
+        p("--lm", dest="lm_dir", required=True, metavar="DIR",
+          help="VITA-Audio folder (its text tokenizer and config.json are read)")
+        p("--encoder", required=True, help="encoder address (host:port, dns:///name:port, ipv4:a,b)")
+        p("--decoder", required=True, help="decoder address (several replicas: dns:/// or ipv4:a,b)")
+        p("--triton", required=True, help="Triton gRPC address (host:port)")
+        p("--host", default=d.host, help=f"address to listen on (default {d.host})")
+        add_server_arguments(parser, d.port, d.grace_s)  # --port, --metrics-port, --grace-s
+        p("--replica-id", default=None,
+          help="this replica's name in session ownership (default: the host name, a pod's name)")
+        p("--mode", dest="default_mode", metavar="MODE", default=d.default_mode,
+          help=f"inference mode of calls that name none (default {d.default_mode})")
+        p("--max-new-tokens", type=int, default=d.max_new_tokens,
+          help=f"answer length of calls that ask for 0, lowered to what fits the context (default {d.max_new_tokens})")
+        p("--context-tokens", type=int, default=d.context_tokens,
+          help="the generator's context in tokens (Triton's max_len): prompts keep the newest turns that fit "
+               f"beside the answer's max_new_tokens (default {d.context_tokens})")
+        p("--chunk-plan", default="vita",
+          help=f"decoder block sizes in audio tokens: a preset ({', '.join(PRESETS)}) or sizes like 10,25,50 "
+               "(the last repeats; default vita)")
+        p("--max-utterance-s", type=float, default=d.max_utterance_s,
+          help=f"longest turn: VAD cuts it there, push-to-talk gets OUT_OF_RANGE (default {d.max_utterance_s:g})")
+        p("--realtime-slack-s", type=float, default=d.realtime_slack_s,
+          help=f"how far caller audio may run ahead of real time (default {d.realtime_slack_s:g})")
+        p("--max-frame-bytes", type=int, default=d.max_frame_bytes,
+          help=f"largest AudioFrame in bytes (default {d.max_frame_bytes})")
+        parser.add_argument_group(
+            "secrets (read from the environment, never from flags)",
+            f"${REDIS_URL_ENV}: the Redis URL for sessions (redis://[:password@]host:port/db, rediss://..., "
+            f"redis+sentinel://...), or ${REDIS_URL_ENV}_FILE naming a file that holds it")
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace, environ: Mapping[str, str]) -> "GatewaySettings":
+        """The settings from parsed flags, and the Redis URL from `environ`; SettingsError names what is wrong."""
+        try:
+            chunk_plan = ChunkPlan.parse(args.chunk_plan)
+        except ChunkPlanError as exc:
+            raise SettingsError(f"--chunk-plan: {exc}") from None
+        return cls(lm_dir=args.lm_dir, encoder=args.encoder, decoder=args.decoder, triton=args.triton,
+                   redis_url=redis_url(environ), host=args.host, port=args.port,
+                   metrics_port=args.metrics_port, grace_s=args.grace_s,
+                   replica_id=args.replica_id or socket.gethostname(), default_mode=args.default_mode,
+                   max_new_tokens=args.max_new_tokens, context_tokens=args.context_tokens, chunk_plan=chunk_plan,
+                   max_utterance_s=args.max_utterance_s, realtime_slack_s=args.realtime_slack_s,
+                   max_frame_bytes=args.max_frame_bytes)
+
+
+def _where(name: str) -> str:
+    """Where a setting comes from, for error messages: its flag, or the environment for the secret."""
+    if name == "redis_url":
+        return f"${REDIS_URL_ENV} (or ${REDIS_URL_ENV}_FILE)"
+    return {"lm_dir": "--lm", "default_mode": "--mode"}.get(name, "--" + name.replace("_", "-"))
