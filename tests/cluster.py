@@ -53,13 +53,14 @@ class InProcessCluster:
 
     async def start_decoder(self, port: int = 0) -> ServiceRunner:
         """One more decoder replica (its runner is the caller's to stop), composed as serve() does."""
-        from vitaserve.common.session_store import SessionStore, connect_redis
+        from vitaserve.common.session_store import connect_redis
         from vitaserve.decoder.service import decoder_replica
+        from vitaserve.decoder.state_store import DecoderStateStore
         from vitaserve.decoder.settings import DecoderSettings
 
         settings = DecoderSettings(decoder=str(self.ckpt / "decoder"), redis_url=self.redis_url, port=port,
                                    host="127.0.0.1", deterministic=self.deterministic)
-        runner, _ = decoder_replica(settings, self.decoder_model, SessionStore(connect_redis(settings.redis_url)))
+        runner, _ = decoder_replica(settings, self.decoder_model, DecoderStateStore(connect_redis(settings.redis_url)))
         await runner.start()
         return runner
 

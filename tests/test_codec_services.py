@@ -22,8 +22,9 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from vitaserve.api import decoder_pb2, decoder_pb2_grpc, encoder_pb2, encoder_pb2_grpc
 from vitaserve.common.resample import resample
-from vitaserve.common.session_store import SessionStore, connect_redis
+from vitaserve.common.session_store import connect_redis
 from vitaserve.decoder.service import decoder_replica
+from vitaserve.decoder.state_store import DecoderStateStore
 from vitaserve.decoder.settings import DecoderSettings
 from vitaserve.encoder.service import MAX_MESSAGE_BYTES, encoder_replica
 from vitaserve.encoder.settings import EncoderSettings
@@ -131,11 +132,11 @@ async def encoder_server(tokenizer, max_batch: int = 8, max_wait_ms: float = 50.
 @asynccontextmanager
 async def decoder_server(audio_decoder, redis_url: str, namespace: str, deterministic: bool = True, **batching):
     """One decoder replica (its own Redis client) in `namespace`; replicas in one namespace share streams.
-    Built as serve() builds it, from a SessionStore; yields the replica's DecoderStateStore."""
+    Built as serve() builds it; yields the replica's DecoderStateStore."""
     redis = connect_redis(redis_url, timeout_s=0.5)
     settings = DecoderSettings(decoder="(loaded once per module)", redis_url=redis_url, port=0, host="127.0.0.1",
                                deterministic=deterministic, **batching)
-    runner, servicer = decoder_replica(settings, audio_decoder, SessionStore(redis, namespace=namespace))
+    runner, servicer = decoder_replica(settings, audio_decoder, DecoderStateStore(redis, namespace=namespace))
     store = servicer.states
     await runner.start()
     channel = _channel(runner.port)

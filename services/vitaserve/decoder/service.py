@@ -25,12 +25,7 @@ from vitaserve.api import decoder_pb2, decoder_pb2_grpc
 from vitaserve.common import metrics
 from vitaserve.common.batcher import BatcherStopped, MicroBatcher
 from vitaserve.common.keys import check_stream_id
-from vitaserve.common.session_store import (
-    SessionError,
-    SessionNotFound,
-    SessionStore,
-    StoreUnavailable,
-)
+from vitaserve.common.session_types import SessionError, SessionNotFound, StoreUnavailable
 from vitaserve.decoder.audio_decoder import AudioDecoder, Block
 from vitaserve.decoder.state_store import DecoderStateStore
 from vitaserve.decoder.settings import DecoderSettings
@@ -68,11 +63,10 @@ def validate(request: decoder_pb2.DecodeBlockRequest) -> None:
 class DecoderServicer(decoder_pb2_grpc.DecoderServicer):
     """Protocol edge: validates, loads and stores stream states; the batcher shares forwards."""
 
-    def __init__(self, decoder, store: DecoderStateStore | SessionStore, max_batch: int = 8,
+    def __init__(self, decoder, states: DecoderStateStore, max_batch: int = 8,
                  max_wait_ms: float = 2.0, default_ode_steps: int = 10, deterministic: bool = False):
         self.decoder = decoder
-        # A SessionStore (as serve() builds it) lends its Redis, namespace and retry policy.
-        self.states = store if isinstance(store, DecoderStateStore) else DecoderStateStore.beside(store)
+        self.states = states
         self.default_ode_steps = default_ode_steps
         self.deterministic = deterministic
         self.batcher = MicroBatcher(decoder.decode_chunks, max_batch, max_wait_ms, self._observe, key=self._batch_key)
@@ -151,13 +145,13 @@ class DecoderServicer(decoder_pb2_grpc.DecoderServicer):
         return decoder_pb2.EndStreamResponse()
 
 
-def decoder_replica(settings: DecoderSettings, decoder: AudioDecoder, store: SessionStore):
+def decoder_replica(settings: DecoderSettings, decoder: AudioDecoder, states: DecoderStateStore):
     """(runner, servicer) of one replica: its gRPC server (health, reflection, batcher) around a
-    loaded decoder and a session store, not yet started. serve() composes it for a pod, the tests
+    loaded decoder and its stream-state store, not yet started. serve() composes it for a pod, the tests
     around a decoder loaded once."""
     from vitaserve.common.grpc_server import ServiceRunner, make_server
 
-    servicer = DecoderServicer(decoder, store, settings.max_batch, settings.max_wait_ms, settings.ode_steps,
+    servicer = DecoderServicer(decoder, states, settings.max_batch, settings.max_wait_ms, settings.ode_steps,
                                settings.deterministic)
     server = make_server(max_message_bytes=16 * 1024 * 1024)
     decoder_pb2_grpc.add_DecoderServicer_to_server(servicer, server)
@@ -169,12 +163,13 @@ def decoder_replica(settings: DecoderSettings, decoder: AudioDecoder, store: Ses
 async def serve(settings: DecoderSettings, ready=None) -> None:
     """Load the decoder, connect to Redis, serve until SIGTERM/SIGINT, then drain for settings.grace_s."""
     from vitaserve.common.grpc_server import start_metrics
+    from vitaserve.common.redis_retry import RedisRetry
     from vitaserve.common.session_store import connect_redis
 
     decoder = AudioDecoder.from_pretrained(settings.decoder, device=settings.device)
-    store = SessionStore(connect_redis(settings.redis_url),
-                         on_retry=lambda what, attempt, exc: metrics.STORE_RETRIES.labels(what).inc())
-    runner, _ = decoder_replica(settings, decoder, store)
+    states = DecoderStateStore(connect_redis(settings.redis_url), retry=RedisRetry(
+        on_retry=lambda what, attempt, exc: metrics.STORE_RETRIES.labels(what).inc()))
+    runner, _ = decoder_replica(settings, decoder, states)
     start_metrics(settings.metrics_port)
     await runner.start()
     log.info("decoder serving", port=runner.port, decoder=settings.decoder, max_batch=settings.max_batch)
