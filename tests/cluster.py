@@ -45,7 +45,7 @@ class InProcessCluster:
         self.decoder_model = await asyncio.to_thread(AudioDecoder.from_pretrained, str(self.ckpt / "decoder"))
         for _ in range(2):
             self.decoders.append(await self.start_decoder())
-        decoder_target = "ipv4:" + ",".join(f"127.0.0.1:{d.port}" for d in self.decoders)
+        self.decoder_target = decoder_target = "ipv4:" + ",".join(f"127.0.0.1:{d.port}" for d in self.decoders)
         for i in range(2):
             gateway, servicer = await self.start_gateway(decoder_target, replica_id=f"gw{i}")
             self.gateways.append(gateway)
@@ -64,7 +64,7 @@ class InProcessCluster:
         await runner.start()
         return runner
 
-    async def start_gateway(self, decoder_target: str, replica_id: str = "gw-extra"):
+    async def start_gateway(self, decoder_target: str, replica_id: str = "gw-extra", *flags: str):
         """One more gateway replica talking to `decoder_target`, started the way a pod starts one: flags
         and the Redis URL in the environment -> GatewaySettings -> Gateway.start (serve() without the
         signal handling). (gateway, servicer); gateway.stop() stops it and closes its clients."""
@@ -79,7 +79,7 @@ class InProcessCluster:
         args = parser.parse_args([
             "--lm", str(self.ckpt / "lm"), "--encoder", f"127.0.0.1:{self.encoder.port}", "--decoder", decoder_target,
             "--triton", self.triton_grpc, "--host", "127.0.0.1", "--port", "0", "--replica-id", replica_id,
-            "--mode", "boost", "--max-utterance-s", "8", "--context-tokens", str(TRITON_MAX_LEN)])
+            "--mode", "boost", "--max-utterance-s", "8", "--context-tokens", str(TRITON_MAX_LEN), *flags])
         gateway = await Gateway.start(GatewaySettings.from_args(args, {REDIS_URL_ENV: self.redis_url}))
         return gateway, gateway.servicer
 

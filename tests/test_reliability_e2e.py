@@ -151,6 +151,8 @@ def test_decoder_failure_mid_answer_is_an_error_and_the_next_turn_works(cluster,
     assert code == grpc.StatusCode.OK
     (error,) = phone.of("error")
     assert error.code == grpc.StatusCode.UNAVAILABLE.value[0] and error.turn == 1, error
+    # item 9: a short message and an error id; the backend's address and status details stay in the log
+    assert "error id" in error.message and "127.0.0.1" not in error.message and "ipv4" not in error.message
     finished = phone.of("turn_finished")
     assert [f.turn for f in finished] == [2]
     turns = history(cluster, phone.of("session_started")[0].session_id)
@@ -215,3 +217,43 @@ def test_a_40_turn_call_finishes_every_turn(cluster, utterance):
     turns = history(cluster, phone.of("session_started")[0].session_id)
     assert [t.turn for t in turns][-1] == 40
     assert sum(len(t.user_audio) + len(t.assistant_ids) for t in turns) > 1024  # really outgrew the context
+
+
+def test_a_hung_triton_fails_the_turn_within_the_token_gap_and_the_next_turn_works(cluster, triton, utterance):
+    """Item 5: tritonserver stopped (SIGSTOP) mid-answer: the turn ends with DEADLINE_EXCEEDED within
+    the token gap + 1 s instead of hanging the call; once Triton runs again the next turn completes."""
+    import os
+    import signal
+
+    gateway, _ = cluster.run(cluster.start_gateway(cluster.decoder_target, "gw-item5", "--token-gap-s", "2"))
+    target = f"127.0.0.1:{gateway.port}"
+
+    async def main():
+        phone = Phone(target)
+        task = asyncio.create_task(phone.run())
+        await phone.outbox.put(config(push_to_talk=True, max_new_tokens=600, sampling=audio_pb2.SamplingOptions(
+            greedy=True, repetition_penalty=1.0)))
+        for i in range(0, 8000, 1600):
+            await phone.outbox.put(audio_msg(encode_audio(utterance[i : i + 1600], "mulaw", 8000)))
+        await phone.control(pb.Control.END_OF_UTTERANCE)
+        await wait(phone.event("audio"))
+        os.kill(triton["pid"], signal.SIGSTOP)
+        stopped = time.perf_counter()
+        try:
+            await wait(phone.event("error"), 10)
+            took = time.perf_counter() - stopped
+        finally:
+            os.kill(triton["pid"], signal.SIGCONT)
+        await ptt_turn(phone, utterance[:8000], phone.of("error")[0].turn + 1)
+        await phone.control(pb.Control.HANG_UP)
+        await phone.outbox.put(None)
+        return phone, await task, took
+
+    try:
+        phone, code, took = asyncio.run(main())
+    finally:
+        cluster.run(gateway.stop(0))
+    assert code == grpc.StatusCode.OK
+    (error,) = phone.of("error")
+    assert error.code == grpc.StatusCode.DEADLINE_EXCEEDED.value[0] and took < 2 + 1, (error, took)
+    assert len(phone.of("turn_finished")) == 1  # the next turn, on the resumed Triton

@@ -170,3 +170,27 @@ def test_generator_error_codes_are_values():
     assert GeneratorError.from_text("model 'vita_generator' is not ready").code == grpc.StatusCode.UNAVAILABLE
     with pytest.raises(ValueError):
         contract.error_text("NOPE", "x")
+
+
+# ---- item 9: internal details stay inside --------------------------------------------------------
+def test_internal_failures_reach_the_caller_as_a_short_message_and_an_error_id(capsys):
+    import grpc
+
+    from vitaserve.common.session_types import StaleWriteError, StoreUnavailable
+    from vitaserve.gateway.convert import call_status, turn_status
+    from vitaserve.gateway.generator_client import GeneratorError
+
+    backend = grpc.aio.AioRpcError(grpc.StatusCode.UNAVAILABLE, grpc.aio.Metadata(), grpc.aio.Metadata(),
+                                   details="ipv4:10.1.2.3:50053: Failed to connect to remote host")
+    secrets = ["10.1.2.3", "redis://:hunter2@", "gw-7:abcd", "Traceback", "KeyError"]
+    failures = [backend, StoreUnavailable("Redis unavailable: redis://:hunter2@10.1.2.3"),
+                StaleWriteError("the call is now owned by 'gw-7:abcd'", what="owner", value="gw-7:abcd"),
+                GeneratorError("KeyError in engine step at 10.1.2.3", grpc.StatusCode.INTERNAL),
+                KeyError("Traceback ... 10.1.2.3")]
+    for exc in failures:
+        for status in (turn_status, call_status):
+            code, message = status(exc)
+            assert code != grpc.StatusCode.UNKNOWN and "error id" in message, (exc, message)
+            assert not any(s in message for s in secrets), message
+    code, message = turn_status(GeneratorError("temperature must be a finite number", grpc.StatusCode.INVALID_ARGUMENT))
+    assert code == grpc.StatusCode.INVALID_ARGUMENT and "temperature" in message  # the caller's own fault: said

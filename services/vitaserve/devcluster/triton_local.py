@@ -133,7 +133,7 @@ def wait_ready(proc: subprocess.Popen, http_port: int, timeout_s: float = 120.0)
 def triton_server(workdir: Path, lm_dir: str | Path, num_slots: int = 16, max_len: int = 4096,
                   timeout_s: float = 180.0) -> Iterator[dict]:
     """A ready tritonserver with the generator on `lm_dir` for the length of the block:
-    yields {"grpc": address, "metrics": url, "log": path}; a failed start raises with the log's tail."""
+    yields {"grpc": address, "metrics": url, "log": path, "pid": its process}; a failed start raises with the log's tail."""
     from vitaserve.devcluster.processes import free_port
 
     repo = prepare_model_repository(workdir / "model_repo", lm_dir, num_slots=num_slots, max_len=max_len)
@@ -145,7 +145,8 @@ def triton_server(workdir: Path, lm_dir: str | Path, num_slots: int = 16, max_le
             wait_ready(proc, http_port, timeout_s=timeout_s)
         except Exception as exc:
             raise RuntimeError(f"{exc}\n--- triton log ---\n{log.read_text()[-4000:]}") from exc
-        yield {"grpc": f"127.0.0.1:{grpc_port}", "metrics": f"http://127.0.0.1:{metrics_port}/metrics", "log": log}
+        yield {"grpc": f"127.0.0.1:{grpc_port}", "metrics": f"http://127.0.0.1:{metrics_port}/metrics", "log": log,
+               "pid": proc.pid}
     finally:
         proc.terminate()
         try:

@@ -87,24 +87,28 @@ def generation_options(mode: str, sampling: audio_pb2.SamplingOptions, max_new_t
 # ---- failures -> status ---------------------------------------------------------------------------
 
 def turn_status(exc: Exception) -> tuple[grpc.StatusCode, str]:
-    """The status code and caller-facing message of a failed turn (or Synthesize, Transcribe)."""
+    """The status code and caller-facing message of a failed turn (or Synthesize, Transcribe).
+
+    What the caller did wrong is said plainly; what failed inside (a backend's status details, a
+    replica's address, an exception) is not: the caller gets a short message and an error id, and
+    the details go to the log under that id."""
     if isinstance(exc, CallError):
         return exc.code, str(exc)
-    if isinstance(exc, grpc.aio.AioRpcError):
-        return exc.code(), f"{exc.code().name}: {exc.details()}"
-    if isinstance(exc, GeneratorError):
-        return exc.code, f"generator: {exc}"
     if isinstance(exc, PromptTooLong):
         return grpc.StatusCode.INVALID_ARGUMENT, f"{exc}: ask for fewer max_new_tokens or speak a shorter turn"
-    if isinstance(exc, StoreUnavailable):
-        return grpc.StatusCode.UNAVAILABLE, f"session store: {exc}"
+    if isinstance(exc, GeneratorError) and exc.code == grpc.StatusCode.INVALID_ARGUMENT:
+        return exc.code, f"generator: {exc}"  # about the caller's own request (prompt, mode, sampling)
     if isinstance(exc, StaleWriteError):
-        return grpc.StatusCode.ABORTED, str(exc)
+        return grpc.StatusCode.ABORTED, hidden(exc, "the session was taken over by another connection")
     if isinstance(exc, (SessionNotFound, SessionEnded)):
-        return grpc.StatusCode.NOT_FOUND, str(exc)
-    error_id = uuid.uuid4().hex[:12]
-    log.error("turn failed with an unexpected error", error_id=error_id, error=repr(exc))
-    return grpc.StatusCode.INTERNAL, f"internal error (id {error_id})"
+        return grpc.StatusCode.NOT_FOUND, hidden(exc, "the session is gone (ended or expired)")
+    if isinstance(exc, StoreUnavailable):
+        return grpc.StatusCode.UNAVAILABLE, hidden(exc, "the session store is unavailable")
+    if isinstance(exc, grpc.aio.AioRpcError):
+        return exc.code(), hidden(exc, f"a backend service failed ({exc.code().name})")
+    if isinstance(exc, GeneratorError):
+        return exc.code, hidden(exc, f"the generator failed ({exc.code.name})")
+    return grpc.StatusCode.INTERNAL, hidden(exc, "internal error")
 
 
 def call_status(exc: Exception) -> tuple[grpc.StatusCode, str]:
@@ -112,8 +116,15 @@ def call_status(exc: Exception) -> tuple[grpc.StatusCode, str]:
     if isinstance(exc, CallError):
         return exc.code, str(exc)
     if isinstance(exc, StoreUnavailable):
-        return grpc.StatusCode.UNAVAILABLE, f"session store unavailable: {exc}"
-    return grpc.StatusCode.INTERNAL, f"internal error: {exc!r}"
+        return grpc.StatusCode.UNAVAILABLE, hidden(exc, "the session store is unavailable")
+    return grpc.StatusCode.INTERNAL, hidden(exc, "internal error")
+
+
+def hidden(exc: BaseException, summary: str) -> str:
+    """`summary (error id X)` for the caller; the exception itself is logged under X."""
+    error_id = uuid.uuid4().hex[:12]
+    log.warning("failure hidden from the caller", error_id=error_id, summary=summary, error=repr(exc))
+    return f"{summary} (error id {error_id})"
 
 
 # ---- PCM as the encoder and decoder messages carry it ---------------------------------------------

@@ -56,6 +56,6 @@ async def build_deps(settings: GatewaySettings) -> GatewayDeps:
     store = SessionStore(connect_redis(settings.redis_url),  # first: a malformed URL fails before any channel
                          on_retry=lambda what, attempt, exc: metrics.STORE_RETRIES.labels(what).inc())
     return GatewayDeps(settings=settings, encoder=EncoderClient(settings.encoder),
-                       decoder=DecoderClient(settings.decoder), generator=GeneratorClient(settings.triton),
+                       decoder=DecoderClient(settings.decoder), generator=GeneratorClient(settings.triton, token_gap_s=settings.token_gap_s),
                        store=store, text_tokenizer=tokenizer, vocab=AudioVocab.from_tokenizer(tokenizer),
                        prompts=PromptBuilder(tokenizer), vad_model=vad_model, num_mtp_modules=num_mtp_modules)

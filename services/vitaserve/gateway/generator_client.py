@@ -12,7 +12,7 @@ from collections.abc import AsyncIterator
 
 import grpc
 import tritonclient.grpc.aio as triton_aio
-from tritonclient.grpc import InferInput
+from tritonclient.grpc import InferInput, KeepAliveOptions
 from tritonclient.utils import InferenceServerException
 
 from vitaserve.generator import contract
@@ -57,11 +57,20 @@ async def _closes_by_itself(stream, timeout_s: float = 2.0) -> bool:
         return False
 
 
+# Pings on an idle-looking stream find a dead or partitioned Triton within keepalive time + timeout;
+# a live but hung one (SIGSTOP, a stuck engine) answers pings, so each stream also has a token gap.
+# 30 s: Triton's default ping policy (5 min without data, 2 strikes) never sees a strike, since a
+# live stream carries a token at least every token gap and idle channels send no pings.
+KEEPALIVE = KeepAliveOptions(keepalive_time_ms=30_000, keepalive_timeout_ms=10_000,
+                             keepalive_permit_without_calls=False)
+
+
 class GeneratorClient:
-    def __init__(self, url: str, model: str = contract.MODEL_NAME):
+    def __init__(self, url: str, model: str = contract.MODEL_NAME, token_gap_s: float = 5.0):
         self.url = url
         self.model = model
-        self._client = triton_aio.InferenceServerClient(url)
+        self.token_gap_s = token_gap_s
+        self._client = triton_aio.InferenceServerClient(url, keepalive_options=KEEPALIVE)
 
     async def generate(self, prompt_ids: list[int], opts: GenerationOptions,
                        request_id: str | None = None, timeout_s: float | None = None) -> AsyncIterator[GeneratedToken]:
@@ -72,9 +81,17 @@ class GeneratorClient:
             yield request
 
         stream = self._client.stream_infer(one_request(), stream_timeout=timeout_s)
+        responses = aiter(stream)
         closed = False
         try:
-            async for result, error in stream:
+            while True:
+                try:  # a token gap longer than token_gap_s: Triton is hung; fail the turn, not the call
+                    result, error = await asyncio.wait_for(anext(responses), self.token_gap_s)
+                except StopAsyncIteration:
+                    return
+                except asyncio.TimeoutError:
+                    raise GeneratorError(f"the generator sent no token for {self.token_gap_s:g} s",
+                                         grpc.StatusCode.DEADLINE_EXCEEDED) from None
                 if error is not None:
                     raise GeneratorError.from_text(str(error.message() if hasattr(error, "message") else error))
                 token = contract.parse_token(result.as_numpy)

@@ -72,8 +72,6 @@ class ConversationServicer(conversation_pb2_grpc.ConversationServicer):
                     yield message
         except Exception as exc:
             code, message = call_status(exc)
-            if code == grpc.StatusCode.INTERNAL:
-                log.error("call failed", error=repr(exc), session_id=call.session_id)
             await self._abort(context, code, message)
         finally:
             self.active -= 1

@@ -36,6 +36,7 @@ class GatewaySettings:
     chunk_plan: ChunkPlan = PRESETS["vita"]  # decoder block sizes (gateway.chunker)
     max_utterance_s: float = 30.0         # longer turns: VAD cuts them; push-to-talk gets OUT_OF_RANGE
     realtime_slack_s: float = 2.0         # caller audio may run this far ahead of the wall clock
+    token_gap_s: float = 5.0              # the generator stream's deadline between two tokens (a hung Triton)
     max_frame_bytes: int = 64 * 1024      # one AudioFrame
 
     def __post_init__(self) -> None:
@@ -53,6 +54,8 @@ class GatewaySettings:
         for name in ("grace_s", "realtime_slack_s"):
             if not getattr(self, name) >= 0:
                 raise SettingsError(f"{_where(name)} must be >= 0, got {getattr(self, name)}")
+        if not 0.1 <= self.token_gap_s <= 600:
+            raise SettingsError(f"{_where('token_gap_s')} must be in [0.1, 600], got {self.token_gap_s}")
         if not isinstance(self.chunk_plan, ChunkPlan):
             raise SettingsError(f"{_where('chunk_plan')} must be a ChunkPlan, got {self.chunk_plan!r}")
 
@@ -81,6 +84,9 @@ class GatewaySettings:
                "(the last repeats; default vita)")
         p("--max-utterance-s", type=float, default=d.max_utterance_s,
           help=f"longest turn: VAD cuts it there, push-to-talk gets OUT_OF_RANGE (default {d.max_utterance_s:g})")
+        p("--token-gap-s", type=float, default=d.token_gap_s,
+          help="deadline between two tokens of the generator stream (prefill included): a hung Triton fails "
+               f"the turn with DEADLINE_EXCEEDED after this long (default {d.token_gap_s:g})")
         p("--realtime-slack-s", type=float, default=d.realtime_slack_s,
           help=f"how far caller audio may run ahead of real time (default {d.realtime_slack_s:g})")
         p("--max-frame-bytes", type=int, default=d.max_frame_bytes,
@@ -103,7 +109,7 @@ class GatewaySettings:
                    replica_id=args.replica_id or socket.gethostname(), default_mode=args.default_mode,
                    max_new_tokens=args.max_new_tokens, context_tokens=args.context_tokens, chunk_plan=chunk_plan,
                    max_utterance_s=args.max_utterance_s, realtime_slack_s=args.realtime_slack_s,
-                   max_frame_bytes=args.max_frame_bytes)
+                   max_frame_bytes=args.max_frame_bytes, token_gap_s=args.token_gap_s)
 
 
 def _where(name: str) -> str:
