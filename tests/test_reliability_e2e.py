@@ -257,3 +257,55 @@ def test_a_hung_triton_fails_the_turn_within_the_token_gap_and_the_next_turn_wor
     (error,) = phone.of("error")
     assert error.code == grpc.StatusCode.DEADLINE_EXCEEDED.value[0] and took < 2 + 1, (error, took)
     assert len(phone.of("turn_finished")) == 1  # the next turn, on the resumed Triton
+
+
+def test_drain_refuses_every_new_rpc_and_ends_running_calls_within_one_grace(cluster, utterance):
+    """Item 8: a gateway told to stop turns NOT_SERVING, refuses new Converse, Synthesize and Transcribe
+    calls with UNAVAILABLE, and stops within one grace period (it waited the grace twice before: once
+    for its calls, once more in the server's stop)."""
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    gateway, servicer = cluster.run(cluster.start_gateway(cluster.decoder_target, "gw-item8"))
+    target, grace_s = f"127.0.0.1:{gateway.port}", 3.0
+
+    async def main():
+        phone = Phone(target)
+        task = asyncio.create_task(phone.run())
+        await phone.outbox.put(config(push_to_talk=True, max_new_tokens=900, sampling=audio_pb2.SamplingOptions(
+            greedy=True, repetition_penalty=1.0)))  # an answer far longer than the grace
+        for i in range(0, 8000, 1600):
+            await phone.outbox.put(audio_msg(encode_audio(utterance[i : i + 1600], "mulaw", 8000)))
+        await phone.control(pb.Control.END_OF_UTTERANCE)
+        await wait(phone.event("audio"))
+        started = time.perf_counter()
+        drain = asyncio.wrap_future(asyncio.run_coroutine_threadsafe(
+            gateway.runner.drain(grace_s, on_drain=lambda: servicer.drain(grace_s)), cluster.loop))
+        async with grpc.aio.insecure_channel(target) as channel:
+            await asyncio.sleep(0.2)
+            health = await health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service=""))
+            stub = conversation_pb2_grpc.ConversationStub(channel)
+            refused = []
+            late = Phone(target)  # keeps its stream open: the refusal, not a half-close, ends it
+            late_call = asyncio.create_task(late.run())
+            await late.outbox.put(config())
+            refused.append(await asyncio.wait_for(late_call, 10))
+            for rpc in (lambda: anext(aiter(stub.Synthesize(pb.SynthesizeRequest(text="hi")))),
+                        lambda: stub.Transcribe(pb.TranscribeRequest(audio=b"\xff" * 1600, format=MULAW_8K))):
+                try:
+                    await rpc()
+                    refused.append(grpc.StatusCode.OK)
+                except grpc.aio.AioRpcError as exc:
+                    refused.append(exc.code())
+        await drain
+        took = time.perf_counter() - started
+        await phone.outbox.put(None)
+        await asyncio.wait_for(task, 10)
+        return health.status, refused, took
+
+    try:
+        status, refused, took = asyncio.run(main())
+    finally:
+        cluster.run(gateway.stop(0))
+    assert status == 2  # NOT_SERVING
+    assert refused == [grpc.StatusCode.UNAVAILABLE] * 3, refused
+    assert took < grace_s + 1.0, took

@@ -54,10 +54,13 @@ class ServiceRunner:
             await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
 
     async def drain(self, grace_s: float, on_drain: Callable[[], Awaitable[None]] | None = None) -> None:
+        """NOT_SERVING, then `on_drain` (the servicer refuses new calls and waits for running ones),
+        then stop: one deadline of grace_s for all of it, not one per stage."""
+        deadline = asyncio.get_running_loop().time() + grace_s
         await self.health.enter_graceful_shutdown()  # every service NOT_SERVING
         if on_drain is not None:
             await on_drain()
-        await self.stop(grace_s)
+        await self.stop(max(0.0, deadline - asyncio.get_running_loop().time()))
 
     async def stop(self, grace_s: float = 0.0) -> None:
         """Stop the server (running calls get grace_s), then the batchers (failing what still waits)."""

@@ -8,6 +8,7 @@ gateways in-process.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from contextlib import aclosing
 
@@ -58,10 +59,18 @@ class ConversationServicer(conversation_pb2_grpc.ConversationServicer):
         return generation_options(mode, sampling, max_new_tokens, settings=self.deps.settings,
                                   num_mtp_modules=self.deps.num_mtp_modules)
 
-    async def Converse(self, request_iterator, context):
+    async def _refuse_if_draining(self, context) -> None:
         if self.draining:
             await self._abort(context, grpc.StatusCode.UNAVAILABLE,
                               "this gateway replica is shutting down: reconnect (resume with your session_id)")
+
+    async def Converse(self, request_iterator, context):
+        if self.draining:
+            # read the caller's first message before refusing: a client still writing when the
+            # server ends the stream sees INTERNAL from its own gRPC core, not our status (grpc#36066)
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(anext(aiter(request_iterator), None), 1.0)
+            await self._refuse_if_draining(context)
         call = Call(self.deps)
         self.active += 1
         self.idle.clear()
@@ -80,6 +89,7 @@ class ConversationServicer(conversation_pb2_grpc.ConversationServicer):
                 self.idle.set()
 
     async def Synthesize(self, request, context):
+        await self._refuse_if_draining(context)
         text = request.text.strip()
         if not text or len(text) > MAX_TTS_CHARS:
             await self._abort(context, grpc.StatusCode.INVALID_ARGUMENT,
@@ -113,6 +123,7 @@ class ConversationServicer(conversation_pb2_grpc.ConversationServicer):
             audio_tokens=progress.audio_tokens, audio_s=progress.audio_sent_s, first_audio_ms=max(first_ms, 0.0)))
 
     async def Transcribe(self, request, context):
+        await self._refuse_if_draining(context)
         try:
             fmt = output_format(request.format, "format")
             samples = decode_audio(request.audio, fmt.codec, fmt.sample_rate)
