@@ -9,7 +9,6 @@ import time
 
 import grpc
 import numpy as np
-import pytest
 from test_gateway_e2e import MULAW_8K, Phone, audio_msg, call_with, config, history, wait
 from test_triton_generator import collect, offline
 
@@ -20,13 +19,19 @@ from vitaserve.gateway.generator_client import GenerationOptions, GeneratorClien
 HOSTILE_MODE = "1,1,1000000000000,1"  # 19 bytes: walked ~1e12 steps on the event loop before
 
 
+async def say(phone: Phone, samples: np.ndarray) -> None:
+    """A push-to-talk utterance: 200 ms messages as fast as the real-time allowance lets them go,
+    then END_OF_UTTERANCE."""
+    for i in range(0, len(samples), 1600):
+        await phone.outbox.put(audio_msg(encode_audio(samples[i : i + 1600], "mulaw", 8000)))
+    await phone.control(pb.Control.END_OF_UTTERANCE)
+
+
 async def ptt_turn(phone: Phone, samples: np.ndarray, turn: int, timeout: float = 60) -> None:
     """One push-to-talk turn: the utterance as fast as the real-time allowance lets it go, then
     END_OF_UTTERANCE; waits for that turn's TurnFinished or a new Error."""
     phone.event("error").clear()
-    for i in range(0, len(samples), 1600):  # 200 ms messages
-        await phone.outbox.put(audio_msg(encode_audio(samples[i : i + 1600], "mulaw", 8000)))
-    await phone.control(pb.Control.END_OF_UTTERANCE)
+    await say(phone, samples)
     done = asyncio.ensure_future(phone.event(f"turn_finished:{turn}").wait())
     failed = asyncio.ensure_future(phone.event("error").wait())
     try:
@@ -129,9 +134,7 @@ def test_decoder_failure_mid_answer_is_an_error_and_the_next_turn_works(cluster,
         task = asyncio.create_task(phone.run())
         await phone.outbox.put(config(push_to_talk=True, max_new_tokens=300, sampling=audio_pb2.SamplingOptions(
             greedy=True, repetition_penalty=1.0)))
-        for i in range(0, 8000, 1600):
-            await phone.outbox.put(audio_msg(encode_audio(utterance[i : i + 1600], "mulaw", 8000)))
-        await phone.control(pb.Control.END_OF_UTTERANCE)
+        await say(phone, utterance[:8000])
         await wait(phone.event("audio"))
         await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(decoder.stop(0), cluster.loop))
         await wait(phone.event("error"), 30)
@@ -233,9 +236,7 @@ def test_a_hung_triton_fails_the_turn_within_the_token_gap_and_the_next_turn_wor
         task = asyncio.create_task(phone.run())
         await phone.outbox.put(config(push_to_talk=True, max_new_tokens=600, sampling=audio_pb2.SamplingOptions(
             greedy=True, repetition_penalty=1.0)))
-        for i in range(0, 8000, 1600):
-            await phone.outbox.put(audio_msg(encode_audio(utterance[i : i + 1600], "mulaw", 8000)))
-        await phone.control(pb.Control.END_OF_UTTERANCE)
+        await say(phone, utterance[:8000])
         await wait(phone.event("audio"))
         os.kill(triton["pid"], signal.SIGSTOP)
         stopped = time.perf_counter()
@@ -273,9 +274,7 @@ def test_drain_refuses_every_new_rpc_and_ends_running_calls_within_one_grace(clu
         task = asyncio.create_task(phone.run())
         await phone.outbox.put(config(push_to_talk=True, max_new_tokens=900, sampling=audio_pb2.SamplingOptions(
             greedy=True, repetition_penalty=1.0)))  # an answer far longer than the grace
-        for i in range(0, 8000, 1600):
-            await phone.outbox.put(audio_msg(encode_audio(utterance[i : i + 1600], "mulaw", 8000)))
-        await phone.control(pb.Control.END_OF_UTTERANCE)
+        await say(phone, utterance[:8000])
         await wait(phone.event("audio"))
         started = time.perf_counter()
         drain = asyncio.wrap_future(asyncio.run_coroutine_threadsafe(

@@ -5,7 +5,6 @@ values, engine rows that fail alone, prompts trimmed to the context, failures un
 from __future__ import annotations
 
 import asyncio
-import itertools
 import math
 import random
 import time

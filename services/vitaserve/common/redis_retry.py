@@ -79,11 +79,24 @@ class RedisRetry:
             ) from e
 
 
-def check_bytes_client(redis: aioredis.Redis, store: str) -> aioredis.Redis:
-    """Both stores compare and move raw bytes (decoder states, JSON), so replies must stay bytes."""
+def check_store(redis: aioredis.Redis, store: str, namespace: str, **positive: int) -> str:
+    """What both stores check before use; returns the namespace. Replies must stay bytes (decoder
+    states and turn JSON are compared and moved as raw bytes), every size and TTL is a positive
+    integer, and the namespace is one keys.py accepts."""
     if redis.get_connection_kwargs().get("decode_responses"):
         raise SessionInputError(
             f"{store} needs a Redis client with decode_responses=False "
             "(decoder states are raw bytes); use connect_redis()"
         )
-    return redis
+    for name, v in positive.items():
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            raise SessionInputError(f"{name} must be a positive integer, got {v!r}")
+    try:
+        return keys.check_namespace(namespace)
+    except keys.InvalidKeyPart as e:
+        raise SessionInputError(str(e)) from None
+
+
+def text(v: bytes | str | int) -> str:
+    """A script reply's element as text (replies are bytes on a bytes client)."""
+    return v.decode() if isinstance(v, bytes) else str(v)

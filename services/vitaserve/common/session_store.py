@@ -21,7 +21,7 @@ from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 
 from vitaserve.common import keys
-from vitaserve.common.redis_retry import OnRetry, RedisRetry, check_bytes_client
+from vitaserve.common.redis_retry import OnRetry, RedisRetry, check_store, text
 from vitaserve.common.session_scripts import SESSION_SCRIPTS, session_script
 from vitaserve.common.session_types import (
     RecordTooLarge,
@@ -83,18 +83,13 @@ def _sentinel_master(url: str, options: dict) -> aioredis.Redis:
 
 
 def _word(reply: list) -> str:
-    w = reply[0]
-    return w.decode() if isinstance(w, bytes) else str(w)
+    return text(reply[0])
 
 
 def _count(name: str, v: Any) -> int:
     if isinstance(v, bool) or not isinstance(v, int) or v < 0:
         raise SessionInputError(f"{name} must be a non-negative integer, got {v!r}")
     return v
-
-
-def _s(v: Any) -> str:
-    return v.decode() if isinstance(v, bytes) else str(v)
 
 
 class SessionStore:
@@ -113,17 +108,10 @@ class SessionStore:
         retry_max_s: float = keys.RETRY_MAX_S,
         on_retry: OnRetry | None = None,
     ) -> None:
-        check_bytes_client(redis, "SessionStore")
-        for name, v in (("session_ttl_s", session_ttl_s),
-                        ("max_turns", max_turns), ("max_turn_bytes", max_turn_bytes),
-                        ("max_system_prompt_bytes", max_system_prompt_bytes)):
-            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-                raise SessionInputError(f"{name} must be a positive integer, got {v!r}")
+        self.namespace = check_store(redis, "SessionStore", namespace, session_ttl_s=session_ttl_s,
+                                     max_turns=max_turns, max_turn_bytes=max_turn_bytes,
+                                     max_system_prompt_bytes=max_system_prompt_bytes)
         self.retry = RedisRetry(retry_attempts, retry_max_s, on_retry)
-        try:
-            self.namespace = keys.check_namespace(namespace)
-        except keys.InvalidKeyPart as e:
-            raise SessionInputError(str(e)) from None
         self.redis = redis
         self.session_ttl_ms = session_ttl_s * 1000
         self.max_turns = max_turns
@@ -176,10 +164,10 @@ class SessionStore:
         if word == "schema":
             raise UnknownSchema(
                 f"cannot {action} on session {session_id}: it is stored in schema version "
-                f"{_s(reply[1])}, newer than this release reads ({keys.SESSION_SCHEMA})"
+                f"{text(reply[1])}, newer than this release reads ({keys.SESSION_SCHEMA})"
             )
         if word == "stale":
-            what, value = _s(reply[1]), _s(reply[2])
+            what, value = text(reply[1]), text(reply[2])
             why = {
                 "owner": f"the call is now owned by {value!r}" if value
                 else "the session has no owner yet (claim it first)",

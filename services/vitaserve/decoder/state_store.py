@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING, NamedTuple
 import redis.asyncio as aioredis
 
 from vitaserve.common import keys
-from vitaserve.common.redis_retry import RedisRetry, check_bytes_client
+from vitaserve.common.redis_retry import RedisRetry, check_store, text
 from vitaserve.common.session_types import (
     RecordTooLarge,
     SessionEnded,
@@ -99,10 +99,6 @@ class Saved(NamedTuple):
     written: bool  # False: another attempt at this same block had stored it (the same state)
 
 
-def _text(v: bytes | str) -> str:
-    return v.decode() if isinstance(v, bytes) else str(v)
-
-
 class DecoderStateStore:
     """The decoder stream states of one namespace in one Redis."""
 
@@ -115,14 +111,8 @@ class DecoderStateStore:
         max_state_bytes: int = keys.MAX_DECODER_STATE_BYTES,
         retry: RedisRetry | None = None,
     ) -> None:
-        check_bytes_client(redis, "DecoderStateStore")
-        for name, v in (("ttl_s", ttl_s), ("max_state_bytes", max_state_bytes)):
-            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-                raise SessionInputError(f"{name} must be a positive integer, got {v!r}")
-        try:
-            self.namespace = keys.check_namespace(namespace)
-        except keys.InvalidKeyPart as e:
-            raise SessionInputError(str(e)) from None
+        self.namespace = check_store(redis, "DecoderStateStore", namespace, ttl_s=ttl_s,
+                                     max_state_bytes=max_state_bytes)
         self.redis = redis
         self.ttl_ms = ttl_s * 1000
         self.max_state_bytes = max_state_bytes  # per state; the hash holds two
@@ -161,21 +151,21 @@ class DecoderStateStore:
             )
         args = [seq, data, self.ttl_ms, keys.DECODER_STATE_SCHEMA]
         reply = await self.retry.run("store a decoder state", lambda: self._put(keys=[key], args=args))
-        word = _text(reply[0])
+        word = text(reply[0])
         if word == "missing":
             raise SessionNotFound(
                 f"decoder stream {stream_id} has no stored state (expired or deleted); "
                 f"seq {seq} needs seq {seq - 1} stored first"
             )
         if word == "stale":
-            held = _text(reply[1])
+            held = text(reply[1])
             raise StaleWriteError(
                 f"decoder stream {stream_id} holds seq {held}; cannot store seq {seq} "
                 "(only the next seq, or 0 for a new stream)", what="seq", value=held,
             )
         if word == "schema":
             raise UnknownSchema(
-                f"decoder stream {stream_id} is stored in schema version {_text(reply[1])}, newer "
+                f"decoder stream {stream_id} is stored in schema version {text(reply[1])}, newer "
                 f"than this release reads ({keys.DECODER_STATE_SCHEMA}); cannot store seq {seq}"
             )
         if word not in ("ok", "done"):
