@@ -9,8 +9,25 @@ fails, stops everything it started and raises ClusterError with the tail of that
 
 Processes spawned here also get a parent-death signal (`setpriv --pdeathsig`), so that even a
 `kill -9` of the parent leaves no orphans. Linux sends it when the *thread* that spawned the child
-ends: start a LocalCluster from a thread that outlives it (the main thread), or pass
-die_with_parent=False.
+ends: start a LocalCluster (and call `restart`/`start_again`) from a thread that outlives it (the
+main thread, or a long-lived worker), or pass die_with_parent=False.
+
+Component control, for fault tests and chaos runs (each takes a name from SERVICES; the fault
+matrix in devcluster/faults.py and the load test's chaos mode use it):
+  kill(name)        SIGKILL its whole process group (Triton's python stubs too) and reap it; the
+                    service stays listed, dead, until start_again/restart.
+  terminate(name)   SIGTERM (the service drains, as a pod told to stop), SIGKILL after timeout_s.
+  pause(name)       SIGSTOP the group: the process holds its sockets and answers nothing (a hang).
+  resume(name)      SIGCONT the group.
+  start_again(name) spawn it anew on the SAME addresses and ports with the same settings (Redis
+                    with the same command and --dir, so it reloads whatever that persists, e.g.
+                    its AOF), then wait_ready; it must not be running.
+  restart(name)     terminate (graceful=True) or kill, then start_again: a pod restart.
+  wait_ready(name)  block until the running instance is ready (gRPC health SERVING, Triton HTTP
+                    ready, Redis port open); ClusterError with its log's tail otherwise.
+Ports are chosen once per service and kept for its restarts, so clients' channels reconnect to the
+new instance by themselves (the window between a kill and start_again in which another program
+could take a freed port is a risk only on a busy shared machine).
 """
 
 from __future__ import annotations
@@ -62,10 +79,24 @@ class LocalCluster:
         self.pdeathsig = ["setpriv", "--pdeathsig", "TERM", "--"] if die_with_parent and shutil.which("setpriv") else []
         self.services: list[Service] = []  # running, in start order
         self.spawned: list[Service] = []  # every process ever started (kept after stop, for inspection)
+        self.ports: dict[str, dict[str, int]] = {}  # name -> role -> port, kept across restarts
+        self.paused: set[str] = set()
         self.redis_url = ""
 
     def service(self, name: str) -> Service:
-        return next(s for s in self.services if s.name == name)
+        try:
+            return next(s for s in self.services if s.name == name)
+        except StopIteration:
+            raise ValueError(f"{name} is not part of this cluster (started: "
+                             f"{', '.join(s.name for s in self.services) or 'none'})") from None
+
+    def _ports(self, name: str, *roles: str, **fixed: int) -> dict[str, int]:
+        """This service's ports: chosen on its first start (`fixed` ones as given, 0 = free), then kept."""
+        ports = self.ports.setdefault(name, {})
+        for role in roles:
+            if role not in ports:
+                ports[role] = fixed.get(role) or free_port()
+        return ports
 
     # ---- start -------------------------------------------------------------------------------
     def start(self, timeout_s: float = 300.0, services: Iterable[str] = SERVICES) -> "LocalCluster":
@@ -121,7 +152,12 @@ class LocalCluster:
         return self._track(Service(name, proc, address, log, metrics))
 
     def _track(self, service: Service) -> Service:
-        self.services.append(service)
+        """Record a new process; a restarted service takes its predecessor's place in `services`."""
+        old = [i for i, s in enumerate(self.services) if s.name == service.name]
+        if old:
+            self.services[old[0]] = service
+        else:
+            self.services.append(service)
         self.spawned.append(service)
         return service
 
@@ -130,7 +166,7 @@ class LocalCluster:
                 "--metrics-port", str(metrics_port), "--grace-s", str(self.grace_s), *args]
 
     def spawn_redis(self) -> Service:
-        port = free_port()
+        port = self._ports("redis", "tcp")["tcp"]
         redis = self._spawn("redis", redis_command(port, self.workdir), f"127.0.0.1:{port}")
         redis.ready = lambda timeout_s: wait_tcp(port, redis.proc, timeout_s)
         self.redis_url = local_redis_url(port)
@@ -141,7 +177,8 @@ class LocalCluster:
 
         repo = triton_local.prepare_model_repository(self.workdir / "model_repo", self.lm, num_slots=self.num_slots,
                                                      max_len=self.max_len, threads=self.threads)
-        grpc_port, http_port, metrics_port = free_port(), free_port(), free_port()
+        ports = self._ports("triton", "grpc", "http", "metrics")
+        grpc_port, http_port, metrics_port = ports["grpc"], ports["http"], ports["metrics"]
         log = self.workdir / "triton.log"
         proc = triton_local.start_tritonserver(repo, grpc_port, http_port, metrics_port, log)  # own session
         triton = self._track(Service("triton", proc, f"127.0.0.1:{grpc_port}", log,
@@ -150,7 +187,8 @@ class LocalCluster:
         return triton
 
     def _spawn_grpc(self, name: str, *args: str, port: int = 0, secrets: dict[str, str] | None = None) -> Service:
-        port, metrics_port = port or free_port(), free_port()
+        ports = self._ports(name, "grpc", "metrics", grpc=port)
+        port, metrics_port = ports["grpc"], ports["metrics"]
         service = self._spawn(name, self._serve(name, port, metrics_port, *args), f"127.0.0.1:{port}",
                               f"http://127.0.0.1:{metrics_port}/metrics", secrets)
         service.ready = lambda timeout_s: wait_grpc_serving(service.address, service.proc, timeout_s)
@@ -170,6 +208,57 @@ class LocalCluster:
             "--mode", self.mode, "--context-tokens", str(self.max_len),
             port=self.port, secrets={REDIS_URL_ENV: self.redis_url})
 
+    # ---- component control (fault injection) ---------------------------------------------------
+    def kill(self, name: str) -> None:
+        """SIGKILL the service's whole process group and reap it (a crash, an OOM kill)."""
+        service = self.service(name)
+        signal_group(service.proc.pid, signal.SIGKILL)
+        service.proc.wait(10)
+        self.paused.discard(name)
+
+    def terminate(self, name: str, timeout_s: float | None = None) -> None:
+        """SIGTERM the service (it drains, as a pod told to stop); SIGKILL its group after timeout_s
+        (default: its grace + 5 s), and sweep the group for stragglers."""
+        service = self.service(name)
+        timeout_s = self.grace_s + 5 if timeout_s is None else timeout_s
+        signal_group(service.proc.pid, signal.SIGCONT)  # a paused process could not act on SIGTERM
+        self.paused.discard(name)
+        if service.proc.poll() is None:
+            service.proc.send_signal(signal.SIGTERM)
+        try:
+            service.proc.wait(timeout_s)
+        except subprocess.TimeoutExpired:
+            self.progress(f"{name} did not stop within {timeout_s:.0f} s: killed")
+        self.kill(name)
+
+    def pause(self, name: str) -> None:
+        """SIGSTOP the service's process group: it keeps its sockets open and answers nothing."""
+        signal_group(self.service(name).proc.pid, signal.SIGSTOP)
+        self.paused.add(name)
+
+    def resume(self, name: str) -> None:
+        signal_group(self.service(name).proc.pid, signal.SIGCONT)
+        self.paused.discard(name)
+
+    def start_again(self, name: str, timeout_s: float = 300.0) -> Service:
+        """Spawn a stopped service anew on the same ports and settings, and wait until it is ready."""
+        if self.service(name).proc.poll() is None:
+            raise ClusterError(f"{name} is still running: kill or terminate it first")
+        service = self._spawn_named(name)
+        self.wait_ready(name, timeout_s)
+        return service
+
+    def restart(self, name: str, graceful: bool = True, timeout_s: float = 300.0) -> Service:
+        """A pod restart: terminate (graceful) or kill the service, then start_again."""
+        if graceful:
+            self.terminate(name)
+        else:
+            self.kill(name)
+        return self.start_again(name, timeout_s)
+
+    def wait_ready(self, name: str, timeout_s: float = 300.0) -> None:
+        self._wait(self.service(name), timeout_s)
+
     # ---- stop --------------------------------------------------------------------------------
     def stop(self, timeout_s: float | None = None) -> None:
         """Stop in stages (gateway, then what it calls, then Redis): SIGTERM each service, wait up to
@@ -180,6 +269,7 @@ class LocalCluster:
         for stage in STOP_STAGES:
             group = [s for s in self.services if s.name in stage]
             for service in group:  # the leader only: Triton must stop its python stubs itself
+                signal_group(service.proc.pid, signal.SIGCONT)  # a paused one could not act on SIGTERM
                 if service.proc.poll() is None:
                     service.proc.send_signal(signal.SIGTERM)
             limit = timeout_s if stage == STOP_STAGES[0] else min(timeout_s, BACKEND_STOP_S)
@@ -193,6 +283,7 @@ class LocalCluster:
                     service.proc.wait(5)
                 signal_group(service.proc.pid, signal.SIGKILL)  # stragglers left in the group
         self.services.clear()
+        self.paused.clear()
 
     def dead(self) -> list[Service]:
         """Services whose process has exited (while the cluster should be running)."""
