@@ -390,3 +390,21 @@ def test_service_args_parse_with_the_real_cli(rendered):
         args = parser.parse_args(c["args"])
         assert (args.service, args.port, args.grace_s) == (component, values[component]["port"], values["maxCallSeconds"])
         assert args.metrics_port == values["metrics"]["port"]
+
+
+def test_bundled_redis_persists_and_never_evicts():
+    """README "Durability": the AOF on, its fsync policy and the memory limit from values, and
+    noeviction always (a full Redis refuses writes; it never drops a session)."""
+    def args_of(*values: str) -> dict[str, str]:
+        spec = by_kind(render(*values), "StatefulSet")["redis"]["spec"]["template"]["spec"]
+        (server,) = spec["containers"]
+        flags = server["args"][1:]
+        return dict(zip(flags[0::2], flags[1::2]))
+
+    default = args_of()
+    assert default["--appendonly"] == "yes" and default["--appendfsync"] == "everysec"
+    assert default["--maxmemory"] == "1gb" and default["--maxmemory-policy"] == "noeviction"
+    chosen = args_of("--set", "redis.appendfsync=always", "--set", "redis.maxmemory=512mb")
+    assert (chosen["--appendfsync"], chosen["--maxmemory"], chosen["--maxmemory-policy"]) == (
+        "always", "512mb", "noeviction")
+    assert helm("template", "vita", str(CHART), "--set", "redis.appendfsync=sometimes", check=False).returncode != 0

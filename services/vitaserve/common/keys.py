@@ -63,6 +63,17 @@ RETRY_MAX_S = 2.0
 RETRY_BACKOFF_S = 0.05  # first wait; doubles per attempt, capped at RETRY_BACKOFF_CAP_S
 RETRY_BACKOFF_CAP_S = 0.5
 
+# A full Redis (maxmemory with noeviction) refuses writes with OOM. New sessions are refused earlier,
+# once used_memory passes this fraction of maxmemory, so that calls already running keep room for
+# their next turns: with the chart's 1 GB the last 20 % is ~200 MB, i.e. ~6,800 turns of a
+# typical 30 KB (MAX_TURN_BYTES at worst: ~800) plus decoder states (~27.6 KB per second of
+# answer, overwritten per block, TTL DECODER_STATE_TTL_S). used_memory is read with INFO memory at
+# most once per MEMORY_CHECK_S per store: within that second a replica may admit calls it would
+# have refused, each adding ~1 KB (a system prompt at most MAX_SYSTEM_PROMPT_BYTES): a burst of
+# 1,000 is at most 32 MB, well inside the headroom.
+NEW_SESSION_MEMORY_FRACTION = 0.8
+MEMORY_CHECK_S = 1.0
+
 # Namespaces and stream ids become parts of keys: no braces (hash tags), no spaces or globs.
 _NAMESPACE_RE = re.compile(r"[A-Za-z0-9_.\-]{1,64}")
 _STREAM_ID_RE = re.compile(r"[A-Za-z0-9_.:\-]{1,128}")

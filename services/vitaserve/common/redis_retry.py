@@ -2,6 +2,10 @@
 
 Transient Redis failures are retried with tenacity, bounded in attempts AND total time with an
 exponential backoff; when the budget is spent the caller gets StoreUnavailable (gRPC UNAVAILABLE).
+A write refused because Redis is full (OOM: maxmemory reached, noeviction) is not retried: it
+would not pass within the budget; the caller gets StoreFull (gRPC RESOURCE_EXHAUSTED). Nothing of
+such a write lands: Redis refuses a script's first write, and every script writes only after its
+checks, so the script ends before it has changed anything.
 Only reads and writes that are idempotent or fenced go through here: every Lua script of both
 stores recognises its own replay, so a retry after a lost reply is never a conflicting writer.
 
@@ -17,7 +21,7 @@ from typing import Any, Awaitable, Callable
 
 import redis.asyncio as aioredis
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import ReadOnlyError, TryAgainError
+from redis.exceptions import OutOfMemoryError, ReadOnlyError, TryAgainError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 from tenacity import (
     AsyncRetrying,
@@ -29,7 +33,7 @@ from tenacity import (
 )
 
 from vitaserve.common import keys
-from vitaserve.common.session_types import SessionInputError, StoreUnavailable
+from vitaserve.common.session_types import SessionInputError, StoreFull, StoreUnavailable
 
 # Transient: the connection failed or timed out (includes BusyLoadingError while Redis loads),
 # a replica became read-only during a failover, a cluster slot is migrating.
@@ -53,7 +57,8 @@ class RedisRetry:
             raise SessionInputError(f"retry_max_s must be > 0, got {self.max_s!r}")
 
     async def run(self, what: str, fn: Callable[[], Awaitable[Any]]) -> Any:
-        """Run fn, retrying transient Redis failures; StoreUnavailable once the budget is spent.
+        """Run fn, retrying transient Redis failures; StoreUnavailable once the budget is spent,
+        StoreFull at once when Redis refuses a write for want of memory.
         `what` completes "Redis unavailable while trying to ..." and labels the retry metric."""
 
         def before_sleep(state: RetryCallState) -> None:
@@ -71,6 +76,8 @@ class RedisRetry:
             async for attempt in retrying:
                 with attempt:
                     return await fn()
+        except OutOfMemoryError as e:
+            raise StoreFull(f"Redis is full (maxmemory reached) while trying to {what}: {e}") from e
         except TRANSIENT as e:
             n = retrying.statistics.get("attempt_number", 1)
             raise StoreUnavailable(

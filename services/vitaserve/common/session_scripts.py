@@ -14,7 +14,7 @@ written in place, its fields being the same; one of a newer version is refused b
 written (claim, begin, commit, abort, owner-checked end), so an older release never takes over a
 call it cannot read back.
 
-Replies are arrays whose first element is a status word:
+Replies of the writes are arrays whose first element is a status word (READ's: the hash, the list):
   ok | done (this op was already applied) | missing | ended | exists | stale (+ what, + value)
   | schema (+ the stored version: newer than this release reads)
 """
@@ -158,6 +158,14 @@ return {'ok'}
 """
 
 # KEYS[1] session hash   KEYS[2] history list
+# returns {HGETALL, LRANGE}: one consistent snapshot (a script runs alone), writing nothing.
+# A script and not MULTI/EXEC: Redis refuses every command queued in a MULTI while it is out of
+# memory, reads included, and a full Redis must still let running calls read their history.
+READ = """
+return {redis.call('HGETALL', KEYS[1]), redis.call('LRANGE', KEYS[2], 0, -1)}
+"""
+
+# KEYS[1] session hash   KEYS[2] history list
 # ARGV[1] ttl ms
 # returns {'ok'} | {'missing'}      (keep-alive for a connected but silent caller)
 TOUCH = """
@@ -168,7 +176,7 @@ return {'ok'}
 
 SESSION_SCRIPTS = {
     "create": CREATE, "begin_turn": BEGIN_TURN, "commit_turn": COMMIT_TURN, "abort_turn": ABORT_TURN,
-    "claim": CLAIM, "end": END, "touch": TOUCH,
+    "claim": CLAIM, "end": END, "touch": TOUCH, "read": READ,
 }
 
 

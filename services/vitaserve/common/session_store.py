@@ -7,18 +7,25 @@ retried by the shared policy of redis_retry.py, bounded in attempts and total ti
 writes that are idempotent or fenced are retried (every script recognises its own replay), and
 when the budget is spent the caller gets StoreUnavailable (gRPC UNAVAILABLE).
 
+A full Redis (maxmemory, noeviction) refuses writes: StoreFull (gRPC RESOURCE_EXHAUSTED). New
+sessions are refused before that, once used_memory passes a fraction of maxmemory
+(keys.NEW_SESSION_MEMORY_FRACTION), so that the calls already running keep room for their turns.
+
 Build the client with `connect_redis()` (no client-side retries, short socket timeouts): the
 stores own the retry policy.
 """
 
 from __future__ import annotations
 
+import time
 import uuid
 from typing import Any, Awaitable, Callable
 
 import redis.asyncio as aioredis
+import structlog
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
+from redis.exceptions import ResponseError
 
 from vitaserve.common import keys
 from vitaserve.common.redis_retry import OnRetry, RedisRetry, check_store, text
@@ -32,16 +39,19 @@ from vitaserve.common.session_types import (
     SessionNotFound,
     SessionRecord,
     StaleWriteError,
+    StoreFull,
     StoreUnavailable,
     TurnRecord,
     UnknownSchema,
     record_from_redis,
 )
 
+log = structlog.get_logger(__name__)
+
 __all__ = [
     "SessionStore", "connect_redis", "SessionConfig", "SessionRecord", "TurnRecord",
     "SessionError", "SessionNotFound", "SessionEnded", "StaleWriteError", "StoreUnavailable",
-    "SessionInputError", "RecordTooLarge", "UnknownSchema",
+    "StoreFull", "SessionInputError", "RecordTooLarge", "UnknownSchema",
 ]
 
 
@@ -107,6 +117,7 @@ class SessionStore:
         retry_attempts: int = keys.RETRY_ATTEMPTS,
         retry_max_s: float = keys.RETRY_MAX_S,
         on_retry: OnRetry | None = None,
+        new_session_memory_fraction: float = keys.NEW_SESSION_MEMORY_FRACTION,
     ) -> None:
         self.namespace = check_store(redis, "SessionStore", namespace, session_ttl_s=session_ttl_s,
                                      max_turns=max_turns, max_turn_bytes=max_turn_bytes,
@@ -117,6 +128,11 @@ class SessionStore:
         self.max_turns = max_turns
         self.max_turn_bytes = max_turn_bytes
         self.max_system_prompt_bytes = max_system_prompt_bytes
+        if not 0 < new_session_memory_fraction <= 1:
+            raise SessionInputError(
+                f"new_session_memory_fraction must be in (0, 1], got {new_session_memory_fraction!r}")
+        self.new_session_memory_fraction = new_session_memory_fraction
+        self._memory: tuple[float, int, int] | None = None  # (read at, used_memory, maxmemory)
         # Registered once; redis-py loads a script again by itself after NOSCRIPT (Redis restart).
         self._scripts = {n: redis.register_script(session_script(n)) for n in SESSION_SCRIPTS}
 
@@ -128,6 +144,31 @@ class SessionStore:
     async def _run(self, what: str, script: str, keys_: list[str], args: list[Any]) -> list:
         s = self._scripts[script]
         return await self._retrying(what, lambda: s(keys=keys_, args=args))
+
+    async def _memory_use(self) -> tuple[int, int]:
+        """(used_memory, maxmemory) from INFO memory, read at most once per keys.MEMORY_CHECK_S.
+        maxmemory 0 means no limit, and so does a Redis that refuses INFO (an ACL, a managed
+        service): then only Redis's own OOM refusals stop new sessions."""
+        now = time.monotonic()
+        if self._memory is None or now - self._memory[0] >= keys.MEMORY_CHECK_S:
+            try:
+                info = await self.redis.info("memory")  # retried with the create that asks
+                used, limit = int(info.get("used_memory", 0)), int(info.get("maxmemory", 0))
+            except ResponseError as e:
+                if self._memory is None:
+                    log.warning("INFO memory refused: new sessions are not held back before Redis is full",
+                                error=str(e))
+                used, limit = 0, 0
+            self._memory = (now, used, limit)
+        return self._memory[1], self._memory[2]
+
+    async def _check_room_for_new_session(self) -> None:
+        used, limit = await self._memory_use()
+        if limit and used > self.new_session_memory_fraction * limit:
+            raise StoreFull(
+                f"no room for a new session: Redis uses {used} of its {limit} bytes (maxmemory), over "
+                f"the {self.new_session_memory_fraction:.0%} kept for calls already running"
+            )
 
     def _keys(self, session_id: str) -> list[str]:
         try:
@@ -181,7 +222,8 @@ class SessionStore:
     # ---- sessions -------------------------------------------------------------------------
 
     async def create(self, config: SessionConfig, owner: str = "") -> str:
-        """Start a session; returns its id (uuid4 hex). `owner` may be set now or by claim()."""
+        """Start a session; returns its id (uuid4 hex). `owner` may be set now or by claim().
+        StoreFull when Redis is near its memory limit (the rest is for the calls running)."""
         if not isinstance(config, SessionConfig):
             raise SessionInputError(f"config must be a SessionConfig, got {type(config).__name__}")
         if owner != "":
@@ -194,26 +236,23 @@ class SessionStore:
         session_id = uuid.uuid4().hex
         fields = ["mode", config.mode, "codec", config.codec, "sample_rate", config.sample_rate,
                   "system_prompt", config.system_prompt]
-        reply = await self._run("create a session", "create", self._keys(session_id),
-                                [uuid.uuid4().hex, self.session_ttl_ms, owner, *fields])
+        script, args = self._scripts["create"], [uuid.uuid4().hex, self.session_ttl_ms, owner, *fields]
+
+        async def attempt() -> list:  # one retry budget for the memory check and the write
+            await self._check_room_for_new_session()
+            return await script(keys=self._keys(session_id), args=args)
+
+        reply = await self._retrying("create a session", attempt)
         if _word(reply) == "exists":  # a uuid4 collision: cannot happen in practice
             raise SessionError(f"session id {session_id} already exists")
         return session_id
 
     async def get(self, session_id: str) -> SessionRecord | None:
         """The session with its history, or None if unknown/expired. Does not refresh the TTL."""
-        k = self._keys(session_id)
-
-        async def read() -> list:
-            async with self.redis.pipeline(transaction=True) as p:  # one consistent snapshot
-                p.hgetall(k[0])
-                p.lrange(k[1], 0, -1)
-                return await p.execute()
-
-        fields, history = await self._retrying("read a session", read)
-        if not fields:
+        flat, history = await self._run("read a session", "read", self._keys(session_id), [])
+        if not flat:
             return None
-        return record_from_redis(session_id, fields, history)
+        return record_from_redis(session_id, dict(zip(flat[0::2], flat[1::2])), history)
 
     async def history(self, session_id: str) -> list[TurnRecord]:
         """The finished turns (at most max_turns, oldest first); SessionNotFound if unknown."""

@@ -51,6 +51,11 @@ class StoreUnavailable(SessionError):
     """Redis could not be reached within the retry budget: map to gRPC UNAVAILABLE."""
 
 
+class StoreFull(StoreUnavailable):
+    """Redis is at (or, for a new session, near) its memory limit: map to gRPC RESOURCE_EXHAUSTED.
+    A StoreUnavailable, so whatever copes with an unreachable store copes with a full one."""
+
+
 class UnknownSchema(SessionError):
     """A record written by a newer release, in a version this code cannot read."""
 

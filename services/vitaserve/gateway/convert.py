@@ -15,7 +15,8 @@ import numpy as np
 import structlog
 
 from vitaserve.api import audio_pb2
-from vitaserve.common.session_types import SessionEnded, SessionNotFound, StaleWriteError, StoreUnavailable
+from vitaserve.common.session_types import (SessionEnded, SessionNotFound, StaleWriteError, StoreFull,
+                                            StoreUnavailable)
 from vitaserve.gateway.codecs import CODEC_ENUM, AudioFormatError, OutputFormat, check_format
 from vitaserve.gateway.generator_client import GenerationOptions, GeneratorError
 from vitaserve.gateway.settings import GatewaySettings
@@ -102,6 +103,8 @@ def turn_status(exc: Exception) -> tuple[grpc.StatusCode, str]:
         return grpc.StatusCode.ABORTED, hidden(exc, "the session was taken over by another connection")
     if isinstance(exc, (SessionNotFound, SessionEnded)):
         return grpc.StatusCode.NOT_FOUND, hidden(exc, "the session is gone (ended or expired)")
+    if isinstance(exc, StoreFull):  # before StoreUnavailable, its base
+        return grpc.StatusCode.RESOURCE_EXHAUSTED, hidden(exc, STORE_FULL_TURN)
     if isinstance(exc, StoreUnavailable):
         return grpc.StatusCode.UNAVAILABLE, hidden(exc, "the session store is unavailable")
     if isinstance(exc, grpc.aio.AioRpcError):
@@ -115,9 +118,17 @@ def call_status(exc: Exception) -> tuple[grpc.StatusCode, str]:
     """The status a whole Converse call ends with when it fails (a failed turn does not end it)."""
     if isinstance(exc, CallError):
         return exc.code, str(exc)
+    if isinstance(exc, StoreFull):  # a new call refused so that the running ones keep room
+        return grpc.StatusCode.RESOURCE_EXHAUSTED, hidden(exc, STORE_FULL_CALL)
     if isinstance(exc, StoreUnavailable):
         return grpc.StatusCode.UNAVAILABLE, hidden(exc, "the session store is unavailable")
     return grpc.StatusCode.INTERNAL, hidden(exc, "internal error")
+
+
+# A full session store (Redis at its memory limit): RESOURCE_EXHAUSTED, not UNAVAILABLE, because
+# retrying at once does not help; what the caller can do is said.
+STORE_FULL_CALL = "the service is at capacity (session storage is full): no new calls now, try again later"
+STORE_FULL_TURN = "the session storage is full: this turn could not be saved; the call goes on"
 
 
 def hidden(exc: BaseException, summary: str) -> str:
