@@ -25,6 +25,8 @@ NOT_SERVING (readiness drops it from endpoints) and running calls get --grace-s 
 - --tokenizer={{ $ck.mountPath }}/{{ $ck.tokenizerDir }}
 - --device={{ $c.device }}
 - --max-batch={{ $c.maxBatch }}
+- --max-connection-age-s={{ $c.maxConnectionAgeSeconds }}
+- --max-connection-age-grace-s={{ $c.maxConnectionAgeGraceSeconds }}
 - --threads={{ $c.threads }}
 {{- else }}
 - --decoder={{ $ck.mountPath }}/{{ $ck.decoderDir }}
@@ -33,6 +35,8 @@ NOT_SERVING (readiness drops it from endpoints) and running calls get --grace-s 
 - --max-wait-ms={{ $c.maxWaitMs }}
 - --threads={{ $c.threads }}
 - --ode-steps={{ $c.odeSteps }}
+- --max-connection-age-s={{ $c.maxConnectionAgeSeconds }}
+- --max-connection-age-grace-s={{ $c.maxConnectionAgeGraceSeconds }}
 {{- end }}
 - --port={{ $c.port }}
 - --metrics-port={{ $v.metrics.port }}

@@ -16,19 +16,38 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from prometheus_client import start_http_server
 
+from vitaserve.common.tracing import TraceInterceptor
+
 log = structlog.get_logger(__name__)
 
 MAX_MESSAGE_BYTES = 4 * 1024 * 1024
 
 
-def make_server(max_message_bytes: int = MAX_MESSAGE_BYTES) -> grpc.aio.Server:
-    return grpc.aio.server(options=[
+def make_server(max_message_bytes: int = MAX_MESSAGE_BYTES, max_connection_age_s: float = 0.0,
+                max_connection_age_grace_s: float = 0.0) -> grpc.aio.Server:
+    """A server with our message limits and keepalive, the trace of every RPC read before its handler
+    (common/tracing.py), and an optional maximum connection age.
+
+    max_connection_age_s (0: none): gRPC sends GOAWAY to a connection this old (+-10 % jitter), so
+    a client's long-lived channel reconnects and re-resolves, and new replicas get their share of
+    the calls (without it, a channel set up before a scale-up never reaches the new pods; behind an
+    L4 balancer the new connection is balanced again). Calls in flight on the old connection go
+    on for max_connection_age_grace_s, then are cut: the grace must outlast the longest call's
+    deadline."""
+    if not max_connection_age_s >= 0 or not max_connection_age_grace_s >= 0:  # also refuses NaN
+        raise ValueError(f"connection age and grace must be >= 0 s, got {max_connection_age_s}, "
+                         f"{max_connection_age_grace_s}")
+    options = [
         ("grpc.max_receive_message_length", max_message_bytes),
         ("grpc.max_send_message_length", max_message_bytes),
         ("grpc.keepalive_time_ms", 20_000),
         ("grpc.keepalive_permit_without_calls", 1),
         ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
-    ])
+    ]
+    if max_connection_age_s > 0:
+        options += [("grpc.max_connection_age_ms", max(1, round(max_connection_age_s * 1000))),
+                    ("grpc.max_connection_age_grace_ms", round(max_connection_age_grace_s * 1000))]
+    return grpc.aio.server(options=options, interceptors=[TraceInterceptor()])
 
 
 class ServiceRunner:

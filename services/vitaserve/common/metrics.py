@@ -20,6 +20,9 @@ GATEWAY_STAGE_MS = Histogram("vita_gateway_stage_ms", "per-turn time of each sta
                              ["stage"], buckets=LATENCY_MS)  # encode|first_token|first_block|first_decode
 GATEWAY_ERRORS = Counter("vita_gateway_errors_total", "calls and turns that failed, by gRPC status", ["code"])
 GATEWAY_DRAINING = Gauge("vita_gateway_draining", "1 while this replica refuses new calls (shutdown)")
+GATEWAY_BACKEND_RETRIES = Counter("vita_gateway_backend_retries_total",
+                                  "encoder/decoder calls retried, or failed at once because the backend's retry "
+                                  "budget was spent", ["backend", "outcome"])  # retried|denied
 
 # -- encoder ------------------------------------------------------------------------------------
 ENCODER_REQUESTS = Counter("vita_encoder_requests_total", "Encode calls, by gRPC status", ["code"])

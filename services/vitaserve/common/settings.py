@@ -46,3 +46,20 @@ def add_server_arguments(parser: argparse.ArgumentParser, port: int, grace_s: fl
     parser.add_argument("--metrics-port", type=int, default=0, help="Prometheus /metrics port (0 = off)")
     parser.add_argument("--grace-s", type=float, default=grace_s,
                         help="on SIGTERM: health turns NOT_SERVING, running calls get this long to finish")
+
+
+def add_connection_age_arguments(parser: argparse.ArgumentParser, age_s: float, grace_s: float) -> None:
+    """--max-connection-age-s and --max-connection-age-grace-s (common/grpc_server.make_server)."""
+    parser.add_argument("--max-connection-age-s", type=float, default=age_s,
+                        help="send clients GOAWAY on connections this old, so that long-lived channels reconnect "
+                             f"and spread over new replicas (0 = never; default {age_s:g})")
+    parser.add_argument("--max-connection-age-grace-s", type=float, default=grace_s,
+                        help="calls in flight on an aged connection may go on this long before it is closed; "
+                             f"keep it above the longest call's deadline (default {grace_s:g})")
+
+
+def check_connection_age(age_s: float, grace_s: float) -> None:
+    """SettingsError unless both are finite and >= 0."""
+    for flag, value in (("--max-connection-age-s", age_s), ("--max-connection-age-grace-s", grace_s)):
+        if not 0 <= value < float("inf"):
+            raise SettingsError(f"{flag} must be a number of seconds >= 0, got {value}")

@@ -108,6 +108,10 @@ class DecoderServicer(decoder_pb2_grpc.DecoderServicer):
             (pcm, new_state), info = await self.batcher.submit_with_info(block, request.playback_slack_s)
             metrics.DECODER_BLOCK_MS.labels(str(request.seq == 0).lower()).observe(info.compute_ms)
             state_bytes = 0 if retry else await self._store(request, new_state)
+            # one line per block: with the trace fields (tracing.TraceInterceptor) it ties the turn's hops together
+            log.info("block decoded", seq=request.seq, tokens=len(request.tokens), final=request.finalize,
+                     retry=retry, queue_ms=round(info.queue_ms, 1), compute_ms=round(info.compute_ms, 1),
+                     batch=info.size)
             return decoder_pb2.DecodeBlockResponse(
                 pcm_f32=np.asarray(pcm, dtype="<f4").tobytes(), sample_rate=22050, seq=request.seq,
                 compute_ms=info.compute_ms, state_bytes=state_bytes, queue_ms=info.queue_ms,
@@ -153,7 +157,8 @@ def decoder_replica(settings: DecoderSettings, decoder: AudioDecoder, states: De
 
     servicer = DecoderServicer(decoder, states, settings.max_batch, settings.max_wait_ms, settings.ode_steps,
                                settings.deterministic)
-    server = make_server(max_message_bytes=16 * 1024 * 1024)
+    server = make_server(max_message_bytes=16 * 1024 * 1024, max_connection_age_s=settings.max_connection_age_s,
+                         max_connection_age_grace_s=settings.max_connection_age_grace_s)
     decoder_pb2_grpc.add_DecoderServicer_to_server(servicer, server)
     runner = ServiceRunner(server, [decoder_pb2.DESCRIPTOR.services_by_name["Decoder"].full_name], settings.port,
                            host=settings.host, batchers=[servicer.batcher])

@@ -8,7 +8,7 @@ import argparse
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
-from vitaserve.common.settings import add_server_arguments, redis_url
+from vitaserve.common.settings import add_connection_age_arguments, add_server_arguments, check_connection_age, redis_url
 from vitaserve.common.threads import add_threads_argument
 
 
@@ -26,6 +26,11 @@ class DecoderSettings:
     ode_steps: int = 10                    # flow ODE steps when a request says 0
     deterministic: bool = False            # zero noise: reproducible output
     threads: int = 0                       # torch CPU threads, set by the process (0: its CPU budget)
+    max_connection_age_s: float = 300.0   # GOAWAY after this long: gateways' channels spread over new replicas
+    max_connection_age_grace_s: float = 60.0  # calls in flight then finish (a DecodeBlock call's deadline is 30 s)
+
+    def __post_init__(self) -> None:
+        check_connection_age(self.max_connection_age_s, self.max_connection_age_grace_s)
 
     @classmethod
     def add_arguments(cls, parser: argparse.ArgumentParser) -> None:
@@ -40,6 +45,7 @@ class DecoderSettings:
         parser.add_argument("--deterministic", action="store_true", help="zero noise: reproducible output")
         add_threads_argument(parser)
         add_server_arguments(parser, cls.port, cls.grace_s)
+        add_connection_age_arguments(parser, cls.max_connection_age_s, cls.max_connection_age_grace_s)
 
     @classmethod
     def from_args(cls, args: argparse.Namespace, environ: Mapping[str, str] | None = None) -> "DecoderSettings":
@@ -47,4 +53,6 @@ class DecoderSettings:
         return cls(decoder=args.decoder, redis_url=redis_url(environ), port=args.port,
                    metrics_port=args.metrics_port, grace_s=args.grace_s, device=args.device,
                    max_batch=args.max_batch, max_wait_ms=args.max_wait_ms, ode_steps=args.ode_steps,
-                   deterministic=args.deterministic, threads=args.threads)
+                   deterministic=args.deterministic, threads=args.threads,
+                   max_connection_age_s=args.max_connection_age_s,
+                   max_connection_age_grace_s=args.max_connection_age_grace_s)

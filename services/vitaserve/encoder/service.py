@@ -71,6 +71,9 @@ class EncoderServicer(encoder_pb2_grpc.EncoderServicer):
         try:
             samples = validate(request)
             tokens, info = await self.batcher.submit_with_info(samples)
+            # one line per request: with the trace fields (tracing.TraceInterceptor) it ties the turn's hops together
+            log.info("encoded", audio_s=round(len(samples) / TOKENIZER_RATE, 3), tokens=len(tokens),
+                     queue_ms=round(info.queue_ms, 1), compute_ms=round(info.compute_ms, 1), batch=info.size)
             return encoder_pb2.EncodeResponse(tokens=tokens, audio_s=len(samples) / TOKENIZER_RATE,
                                               queue_ms=info.queue_ms, compute_ms=info.compute_ms,
                                               batch_size=info.size)
@@ -96,7 +99,8 @@ def encoder_replica(settings: EncoderSettings, tokenizer) -> tuple[ServiceRunner
     from vitaserve.common.grpc_server import ServiceRunner, make_server
 
     servicer = EncoderServicer(tokenizer, settings.max_batch, settings.max_wait_ms)
-    server = make_server(max_message_bytes=MAX_MESSAGE_BYTES)
+    server = make_server(max_message_bytes=MAX_MESSAGE_BYTES, max_connection_age_s=settings.max_connection_age_s,
+                         max_connection_age_grace_s=settings.max_connection_age_grace_s)
     encoder_pb2_grpc.add_EncoderServicer_to_server(servicer, server)
     runner = ServiceRunner(server, [encoder_pb2.DESCRIPTOR.services_by_name["Encoder"].full_name], settings.port,
                            host=settings.host, batchers=[servicer.batcher])

@@ -7,7 +7,7 @@ import argparse
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from vitaserve.common.settings import add_server_arguments
+from vitaserve.common.settings import add_connection_age_arguments, add_server_arguments, check_connection_age
 from vitaserve.common.threads import add_threads_argument
 
 
@@ -22,6 +22,11 @@ class EncoderSettings:
     max_batch: int = 16            # requests per tokenizer forward
     max_wait_ms: float = 5.0       # how long a request waits for company
     threads: int = 0               # torch CPU threads, set by the process (0: its CPU budget)
+    max_connection_age_s: float = 300.0   # GOAWAY after this long: gateways' channels spread over new replicas
+    max_connection_age_grace_s: float = 60.0  # calls in flight then finish (an Encode call's deadline is 10 s)
+
+    def __post_init__(self) -> None:
+        check_connection_age(self.max_connection_age_s, self.max_connection_age_grace_s)
 
     @classmethod
     def add_arguments(cls, parser: argparse.ArgumentParser) -> None:
@@ -32,9 +37,12 @@ class EncoderSettings:
                             help="how long a request waits for company")
         add_threads_argument(parser)
         add_server_arguments(parser, cls.port, cls.grace_s)
+        add_connection_age_arguments(parser, cls.max_connection_age_s, cls.max_connection_age_grace_s)
 
     @classmethod
     def from_args(cls, args: argparse.Namespace, environ: Mapping[str, str] | None = None) -> "EncoderSettings":
         """The encoder reads no secrets; `environ` is taken for the same call shape as the others."""
         return cls(tokenizer=args.tokenizer, port=args.port, metrics_port=args.metrics_port, grace_s=args.grace_s,
-                   device=args.device, max_batch=args.max_batch, max_wait_ms=args.max_wait_ms, threads=args.threads)
+                   device=args.device, max_batch=args.max_batch, max_wait_ms=args.max_wait_ms, threads=args.threads,
+                   max_connection_age_s=args.max_connection_age_s,
+                   max_connection_age_grace_s=args.max_connection_age_grace_s)

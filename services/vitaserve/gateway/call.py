@@ -22,7 +22,7 @@ import numpy as np
 import structlog
 
 from vitaserve.api import conversation_pb2 as pb
-from vitaserve.common import metrics
+from vitaserve.common import metrics, tracing
 from vitaserve.common.audio_facts import TOKENIZER_RATE
 from vitaserve.common.resample import StreamResampler
 from vitaserve.common.session_store import (SessionConfig, SessionEnded, SessionNotFound, StaleWriteError,
@@ -242,7 +242,7 @@ class Call:
         ready for the next turn: a turn that failed before any of it was heard gives its number
         back; one that failed mid-answer keeps what the caller heard, like a barge-in."""
         turn = self.turns_done + 1
-        structlog.contextvars.bind_contextvars(turn=turn)
+        tracing.start_turn(self.session_id, turn)  # the turn's trace: logs and every hop carry it
         progress = AnswerProgress()
         user_tokens: list[int] = []
         outcome, begun = "failed", False

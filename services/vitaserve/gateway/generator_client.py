@@ -15,6 +15,7 @@ import tritonclient.grpc.aio as triton_aio
 from tritonclient.grpc import InferInput, KeepAliveOptions
 from tritonclient.utils import InferenceServerException
 
+from vitaserve.common import tracing
 from vitaserve.generator import contract
 from vitaserve.generator.contract import GeneratedToken, GenerationOptions
 
@@ -76,6 +77,9 @@ class GeneratorClient:
                        request_id: str | None = None, timeout_s: float | None = None) -> AsyncIterator[GeneratedToken]:
         request = {"model_name": self.model, "inputs": build_inputs(prompt_ids, opts),
                    "request_id": request_id or uuid.uuid4().hex}
+        trace = tracing.triton_parameters()  # the model logs the turn's trace (contract.trace_of)
+        if trace:
+            request["parameters"] = trace
 
         async def one_request():
             yield request

@@ -5,6 +5,9 @@ output tensors (`GeneratedToken`). Everything here works on numpy arrays and pla
 needs neither torch nor tritonclient nor triton_python_backend_utils: each side wraps the arrays in
 its own InferInput / pb_utils.Tensor. config.pbtxt documents each tensor; keep the two in step.
 
+The turn's trace (vitaserve.common.tracing) travels as request parameters, not tensors: `traceparent`,
+`vita-session` (a hash) and `vita-turn`; the model reads them with `request_trace` and logs them.
+
 A failed request: Triton's gRPC stream carries it as a message string only (no status code), so the
 model puts the code in front of the message as "[CODE] message", and the client reads it back with
 `parse_error`.
@@ -12,11 +15,14 @@ model puts the code in front of the message as "[CODE] message", and the client 
 
 from __future__ import annotations
 
+import json
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
+
+from vitaserve.common.tracing import Trace
 
 MODEL_NAME = "vita_generator"  # the model's folder in the repository and its name in requests
 DEFAULT_MAX_NEW_TOKENS = 1024
@@ -148,6 +154,16 @@ def parse_token(get: Callable[[str], np.ndarray]) -> GeneratedToken:
         is_audio=_scalar(get(IS_AUDIO.name), bool), kind=_scalar(get(STEP_KIND.name), str),
         finished=_scalar(get(FINISHED.name), bool),
     )
+
+
+def request_trace(parameters_json: str) -> Trace:
+    """The trace of a request from its parameters (Triton's request.parameters(), a JSON object): the
+    gateway's trace continued, or a new one when the request carries none or a malformed one."""
+    try:
+        parameters = json.loads(parameters_json or "{}")
+    except ValueError:
+        parameters = {}
+    return Trace.incoming(parameters.items() if isinstance(parameters, dict) else ())
 
 
 # -- errors ------------------------------------------------------------------------------------------

@@ -24,8 +24,9 @@ class _Call:
     """One request's Triton objects, dropped the moment it ends: Triton waits (its exit timeout) for
     every request and response sender to be released before it unloads the model."""
 
-    def __init__(self, request, sender):
+    def __init__(self, request, sender, log):
         self.request, self.sender = request, sender
+        self.log = log  # bound to the request's trace (turn, hashed session)
         self.final_sent = False  # the last token went out with the FINAL flag
 
     def is_cancelled(self):
@@ -51,8 +52,13 @@ class TritonPythonModel:
         from vitaserve.generator.language_model import LanguageModel
         from vitaserve.lmtext.sampling_params import SamplingParams
 
+        from vitaserve.common.logs import configure_logging
         from vitaserve.common.threads import set_torch_threads
 
+        configure_logging("generator")  # JSON lines on the stub's stdout: Triton's log
+        import structlog
+
+        self.log = structlog.get_logger("vita_generator").bind(service="generator")  # any thread
         set_torch_threads(int(params.get("threads") or 0))  # 0: the CPUs this container may use
         device = params.get("device") or "cpu"
         dtype = params.get("dtype") or ("float32" if device == "cpu" else "bfloat16")
@@ -70,6 +76,10 @@ class TritonPythonModel:
                                        description="generation requests running or queued in the engine",
                                        kind=pb_utils.MetricFamily.GAUGE)
         self.in_flight_metric = family.Metric(labels={"model": contract.MODEL_NAME})
+        self.queue_family = queue = pb_utils.MetricFamily(
+            name="vita_generator_queue_depth", description="generation requests waiting for a slot of the engine",
+            kind=pb_utils.MetricFamily.GAUGE)
+        self.queue_metric = queue.Metric(labels={"model": contract.MODEL_NAME})
         self.tokens_family = tokens = pb_utils.MetricFamily(name="vita_generator_tokens_total", description="tokens generated",
                                        kind=pb_utils.MetricFamily.COUNTER)
         self.tokens_metric = tokens.Metric(labels={"model": contract.MODEL_NAME})
@@ -78,6 +88,11 @@ class TritonPythonModel:
         with self.lock:
             self.in_flight += delta
             self.in_flight_metric.set(self.in_flight)
+        self._queue_depth()
+
+    def _queue_depth(self):
+        """Read at each submit, end and first token (when a waiting request got its slot)."""
+        self.queue_metric.set(self.service.load()["waiting"])
 
     def execute(self, requests):
         for request in requests:
@@ -88,10 +103,20 @@ class TritonPythonModel:
                 sender.send(pb_utils.InferenceResponse(error=pb_utils.TritonError(
                     self.contract.error_text(self.contract.INVALID_ARGUMENT, f"invalid request: {exc}"))), flags=FINAL)
                 continue
+            trace = self._trace(request)
+            call = _Call(request, sender, self.log.bind(request_id=gen_request.request_id, **trace.fields()))
+            call.log.info("generation started", prompt_tokens=len(gen_request.prompt_ids),
+                          max_new_tokens=gen_request.max_new_tokens, mode=gen_request.mode)
             self._count(+1)
-            call = _Call(request, sender)
             self.service.submit(gen_request, self._on_token(call), self._on_done(call), is_cancelled=call.is_cancelled)
         return None
+
+    def _trace(self, request):
+        try:
+            parameters = request.parameters()
+        except AttributeError:  # a python backend without request parameters (before 23.04)
+            parameters = "{}"
+        return self.contract.request_trace(parameters)
 
     def _parse(self, request):
         prompt, options = self.contract.parse_request(lambda name: _numpy(request, name))
@@ -109,6 +134,8 @@ class TritonPythonModel:
             # the request complete and waits its whole exit timeout at shutdown.
             call.sender.send(pb_utils.InferenceResponse(output_tensors=outputs), flags=FINAL if event.finished else 0)
             call.final_sent = event.finished
+            if event.index == 0:
+                self._queue_depth()
 
         return send
 
@@ -117,6 +144,10 @@ class TritonPythonModel:
             self._count(-1)
             sender, final_sent = call.sender, call.final_sent
             call.release()
+            if error is None:
+                call.log.info("generation finished")
+            else:
+                call.log.info("generation ended", error=type(error).__name__)
             if final_sent:
                 return
             if error is None:
