@@ -21,6 +21,7 @@ SUBCOMMANDS = [
     "up",
     "call",
     "loadtest",
+    "faults",
 ]
 
 
