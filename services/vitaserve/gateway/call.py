@@ -39,6 +39,10 @@ from vitaserve.lmtext.prompt import LUKE_SYSTEM, Turn
 log = structlog.get_logger(__name__)
 
 MIN_UTTERANCE_TOKENS = 13  # 1 s of speech at 12.5 tokens/s
+# A system prompt over this many characters per context token is refused unread: text averages ~4
+# characters per BPE token, so it would not fit anyway, and tokenizing it (on the event loop) first
+# stalled every call of the replica (a 900 kB prompt: seconds).
+SYSTEM_PROMPT_CHARS_PER_TOKEN = 4
 
 
 def answer_sinks(outbox: Outbox[pb.ConverseResponse], turn: int, fmt: OutputFormat) -> AnswerSinks:
@@ -87,6 +91,10 @@ class Call:
         mode = config.mode or self.settings.default_mode
         self.opts = generation_options(mode, config.sampling, config.max_new_tokens, settings=self.settings,
                                        num_mtp_modules=self.deps.num_mtp_modules)
+        max_chars = SYSTEM_PROMPT_CHARS_PER_TOKEN * self.settings.context_tokens
+        if len(config.system_prompt) > max_chars:
+            raise CallError(grpc.StatusCode.INVALID_ARGUMENT, f"system_prompt has {len(config.system_prompt)} "
+                            f"characters, at most {max_chars} (the context holds {self.settings.context_tokens} tokens)")
         self.system = config.system_prompt if config.HasField("system_prompt") else LUKE_SYSTEM
         explicit = config.max_new_tokens > 0
         self._fit_answer_to_context(explicit)

@@ -79,6 +79,10 @@ class ConversationServicer(conversation_pb2_grpc.ConversationServicer):
             async with aclosing(call.run(request_iterator)) as messages:
                 async for message in messages:
                     yield message
+        except grpc.aio.InternalError as exc:
+            # the core refused a write or read: the caller cancelled as we wrote (done() still False
+            # then). Nobody is left to tell, and it is not a failure of ours to count as INTERNAL.
+            log.info("caller gone mid-call", error=repr(exc))
         except Exception as exc:
             code, message = call_status(exc)
             await self._abort(context, code, message)
