@@ -1,4 +1,5 @@
-"""`vita-audio loadtest`: concurrent phone-like calls, first-audio latency report (JSON + HTML)."""
+"""`vita-audio loadtest`: concurrent phone-like calls, first-audio latency report (JSON + HTML); with
+--soak-minutes a bounded soak (memory of every process, Redis keys), with --chaos faults under load."""
 
 from __future__ import annotations
 
@@ -31,7 +32,25 @@ def subparser_init(subparsers) -> None:
     p.add_argument("--duration-s", type=float, default=3600.0, help="the whole run: later levels are skipped")
     p.add_argument("--out", default="loadtest-report", help="output folder")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--calls", type=int, default=4, help="soak and chaos: callers at once (--concurrency is for latency)")
+    soak = p.add_argument_group("soak (needs --local)")
+    soak.add_argument("--soak-minutes", type=float,
+                      help="callers place call after call for this long while the RSS of every cluster process is "
+                           "sampled; reports its growth from the warm-up's end and Redis keys before/after")
+    soak.add_argument("--soak-warmup-s", type=float, default=120.0, help="growth is measured from here to the end")
+    soak.add_argument("--sample-s", type=float, default=3.0, help="RSS sampling period")
+    chaos = p.add_argument_group("chaos (needs --local)")
+    chaos.add_argument("--chaos", action="store_true",
+                       help="kill, SIGSTOP or restart a random component while calls run; report turns completed, "
+                            "failed by code, calls lost, and every fault")
+    chaos.add_argument("--chaos-minutes", type=float, default=5.0, help="how long calls run under chaos")
+    chaos.add_argument("--chaos-every-s", type=float, default=20.0,
+                       help="quiet seconds between one fault's recovery and the next fault")
+    chaos.add_argument("--chaos-components", help="comma-separated targets (default: every service of the cluster)")
+    chaos.add_argument("--chaos-faults", help="comma-separated of kill, stop, restart (default: all three)")
+    chaos.add_argument("--chaos-stop-s", type=float, default=3.0, help="how long a SIGSTOPped component stays stopped")
     p.set_defaults(func=cmd)
+
 
 
 def cmd(args) -> int:
@@ -60,25 +79,22 @@ def cmd(args) -> int:
                          ramp_slo_ms=args.ramp_slo_ms, max_concurrency=args.max_concurrency, seed=args.seed)
     except LoadConfigError as exc:
         raise CLIError(str(exc)) from None
+    special = settings_of(args, cfg)  # soak or chaos settings, checked before anything starts
+    if special is not None:
+        try:
+            cfg = replace(cfg, concurrency=(args.calls,))
+        except LoadConfigError as exc:
+            raise CLIError(f"--calls: {exc}") from None
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     speech = utterances(cfg.rate, out / "speech")
-    cluster = None
-    target = args.target
-    if args.local:
-        from vitaserve.devcluster.checkpoints import CheckpointWriteError, ensure_checkpoints
-        from vitaserve.devcluster.cluster import LocalCluster
-        from vitaserve.devcluster.processes import free_port
-
+    cluster = start_local(max(16, max(levels(cfg)))) if args.local else None
+    target = args.target or f"127.0.0.1:{cluster.port}"
+    if special is not None:
         try:
-            ckpt = ensure_checkpoints(Path(TINY_CHECKPOINTS), "tiny", progress=lambda msg: print(msg, flush=True))
-        except CheckpointWriteError as exc:
-            raise CLIError(str(exc)) from None
-        port = free_port()
-        cluster = LocalCluster(ckpt.lm, ckpt.tokenizer, ckpt.decoder, port=port,
-                               num_slots=max(16, max(levels(cfg))), max_len=2048,
-                               progress=lambda m: print(f"  {m}", flush=True)).start()
-        target = f"127.0.0.1:{port}"
+            return run_special(cluster, replace(cfg, target=target), speech, special, out)
+        finally:
+            cluster.stop()
     try:
         cfg = replace(cfg, target=target)
         total = len(cfg.modes) * sum(levels(cfg)) * cfg.turns
@@ -96,3 +112,78 @@ def cmd(args) -> int:
     print(text_table(rows))
     print(f"\nwrote {out / 'report.json'} and {out / 'report.html'}")
     return 1 if errors else 0
+
+
+def settings_of(args, cfg):
+    """SoakSettings, ChaosSettings or None (a latency run); a clear error for what cannot run."""
+    from vitaserve.cli.main import CLIError
+    from vitaserve.loadtest.chaos import ChaosSettings
+    from vitaserve.loadtest.runner import LoadConfigError
+    from vitaserve.loadtest.soak import SoakSettings
+
+    if args.soak_minutes is None and not args.chaos:
+        return None
+    what = "--chaos" if args.chaos else "--soak-minutes"
+    if args.chaos and args.soak_minutes is not None:
+        raise CLIError("--chaos and --soak-minutes are separate runs (restarts would mix into the memory figures)")
+    if not args.local:
+        raise CLIError(f"{what} needs --local: it reads the cluster's processes and Redis")
+    if cfg.ramp_slo_ms is not None or len(cfg.modes) != 1:
+        raise CLIError(f"{what} runs one mode and no ramp")
+    try:
+        if args.chaos:
+            names = {k: tuple(n.strip() for n in v.split(",") if n.strip())
+                     for k, v in (("components", args.chaos_components), ("faults", args.chaos_faults)) if v}
+            return ChaosSettings(minutes=args.chaos_minutes, every_s=args.chaos_every_s, seed=args.seed,
+                                 stop_s=args.chaos_stop_s, **names)
+        return SoakSettings(minutes=args.soak_minutes, warmup_s=args.soak_warmup_s, sample_s=args.sample_s)
+    except LoadConfigError as exc:
+        raise CLIError(str(exc)) from None
+
+
+def start_local(slots: int):
+    """The local cluster on tiny checkpoints (made on first use), started and ready."""
+    from pathlib import Path
+
+    from vitaserve.cli.main import CLIError
+    from vitaserve.devcluster.checkpoints import CheckpointWriteError, ensure_checkpoints
+    from vitaserve.devcluster.cluster import LocalCluster
+    from vitaserve.devcluster.processes import free_port
+
+    try:
+        ckpt = ensure_checkpoints(Path(TINY_CHECKPOINTS), "tiny", progress=lambda msg: print(msg, flush=True))
+    except CheckpointWriteError as exc:
+        raise CLIError(str(exc)) from None
+    return LocalCluster(ckpt.lm, ckpt.tokenizer, ckpt.decoder, port=free_port(), num_slots=slots, max_len=2048,
+                        progress=lambda m: print(f"  {m}", flush=True)).start()
+
+
+def run_special(cluster, cfg, speech, settings, out) -> int:
+    """A soak or a chaos run: writes <kind>.json (with the figures' data) and <kind>.html; exit 1 when
+    its verdict fails (memory over the bound or Redis keys left unbounded; a call lost)."""
+    import json
+
+    from tqdm import tqdm
+
+    from vitaserve.loadtest.chaos import ChaosSettings, chaos_html, chaos_text, run_chaos
+    from vitaserve.loadtest.soak import run_soak, soak_html, soak_text
+
+    calls = cfg.concurrency[0]
+    with tqdm(desc="turns", unit="turn") as bar:
+        if isinstance(settings, ChaosSettings):
+            kind = "chaos"
+            report = run_chaos(cluster, cfg, speech, settings, calls, on_turn=lambda: bar.update(1),
+                               progress=lambda m: bar.write(f"  {m}"))
+            text, html = chaos_text(report), chaos_html(report)
+            failed = report["calls"]["lost"] > 0
+        else:
+            kind = "soak"
+            report = run_soak(cluster, cfg, speech, settings, calls, on_turn=lambda: bar.update(1))
+            text, html = soak_text(report), soak_html(report)
+            keys = report["redis_keys"]
+            failed = not report["rss_ok"] or not (keys["back_to_baseline"] or keys["left_bounded"])
+    (out / f"{kind}.json").write_text(json.dumps(report, indent=1))
+    (out / f"{kind}.html").write_text(html)
+    print(text)
+    print(f"\nwrote {out / (kind + '.json')} and {out / (kind + '.html')}")
+    return 1 if failed else 0

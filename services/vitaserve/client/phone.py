@@ -38,11 +38,15 @@ class TurnResult:
     audio_tokens: int = 0
     interrupted: bool = False
     error: str = ""
+    started_at: float = 0.0  # time.monotonic() at the utterance's first frame, and when the turn ended
+    ended_at: float = 0.0
 
 
 @dataclass
 class CallResult:
     session_id: str = ""
+    resumed: bool = False
+    turns_before: int = 0  # turns the session had before this connection (a resumed call)
     turns: list[TurnResult] = field(default_factory=list)
     status: str = "OK"
     details: str = ""
@@ -51,9 +55,11 @@ class CallResult:
 async def run_call(target: str, utterances: list[np.ndarray], rate: int, codec: str = "mulaw", mode: str = "",
                    push_to_talk: bool = False, silence_s: float = 1.0, max_new_tokens: int = 0,
                    greedy: bool | None = None, turn_timeout_s: float = 120.0,
-                   barge_in: list[bool] | None = None) -> CallResult:
+                   barge_in: list[bool] | None = None, session_id: str = "", hang_up: bool = True) -> CallResult:
     """One call with one turn per utterance (float samples at `rate`). barge_in[i]: the caller starts
-    the next utterance as soon as the first audio of answer i arrives (talking over it)."""
+    the next utterance as soon as the first audio of answer i arrives (talking over it). session_id:
+    resume that call (its history continues; turn numbers go on from its turns so far). hang_up
+    False: close the stream without HANG_UP, so that the call can be resumed later."""
     codec = check_format(codec, rate)
     frame = int(rate * FRAME_S)
     result = CallResult()
@@ -66,7 +72,8 @@ async def run_call(target: str, utterances: list[np.ndarray], rate: int, codec: 
     sampling = audio_pb2.SamplingOptions(greedy=greedy) if greedy is not None else audio_pb2.SamplingOptions()
     fmt = audio_pb2.AudioFormat(codec=CODEC_ENUM[codec], sample_rate=rate)
     await outbox.put(pb.ConverseRequest(config=pb.CallConfig(
-        input_format=fmt, mode=mode, push_to_talk=push_to_talk, max_new_tokens=max_new_tokens, sampling=sampling)))
+        input_format=fmt, mode=mode, push_to_talk=push_to_talk, max_new_tokens=max_new_tokens, sampling=sampling,
+        session_id=session_id)))
 
     async def requests():
         while (msg := await outbox.get()) is not None:
@@ -84,7 +91,7 @@ async def run_call(target: str, utterances: list[np.ndarray], rate: int, codec: 
         for n, utterance in enumerate(utterances, start=1):
             turn_done.clear()
             first_audio.clear()
-            state["turn"] = by_turn[n] = TurnResult(turn=n)
+            state["turn"] = by_turn[n] = TurnResult(turn=n, started_at=time.monotonic())
             await send_paced(utterance)
             state["t_end"] = time.perf_counter()
             if push_to_talk:
@@ -93,8 +100,10 @@ async def run_call(target: str, utterances: list[np.ndarray], rate: int, codec: 
             interrupt = barge_in[n - 1] and n < len(utterances)
             await asyncio.wait_for((first_audio if interrupt else turn_done).wait(), turn_timeout_s)
             silence.cancel()
+            state["turn"].ended_at = time.monotonic()
             result.turns.append(state["turn"])
-        await outbox.put(pb.ConverseRequest(control=pb.Control(action=pb.Control.HANG_UP)))
+        if hang_up:
+            await outbox.put(pb.ConverseRequest(control=pb.Control(action=pb.Control.HANG_UP)))
         await outbox.put(None)
 
     def since_end() -> float:
@@ -104,9 +113,11 @@ async def run_call(target: str, utterances: list[np.ndarray], rate: int, codec: 
         async for msg in call:
             kind = msg.WhichOneof("message")
             number = getattr(getattr(msg, kind), "turn", None) if kind != "session_started" else None
-            turn: TurnResult | None = by_turn.get(number, state["turn"])
+            local = None if number is None else number - result.turns_before  # server turns go on after a resume
+            turn: TurnResult | None = by_turn.get(local, state["turn"])
             if kind == "session_started":
                 result.session_id = msg.session_started.session_id
+                result.resumed, result.turns_before = msg.session_started.resumed, msg.session_started.turns_so_far
             elif turn is None:
                 continue
             elif kind == "audio":

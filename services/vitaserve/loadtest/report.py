@@ -187,3 +187,56 @@ modes {escape(', '.join(config.get('modes', [])))}; errors by code: {escape(errs
 would stall); <b>gap</b>: the longest such stall. <b>lag</b>: the load generator's own event-loop lag
 (ms); when it is large the client, not the server, limits the figures.</p>
 </body></html>"""
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def rss_figure(t_s: list[float], rss_kb: list[dict[str, int]], warmup_s: float) -> str:
+    """Base64 PNG: resident memory (MiB) of every process over the soak, the warm-up's end marked."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(9, 5))
+    for name in sorted({n for sample in rss_kb for n in sample}):
+        pairs = [(t, s[name] / 1024) for t, s in zip(t_s, rss_kb) if name in s]
+        ax.plot([p[0] / 60 for p in pairs], [p[1] for p in pairs], label=name, linewidth=1.2)
+    ax.axvline(warmup_s / 60, color="grey", linestyle="--", linewidth=1, label="end of warm-up")
+    ax.set_yscale("log")
+    ax.set_xlabel("minutes since the calls began")
+    ax.set_ylabel("resident memory (MiB, log scale)")
+    ax.set_title("Resident memory of every process during the soak")
+    ax.grid(True, alpha=0.3, which="both")
+    ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
+    out = _png(fig)
+    plt.close(fig)
+    return out
+
+
+def chaos_figure(turns: list[dict], faults: list[dict]) -> str:
+    """Base64 PNG: every turn on a time line (completed, failed), each fault's window shaded."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(10, 4))
+    components = sorted({f["component"] for f in faults})
+    for i, f in enumerate(faults):
+        end = f["recovered_at_s"] if f["recovered_at_s"] is not None else f["at_s"] + 1
+        ax.axvspan(f["at_s"], end, color=f"C{components.index(f['component']) + 2}", alpha=0.25,
+                   label=f["component"] if f["component"] not in [g["component"] for g in faults[:i]] else None)
+        ax.text(f["at_s"], 1.02, f["fault"], transform=ax.get_xaxis_transform(), fontsize=6, rotation=90,
+                va="bottom")
+    calls = sorted({t["call"] for t in turns})
+    for ok, colour, label in ((True, "C0", "turn completed"), (False, "C3", "turn failed")):
+        mine = [t for t in turns if (not t["error"]) == ok]
+        ax.scatter([t["ended_at_s"] for t in mine], [calls.index(t["call"]) for t in mine], s=12, color=colour,
+                   marker="o" if ok else "x", label=label, zorder=3)
+    ax.set_xlabel("seconds since the calls began")
+    ax.set_ylabel("call")
+    ax.set_title("Turns under chaos: faults shaded from injection to recovery", pad=30)
+    ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
+    out = _png(fig)
+    plt.close(fig)
+    return out
