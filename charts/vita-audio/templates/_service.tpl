@@ -21,6 +21,11 @@ NOT_SERVING (readiness drops it from endpoints) and running calls get --grace-s 
 - --max-new-tokens={{ $c.maxNewTokens }}
 - --chunk-plan={{ $c.chunkPlan }}
 - --max-utterance-s={{ $c.maxUtteranceSeconds }}
+- --max-calls={{ $c.maxCalls }}
+- --first-message-s={{ $c.firstMessageSeconds }}
+- --idle-s={{ $c.idleSeconds }}
+- --max-reader-stall-s={{ $c.readerStallSeconds }}
+- --max-call-s={{ $v.maxCallSeconds }}
 {{- else if eq .component "encoder" }}
 - --tokenizer={{ $ck.mountPath }}/{{ $ck.tokenizerDir }}
 - --device={{ $c.device }}

@@ -12,6 +12,10 @@ keep waiting. A due time only comes closer, so no request starves.
 If a batch raises, its requests are run again one by one, so only the request whose input caused
 the error gets it and the others still get their results. `stop()` fails every request still
 waiting, so no caller hangs on a stopped batcher.
+
+The queue is bounded: a request that finds `max_queue` requests already waiting fails at once with
+BatcherFull (the services answer RESOURCE_EXHAUSTED, and the gateway retries another replica)
+instead of joining a wait that outlasts its caller's deadline.
 """
 
 from __future__ import annotations
@@ -29,6 +33,17 @@ Out = TypeVar("Out")
 
 class BatcherStopped(RuntimeError):
     """The batcher was stopped (server shutdown) before this request was computed."""
+
+
+class BatcherFull(RuntimeError):
+    """max_queue requests already wait: this one is refused at once (overload)."""
+
+
+# Requests that may wait for a forward. The gateway's deadlines are 10 s (encoder) and 30 s (decoder
+# block); 256 waiting requests are 16 full forwards of the encoder's batch of 16 and 32 of the
+# decoder's batch of 8, more than either serves within those deadlines at the forward times we
+# measured, so a longer queue would only hold requests that time out anyway.
+MAX_QUEUE = 256
 
 
 @dataclass(frozen=True)
@@ -56,9 +71,11 @@ def _order(item: _Item) -> tuple[float, float]:
 class MicroBatcher(Generic[In, Out]):
     def __init__(self, fn: Callable[[Sequence[In]], Sequence[Out]], max_batch: int = 16, max_wait_ms: float = 5.0,
                  on_batch: Callable[[int, float, list[float]], None] | None = None,
-                 key: Callable[[In], Hashable] | None = None):
+                 key: Callable[[In], Hashable] | None = None, max_queue: int = MAX_QUEUE):
         if max_batch < 1:
             raise ValueError(f"max_batch must be >= 1, got {max_batch}")
+        if max_queue < 1:
+            raise ValueError(f"max_queue must be >= 1, got {max_queue}")
         if max_wait_ms < 0:
             raise ValueError(f"max_wait_ms must be >= 0, got {max_wait_ms}")
         self.fn = fn
@@ -66,6 +83,7 @@ class MicroBatcher(Generic[In, Out]):
         self.max_wait_s = max_wait_ms / 1000
         self.on_batch = on_batch  # (batch size, compute ms, queue ms of each request)
         self.key = key  # requests share a forward only when their keys are equal (None: any may)
+        self.max_queue = max_queue
         self._pending: deque[_Item] = deque()
         self._arrived = asyncio.Event()
         self._task: asyncio.Task | None = None
@@ -98,6 +116,10 @@ class MicroBatcher(Generic[In, Out]):
         """The result and how it was computed; deadline_s: how soon it is needed (0: now)."""
         if self._task is None:
             raise BatcherStopped("the batcher is not running (call start() inside the event loop)")
+        self._drop_cancelled()  # callers that went away hold no place
+        if len(self._pending) >= self.max_queue:
+            raise BatcherFull(f"{len(self._pending)} requests already wait for this replica's model: "
+                              "retry on another replica")
         key = self.key(value) if self.key is not None else None  # a failing key fails this caller only
         future = asyncio.get_running_loop().create_future()
         now = time.perf_counter()

@@ -23,6 +23,15 @@ GATEWAY_DRAINING = Gauge("vita_gateway_draining", "1 while this replica refuses 
 GATEWAY_BACKEND_RETRIES = Counter("vita_gateway_backend_retries_total",
                                   "encoder/decoder calls retried, or failed at once because the backend's retry "
                                   "budget was spent", ["backend", "outcome"])  # retried|denied
+# admission: the HPA may scale on (Converse + Synthesize + Transcribe in progress) / limit; a load
+# balancer sees a full replica as calls == max_calls, and refusals count up
+GATEWAY_CALLS = Gauge("vita_gateway_calls", "calls in progress on this replica (Converse, Synthesize, Transcribe)")
+GATEWAY_MAX_CALLS = Gauge("vita_gateway_max_calls", "calls this replica serves at once (--max-calls)")
+GATEWAY_REFUSED = Counter("vita_gateway_refused_total", "calls refused because the replica was full", ["rpc"])
+GATEWAY_OUTBOX_MESSAGES = Gauge("vita_gateway_outbox_messages",
+                                "answer messages waiting for their callers to read them (at most 64 per call)")
+GATEWAY_CALL_LIMITS = Counter("vita_gateway_call_limits_total", "Converse calls ended by a limit",
+                              ["limit"])  # first_message|idle|max_call|reader_stall
 
 # -- encoder ------------------------------------------------------------------------------------
 ENCODER_REQUESTS = Counter("vita_encoder_requests_total", "Encode calls, by gRPC status", ["code"])

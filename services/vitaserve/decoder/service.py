@@ -23,7 +23,7 @@ import structlog
 
 from vitaserve.api import decoder_pb2, decoder_pb2_grpc
 from vitaserve.common import metrics
-from vitaserve.common.batcher import BatcherStopped, MicroBatcher
+from vitaserve.common.batcher import BatcherFull, BatcherStopped, MicroBatcher
 from vitaserve.common.keys import check_stream_id
 from vitaserve.common.session_types import SessionError, SessionNotFound, StoreUnavailable
 from vitaserve.decoder.audio_decoder import AudioDecoder, Block
@@ -125,6 +125,9 @@ class DecoderServicer(decoder_pb2_grpc.DecoderServicer):
         except StoreUnavailable as exc:
             code = "UNAVAILABLE"
             await context.abort(grpc.StatusCode.UNAVAILABLE, f"session store unavailable: {exc}")
+        except BatcherFull as exc:  # overload: refused at once, the gateway retries another replica
+            code = "RESOURCE_EXHAUSTED"
+            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc))
         except BatcherStopped as exc:
             code = "UNAVAILABLE"
             await context.abort(grpc.StatusCode.UNAVAILABLE, str(exc))

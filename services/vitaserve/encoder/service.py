@@ -10,7 +10,7 @@ import structlog
 
 from vitaserve.api import encoder_pb2, encoder_pb2_grpc
 from vitaserve.common import metrics
-from vitaserve.common.batcher import BatcherStopped, MicroBatcher
+from vitaserve.common.batcher import BatcherFull, BatcherStopped, MicroBatcher
 from vitaserve.common.resample import resample
 from vitaserve.encoder.settings import EncoderSettings
 
@@ -80,6 +80,9 @@ class EncoderServicer(encoder_pb2_grpc.EncoderServicer):
         except ValueError as exc:  # validate(), or the tokenizer's own checks
             code = "INVALID_ARGUMENT"
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        except BatcherFull as exc:  # overload: refused at once, the gateway retries another replica
+            code = "RESOURCE_EXHAUSTED"
+            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc))
         except BatcherStopped as exc:
             code = "UNAVAILABLE"
             await context.abort(grpc.StatusCode.UNAVAILABLE, str(exc))

@@ -21,12 +21,27 @@ import numpy as np
 from vitaserve.common.audio_facts import DECODER_RATE
 from vitaserve.common.resample import StreamResampler
 from vitaserve.gateway.chunker import TokenChunker
-from vitaserve.gateway.codecs import OutputFormat, encode_audio
+from vitaserve.gateway.codecs import BYTES_PER_SAMPLE, OutputFormat, encode_audio
 from vitaserve.gateway.generator_client import GenerationOptions
 from vitaserve.lmtext.detokenize import TextStream
 
 if TYPE_CHECKING:
     from vitaserve.gateway.deps import GatewayDeps
+
+
+# The largest audio payload of one AudioChunk. A decoder block can hold up to 400 tokens (32 s of
+# speech), 3 MB of PCM16 at 48 kHz: over the gateway's 1 MiB message limit, so a block's audio goes out
+# in pieces. 64 KiB (0.68 s of PCM16 at 48 kHz, 8.2 s of G.711) leaves the 1 MiB limit far above a
+# piece plus its few dozen bytes of message fields, and bounds what a call holds for a stalled reader:
+# its Outbox keeps at most 64 messages, so at most 64 x 64 KiB = 4 MiB of audio.
+MAX_AUDIO_CHUNK_BYTES = 64 * 1024
+
+
+def audio_pieces(payload: bytes, bytes_per_sample: int, limit: int = MAX_AUDIO_CHUNK_BYTES) -> list[bytes]:
+    """`payload` cut into consecutive pieces of at most `limit` bytes, each a whole number of samples;
+    joined they are `payload` again. Each piece is one AudioChunk, numbered on (seq) like any other."""
+    step = limit - limit % bytes_per_sample
+    return [payload[i : i + step] for i in range(0, len(payload), step)]
 
 
 @dataclass
@@ -116,9 +131,11 @@ async def speak(deps: GatewayDeps, prompt_ids: list[int], opts: GenerationOption
                 pcm = out_resampler.process(pcm)
                 if final:
                     pcm = np.concatenate([pcm, out_resampler.flush()])
-                if pcm.size:
-                    duration = pcm.size / fmt.sample_rate
-                    await sinks.audio(encode_audio(pcm, fmt.codec, fmt.sample_rate), progress.chunks_sent, duration)
+                width = BYTES_PER_SAMPLE[fmt.codec]
+                payload = encode_audio(pcm, fmt.codec, fmt.sample_rate) if pcm.size else b""
+                for piece in audio_pieces(payload, width):  # a big block in several messages
+                    duration = len(piece) / width / fmt.sample_rate
+                    await sinks.audio(piece, progress.chunks_sent, duration)
                     if progress.first_audio_at is None:
                         progress.first_audio_at = time.perf_counter()
                     progress.chunks_sent += 1

@@ -68,12 +68,22 @@ class Call:
         self.answer_task: asyncio.Task | None = None
         self.session_id = ""
         self.turns_done = 0
+        # the call's limits (ARCHITECTURE.md "Limits and admission"); perf_counter, AnswerProgress's clock
+        self.opened_at = time.perf_counter()
+        self.heard_at = self.opened_at  # the caller's last message
+        self.last_answer: tuple[AnswerProgress, float] | None = None  # (progress, when it ended)
 
     async def run(self, requests) -> AsyncIterator[pb.ConverseResponse]:
         """The call's messages, in order, until it ends: SessionStarted, then whatever the caller's
         audio and controls and the answers produce. A CallError or a store failure ends it."""
         requests = aiter(requests)
-        first = await anext(requests, None)
+        try:
+            first = await asyncio.wait_for(anext(requests, None), self.settings.first_message_s)
+        except asyncio.TimeoutError:
+            metrics.GATEWAY_CALL_LIMITS.labels("first_message").inc()
+            raise CallError(grpc.StatusCode.DEADLINE_EXCEEDED,
+                            f"no message within {self.settings.first_message_s:g} s of opening the call: "
+                            "send `config` (CallConfig) first") from None
         if first is None or first.WhichOneof("message") != "config":
             raise CallError(grpc.StatusCode.INVALID_ARGUMENT,
                             "the first message of a call must be `config` (CallConfig)")
@@ -161,7 +171,7 @@ class Call:
     async def _read(self, requests) -> None:
         started = time.monotonic()
         audio_s = 0.0
-        async for msg in requests:
+        async for msg in self._heard(requests):
             kind = msg.WhichOneof("message")
             if kind == "audio":
                 audio_s += await self._on_audio(msg.audio.data)
@@ -174,6 +184,64 @@ class Call:
                     return
             else:
                 raise CallError(grpc.StatusCode.INVALID_ARGUMENT, "config may only be sent once, first")
+
+    async def _heard(self, requests) -> AsyncIterator[pb.ConverseRequest]:
+        """The caller's messages until it half-closes; ends the call (DEADLINE_EXCEEDED) at its idle
+        or length limit. One read is pending at a time and is never cancelled while waiting (a
+        cancelled read would break the stream), only when the call ends."""
+        pending: asyncio.Future | None = None
+        try:
+            while True:
+                self._check_limits()  # also between messages: a caller that talks on still has a longest call
+                if pending is None:
+                    pending = asyncio.ensure_future(anext(requests))
+                done, _ = await asyncio.wait({pending}, timeout=self._until_limit())
+                if not done:
+                    continue
+                try:
+                    msg = pending.result()
+                except StopAsyncIteration:
+                    return
+                finally:
+                    pending = None
+                self.heard_at = time.perf_counter()
+                yield msg
+        finally:
+            if pending is not None:
+                pending.cancel()
+                await asyncio.gather(pending, return_exceptions=True)
+
+    def _quiet_since(self, now: float) -> float:
+        """Since when neither side spoke: an answer running or still playing at the caller (it
+        started playing at its first chunk and plays as long as the audio sent) keeps the call busy."""
+        if self.answer_task is not None and not self.answer_task.done():
+            return now
+        since = self.heard_at
+        if self.last_answer is not None:
+            progress, ended_at = self.last_answer
+            played_until = (progress.first_audio_at + progress.audio_sent_s
+                            if progress.first_audio_at is not None else 0.0)
+            since = max(since, ended_at, played_until)
+        return since
+
+    def _until_limit(self) -> float:
+        """Seconds until the idle or the length limit could be reached (0: check now)."""
+        now = time.perf_counter()
+        at = min(self._quiet_since(now) + self.settings.idle_s, self.opened_at + self.settings.max_call_s)
+        return max(0.0, at - now)
+
+    def _check_limits(self) -> None:
+        now = time.perf_counter()
+        if now >= self.opened_at + self.settings.max_call_s:
+            metrics.GATEWAY_CALL_LIMITS.labels("max_call").inc()
+            raise CallError(grpc.StatusCode.DEADLINE_EXCEEDED,
+                            f"the call reached its longest length of {self.settings.max_call_s:g} s: call "
+                            f"again with session_id {self.session_id} to go on")
+        if now >= self._quiet_since(now) + self.settings.idle_s:
+            metrics.GATEWAY_CALL_LIMITS.labels("idle").inc()
+            raise CallError(grpc.StatusCode.DEADLINE_EXCEEDED,
+                            f"no message from the caller for {self.settings.idle_s:g} s while no answer was "
+                            f"playing: the call ended (session_id {self.session_id} can be resumed)")
 
     async def _on_audio(self, data: bytes) -> float:
         if len(data) > self.settings.max_frame_bytes:
@@ -298,6 +366,7 @@ class Call:
                 await asyncio.shield(self._settle_failed(turn, user_tokens, progress))
             await self.outbox.put(pb.ConverseResponse(error=pb.Error(code=code.value[0], message=message, turn=turn)))
         finally:
+            self.last_answer = (progress, time.perf_counter())
             metrics.GATEWAY_TURNS.labels(outcome).inc()
 
     async def _begin_turn(self) -> int:

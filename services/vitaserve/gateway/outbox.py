@@ -12,9 +12,13 @@ import asyncio
 from collections.abc import AsyncIterator, Coroutine
 from typing import Any, Generic, TypeVar
 
+from vitaserve.common import metrics
+
 T = TypeVar("T")
 
-MAX_MESSAGES = 64  # ~1-2 s of answer audio at the decoder's block sizes, plus text deltas
+# ~1-2 s of answer audio at the decoder's block sizes, plus text deltas; with audio pieces of at most
+# 64 KiB (gateway.answer.MAX_AUDIO_CHUNK_BYTES) a call holds at most 4 MiB for a reader that stalls
+MAX_MESSAGES = 64
 
 
 class Outbox(Generic[T]):
@@ -22,16 +26,27 @@ class Outbox(Generic[T]):
         self._queue: asyncio.Queue[T] = asyncio.Queue(maxsize)
         self._unread = False  # nobody drains any more: puts return at once, so the work can wind down
 
+    @property
+    def size(self) -> int:
+        return self._queue.qsize()
+
     async def put(self, message: T) -> None:
         """Waits while the outbox is full: the reader is behind."""
         if not self._unread:
             await self._queue.put(message)
+            metrics.GATEWAY_OUTBOX_MESSAGES.inc()
+            if self._unread:  # the reader went away while this put waited
+                self._stop_reading()
+
+    def _taken(self, message: T) -> T:
+        metrics.GATEWAY_OUTBOX_MESSAGES.dec()
+        return message
 
     def _stop_reading(self) -> None:
         """The reader went away: drop what waits (which wakes blocked puts) and take no more."""
         self._unread = True
         while not self._queue.empty():
-            self._queue.get_nowait()
+            self._taken(self._queue.get_nowait())
 
     async def drain(self, work: Coroutine[Any, Any, Any]) -> AsyncIterator[T]:
         """Run `work` as a task and yield what it puts, in order, until it ends; then raise its error,
@@ -41,7 +56,7 @@ class Outbox(Generic[T]):
         try:
             while not task.done():
                 if not self._queue.empty():
-                    yield self._queue.get_nowait()
+                    yield self._taken(self._queue.get_nowait())
                     continue
                 getting = asyncio.ensure_future(self._queue.get())
                 await asyncio.wait({getting, task}, return_when=asyncio.FIRST_COMPLETED)
@@ -50,10 +65,10 @@ class Outbox(Generic[T]):
                     await asyncio.gather(getting, return_exceptions=True)
                     getting = None
                     continue
-                message, getting = getting.result(), None
+                message, getting = self._taken(getting.result()), None
                 yield message
             while not self._queue.empty():  # what the work put just before it ended
-                yield self._queue.get_nowait()
+                yield self._taken(self._queue.get_nowait())
             task.result()
         finally:
             for pending in (getting, task):
@@ -62,3 +77,5 @@ class Outbox(Generic[T]):
             if not task.done():  # its cancellation may still put a message (Interrupted): never block it
                 self._stop_reading()
             await asyncio.gather(*(p for p in (getting, task) if p is not None), return_exceptions=True)
+            if getting is not None and not getting.cancelled():  # taken, never yielded (the reader left)
+                self._taken(getting.result())

@@ -47,7 +47,9 @@ class ConversationServicer(conversation_pb2_grpc.ConversationServicer):
         self.deps = deps
         self.pipeline = AnswerPipeline(deps)
         self.draining = False
-        self.active = 0
+        self.active = 0  # Converse calls (drain waits for them)
+        self.calls = 0   # calls of every RPC, against settings.max_calls
+        metrics.GATEWAY_MAX_CALLS.set(deps.settings.max_calls)
         self.idle = asyncio.Event()
         self.idle.set()
 
@@ -64,21 +66,56 @@ class ConversationServicer(conversation_pb2_grpc.ConversationServicer):
             await self._abort(context, grpc.StatusCode.UNAVAILABLE,
                               "this gateway replica is shutting down: reconnect (resume with your session_id)")
 
+    # ---- admission: at most settings.max_calls calls of every RPC together ------------------------
+    def _admit(self, rpc: str) -> bool:
+        """Take a place for one call, or count a refusal. Synchronous (no await between the check and
+        the count), so concurrent calls on the loop never overshoot the limit."""
+        if self.calls >= self.deps.settings.max_calls:
+            metrics.GATEWAY_REFUSED.labels(rpc).inc()
+            return False
+        self.calls += 1
+        metrics.GATEWAY_CALLS.inc()
+        return True
+
+    def _release(self) -> None:
+        self.calls -= 1
+        metrics.GATEWAY_CALLS.dec()
+
+    async def _refuse_full(self, context) -> None:
+        await self._abort(context, grpc.StatusCode.RESOURCE_EXHAUSTED,
+                          f"this gateway replica is at its limit of {self.deps.settings.max_calls} calls: "
+                          "retry on another replica")
+
+    async def _write(self, context, message) -> None:
+        """Send one message; a caller that takes none for max_reader_stall_s ends its call. Until
+        then a slow reader holds the answer back: gRPC's flow control stops this write, the call's
+        Outbox fills (64 messages) and the answer waits, so nothing piles up in memory."""
+        stall_s = self.deps.settings.max_reader_stall_s
+        try:
+            await asyncio.wait_for(context.write(message), stall_s)
+        except asyncio.TimeoutError:
+            metrics.GATEWAY_CALL_LIMITS.labels("reader_stall").inc()
+            raise CallError(grpc.StatusCode.DEADLINE_EXCEEDED,
+                            f"the caller read no message for {stall_s:g} s: the call ended (resume with its "
+                            "session_id)") from None
+
     async def Converse(self, request_iterator, context):
-        if self.draining:
+        refusal = self._refuse_if_draining if self.draining else None
+        if refusal is None and not self._admit("converse"):
+            refusal = self._refuse_full
+        if refusal is not None:
             # read the caller's first message before refusing: a client still writing when the
             # server ends the stream sees INTERNAL from its own gRPC core, not our status (grpc#36066)
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(anext(aiter(request_iterator), None), 1.0)
-            await self._refuse_if_draining(context)
-        call = Call(self.deps)
+            await refusal(context)
         self.active += 1
         self.idle.clear()
         metrics.GATEWAY_ACTIVE_STREAMS.inc()
         try:
-            async with aclosing(call.run(request_iterator)) as messages:
+            async with aclosing(Call(self.deps).run(request_iterator)) as messages:
                 async for message in messages:
-                    yield message
+                    await self._write(context, message)
         except grpc.aio.InternalError as exc:
             # the core refused a write or read: the caller cancelled as we wrote (done() still False
             # then). Nobody is left to tell, and it is not a failure of ours to count as INTERNAL.
@@ -87,6 +124,7 @@ class ConversationServicer(conversation_pb2_grpc.ConversationServicer):
             code, message = call_status(exc)
             await self._abort(context, code, message)
         finally:
+            self._release()
             self.active -= 1
             metrics.GATEWAY_ACTIVE_STREAMS.dec()
             if self.active == 0:
@@ -94,6 +132,14 @@ class ConversationServicer(conversation_pb2_grpc.ConversationServicer):
 
     async def Synthesize(self, request, context):
         await self._refuse_if_draining(context)
+        if not self._admit("synthesize"):
+            await self._refuse_full(context)
+        try:
+            await self._synthesize(request, context)
+        finally:
+            self._release()
+
+    async def _synthesize(self, request, context):
         text = request.text.strip()
         if not text or len(text) > MAX_TTS_CHARS:
             await self._abort(context, grpc.StatusCode.INVALID_ARGUMENT,
@@ -118,16 +164,27 @@ class ConversationServicer(conversation_pb2_grpc.ConversationServicer):
             speaking = self.pipeline.speak(prompt, opts, fmt, AnswerSinks(_no_text, audio), progress)
             async with aclosing(outbox.drain(speaking)) as messages:
                 async for message in messages:
-                    yield message
+                    await self._write(context, message)
+            first_ms = 0.0 if progress.first_audio_at is None else (progress.first_audio_at - start) * 1000
+            await self._write(context, pb.SynthesizeResponse(finished=pb.SynthesisFinished(
+                audio_tokens=progress.audio_tokens, audio_s=progress.audio_sent_s,
+                first_audio_ms=max(first_ms, 0.0))))
+        except CallError as exc:  # the caller stopped reading
+            await self._abort(context, exc.code, str(exc))
         except Exception as exc:
             code, message = turn_status(exc)
             await self._abort(context, code, f"synthesis failed: {message}")
-        first_ms = 0.0 if progress.first_audio_at is None else (progress.first_audio_at - start) * 1000
-        yield pb.SynthesizeResponse(finished=pb.SynthesisFinished(
-            audio_tokens=progress.audio_tokens, audio_s=progress.audio_sent_s, first_audio_ms=max(first_ms, 0.0)))
 
     async def Transcribe(self, request, context):
         await self._refuse_if_draining(context)
+        if not self._admit("transcribe"):
+            await self._refuse_full(context)
+        try:
+            return await self._transcribe(request, context)
+        finally:
+            self._release()
+
+    async def _transcribe(self, request, context):
         try:
             fmt = output_format(request.format, "format")
             samples = decode_audio(request.audio, fmt.codec, fmt.sample_rate)

@@ -16,6 +16,10 @@ from vitaserve.common.settings import REDIS_URL_ENV, SettingsError, add_server_a
 from vitaserve.gateway.chunker import PRESETS, ChunkPlan, ChunkPlanError
 
 DEFAULT_PORT = 50051
+# (setting, lowest, highest) of the call limits, in seconds: tests use fractions of a second, a week
+# is longer than any call a telephony platform holds.
+LIMIT_RANGES_S = (("first_message_s", 0.1, 3600.0), ("idle_s", 0.1, 7 * 86400.0),
+                  ("max_call_s", 1.0, 7 * 86400.0), ("max_reader_stall_s", 0.1, 3600.0))
 
 
 @dataclass(frozen=True)
@@ -38,13 +42,19 @@ class GatewaySettings:
     realtime_slack_s: float = 2.0         # caller audio may run this far ahead of the wall clock
     token_gap_s: float = 5.0              # the generator stream's deadline between two tokens (a hung Triton)
     max_frame_bytes: int = 64 * 1024      # one AudioFrame
+    # -- admission and limits (ARCHITECTURE.md "Limits and admission")
+    max_calls: int = 100                  # Converse + Synthesize + Transcribe at once; more: RESOURCE_EXHAUSTED
+    first_message_s: float = 10.0         # no CallConfig this long after a Converse opens: DEADLINE_EXCEEDED
+    idle_s: float = 120.0                 # no caller message this long while no answer plays: the call ends
+    max_call_s: float = 7200.0            # a Converse call ends after this long (the session stays resumable)
+    max_reader_stall_s: float = 30.0      # a caller that reads nothing this long while we have audio: call ends
 
     def __post_init__(self) -> None:
         for name in ("lm_dir", "encoder", "decoder", "triton", "redis_url", "host", "replica_id", "default_mode"):
             if not getattr(self, name):
                 raise SettingsError(f"{_where(name)} is empty")
         for name, lo, hi in (("port", 0, 65535), ("metrics_port", 0, 65535), ("max_new_tokens", 1, None),
-                             ("context_tokens", 1, None), ("max_frame_bytes", 1, None)):
+                             ("context_tokens", 1, None), ("max_frame_bytes", 1, None), ("max_calls", 1, None)):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < lo or (hi is not None and value > hi):
                 raise SettingsError(f"{_where(name)} must be a whole number in "
@@ -56,6 +66,9 @@ class GatewaySettings:
                 raise SettingsError(f"{_where(name)} must be >= 0, got {getattr(self, name)}")
         if not 0.1 <= self.token_gap_s <= 600:
             raise SettingsError(f"{_where('token_gap_s')} must be in [0.1, 600], got {self.token_gap_s}")
+        for name, lo, hi in LIMIT_RANGES_S:
+            if not lo <= getattr(self, name) <= hi:  # also refuses NaN
+                raise SettingsError(f"{_where(name)} must be in [{lo:g}, {hi:g}] seconds, got {getattr(self, name)}")
         if not isinstance(self.chunk_plan, ChunkPlan):
             raise SettingsError(f"{_where('chunk_plan')} must be a ChunkPlan, got {self.chunk_plan!r}")
 
@@ -91,6 +104,21 @@ class GatewaySettings:
           help=f"how far caller audio may run ahead of real time (default {d.realtime_slack_s:g})")
         p("--max-frame-bytes", type=int, default=d.max_frame_bytes,
           help=f"largest AudioFrame in bytes (default {d.max_frame_bytes})")
+        p("--max-calls", type=int, default=d.max_calls,
+          help="calls this replica serves at once (Converse, Synthesize and Transcribe together); one more is "
+               f"refused at once with RESOURCE_EXHAUSTED, to be retried on another replica (default {d.max_calls})")
+        p("--first-message-s", type=float, default=d.first_message_s,
+          help="a Converse call that sends no CallConfig this long after it opens ends with DEADLINE_EXCEEDED "
+               f"(default {d.first_message_s:g})")
+        p("--idle-s", type=float, default=d.idle_s,
+          help="a call whose caller sends nothing this long while no answer is playing ends with "
+               f"DEADLINE_EXCEEDED (default {d.idle_s:g})")
+        p("--max-call-s", type=float, default=d.max_call_s,
+          help="longest Converse call: it then ends with DEADLINE_EXCEEDED and the caller may resume the "
+               f"session on a new call (default {d.max_call_s:g})")
+        p("--max-reader-stall-s", type=float, default=d.max_reader_stall_s,
+          help="a caller that takes none of the messages waiting for it this long ends its call with "
+               f"DEADLINE_EXCEEDED (default {d.max_reader_stall_s:g})")
         parser.add_argument_group(
             "secrets (read from the environment, never from flags)",
             f"${REDIS_URL_ENV}: the Redis URL for sessions (redis://[:password@]host:port/db, rediss://..., "
@@ -109,7 +137,9 @@ class GatewaySettings:
                    replica_id=args.replica_id or socket.gethostname(), default_mode=args.default_mode,
                    max_new_tokens=args.max_new_tokens, context_tokens=args.context_tokens, chunk_plan=chunk_plan,
                    max_utterance_s=args.max_utterance_s, realtime_slack_s=args.realtime_slack_s,
-                   max_frame_bytes=args.max_frame_bytes, token_gap_s=args.token_gap_s)
+                   max_frame_bytes=args.max_frame_bytes, token_gap_s=args.token_gap_s, max_calls=args.max_calls,
+                   first_message_s=args.first_message_s, idle_s=args.idle_s, max_call_s=args.max_call_s,
+                   max_reader_stall_s=args.max_reader_stall_s)
 
 
 def _where(name: str) -> str:

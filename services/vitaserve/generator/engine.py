@@ -22,6 +22,10 @@ from vitaserve.generator.sequence import Sequence
 from vitaserve.lmtext.sampling_params import SamplingParams
 
 
+class EngineFull(Exception):
+    """The waiting queue is at its limit: the caller gets RESOURCE_EXHAUSTED and retries elsewhere."""
+
+
 @dataclass(frozen=True)
 class TokenEvent:
     index: int  # 0-based among the new tokens
@@ -52,8 +56,15 @@ class _Running:
 
 
 class Engine:
-    def __init__(self, lm: LanguageModel):
+    def __init__(self, lm: LanguageModel, max_waiting: int = 0):
+        """max_waiting: requests that may wait for a free slot (0: as many as there are slots). A
+        waiting request gets a slot only when a running answer ends, and the gateway gives up on a
+        request whose first token takes longer than its token gap (5 s): a deeper queue only holds
+        requests that fail anyway, and hides from the autoscaler that this instance is full."""
         self.lm = lm
+        self.max_waiting = max_waiting or lm.model.num_slots
+        if self.max_waiting < 0:
+            raise ValueError(f"max_waiting must be >= 0, got {max_waiting}")
         self.waiting: deque[tuple[Request, float]] = deque()
         self.running: dict[str, _Running] = {}
         self.free_slots = list(range(lm.model.num_slots))[::-1]
@@ -64,7 +75,17 @@ class Engine:
         self.lm.schedule(request.mode)
         if request.request_id in self.running or any(r.request_id == request.request_id for r, _ in self.waiting):
             raise ValueError(f"request id {request.request_id!r} is already in use")
+        self.check_room()
         self.waiting.append((request, time.perf_counter()))
+
+    def check_room(self, handed_over: int = 0) -> None:
+        """EngineFull when one more request (after `handed_over` not yet added) would wait beyond
+        max_waiting; requests that the free slots will take at the next step do not wait. Reads only
+        lengths, so another thread may call it (EngineService.submit)."""
+        queued = len(self.waiting) + handed_over - len(self.free_slots)
+        if queued >= self.max_waiting:
+            raise EngineFull(f"{max(queued, 0)} requests already wait for a free slot, the limit of this "
+                             "generator instance: retry later or on another instance")
 
     def cancel(self, request_id: str) -> bool:
         """Drop a call at once (barge-in); its slot is free for the next step."""

@@ -47,8 +47,8 @@ def _cancelled(cb: _Callbacks) -> bool:
 
 
 class EngineService:
-    def __init__(self, lm: LanguageModel, name: str = "vita-engine"):
-        self.engine = Engine(lm)
+    def __init__(self, lm: LanguageModel, name: str = "vita-engine", max_waiting: int = 0):
+        self.engine = Engine(lm, max_waiting)
         self._inbox: list[tuple[Request, _Callbacks]] = []
         self._cancels: set[str] = set()
         self._callbacks: dict[str, _Callbacks] = {}
@@ -59,9 +59,12 @@ class EngineService:
 
     # -- caller side (any thread) ------------------------------------------------------------
     def submit(self, request: Request, on_token, on_done, is_cancelled=None) -> None:
+        """Hand a request to the engine thread; engine.EngineFull at once when the requests not yet
+        running (handed over, or waiting for a slot) are at the engine's limit: none waits unbounded."""
         with self._wake:
             if self._stopping:
                 raise RuntimeError("the engine is shutting down")
+            self.engine.check_room(handed_over=len(self._inbox))
             self._inbox.append((request, _Callbacks(on_token, on_done, is_cancelled)))
             self._wake.notify()
 

@@ -47,7 +47,7 @@ class TritonPythonModel:
         if not params.get("lm_dir"):
             raise pb_utils.TritonModelException("parameter lm_dir (the VITA-Audio checkpoint folder) is empty")
         from vitaserve.generator import contract
-        from vitaserve.generator.engine import Request
+        from vitaserve.generator.engine import EngineFull, Request
         from vitaserve.generator.engine_service import EngineService, RequestCancelled
         from vitaserve.generator.language_model import LanguageModel
         from vitaserve.lmtext.sampling_params import SamplingParams
@@ -66,8 +66,10 @@ class TritonPythonModel:
                                             max_len=int(params.get("max_len") or 4096),
                                             num_slots=int(params.get("num_slots") or 16))
         self.Request, self.SamplingParams, self.Cancelled = Request, SamplingParams, RequestCancelled
+        self.EngineFull = EngineFull
         self.contract = contract
-        self.service = EngineService(self.lm)
+        # requests that may wait for a slot beyond the running ones; more get RESOURCE_EXHAUSTED at once
+        self.service = EngineService(self.lm, max_waiting=int(params.get("max_waiting") or 0))
         # Requests in flight in this instance's engine: what the autoscaler and tests read.
         self.in_flight = 0
         self.lock = threading.Lock()
@@ -108,7 +110,11 @@ class TritonPythonModel:
             call.log.info("generation started", prompt_tokens=len(gen_request.prompt_ids),
                           max_new_tokens=gen_request.max_new_tokens, mode=gen_request.mode)
             self._count(+1)
-            self.service.submit(gen_request, self._on_token(call), self._on_done(call), is_cancelled=call.is_cancelled)
+            try:
+                self.service.submit(gen_request, self._on_token(call), self._on_done(call),
+                                    is_cancelled=call.is_cancelled)
+            except self.EngineFull as exc:  # the waiting queue is full: refused at once, never queued
+                self._on_done(call)(exc)
         return None
 
     def _trace(self, request):
@@ -157,7 +163,9 @@ class TritonPythonModel:
                     error=pb_utils.TritonError("cancelled", pb_utils.TritonError.CANCELLED)), flags=FINAL)
             else:
                 # ValueError: the engine refused the request (prompt too long for the context, ...)
-                code = self.contract.INVALID_ARGUMENT if isinstance(error, ValueError) else self.contract.INTERNAL
+                code = (self.contract.INVALID_ARGUMENT if isinstance(error, ValueError) else
+                        self.contract.RESOURCE_EXHAUSTED if isinstance(error, self.EngineFull) else
+                        self.contract.INTERNAL)
                 sender.send(pb_utils.InferenceResponse(
                     error=pb_utils.TritonError(self.contract.error_text(code, str(error)))), flags=FINAL)
 
