@@ -39,10 +39,10 @@ class BatcherFull(RuntimeError):
     """max_queue requests already wait: this one is refused at once (overload)."""
 
 
-# Requests that may wait for a forward. The gateway's deadlines are 10 s (encoder) and 30 s (decoder
-# block); 256 waiting requests are 16 full forwards of the encoder's batch of 16 and 32 of the
-# decoder's batch of 8, more than either serves within those deadlines at the forward times we
-# measured, so a longer queue would only hold requests that time out anyway.
+# Requests that may wait for a forward: a bound on memory and on waiting, not a tuned figure. 256 are
+# 16 full forwards of the encoder's batch of 16 (8-80 ms each on the tests' 2-core CPU: well inside
+# the gateway's 10 s deadline) and 32 of the decoder's batch of 8 (a 200-token block took 9 s there:
+# far beyond its 30 s deadline, so on such hardware the deadline, not this bound, sheds load first).
 MAX_QUEUE = 256
 
 
