@@ -193,3 +193,35 @@ def test_internal_failures_reach_the_caller_as_a_short_message_and_an_error_id(c
             assert not any(s in message for s in secrets), message
     code, message = turn_status(GeneratorError("temperature must be a finite number", grpc.StatusCode.INVALID_ARGUMENT))
     assert code == grpc.StatusCode.INVALID_ARGUMENT and "temperature" in message  # the caller's own fault: said
+
+
+def test_a_backend_replica_stopping_under_a_turn_is_unavailable_and_retried_not_cancelled():
+    """A decoder draining mid-answer cancels its RPCs: the caller did not cancel anything, so the
+    gateway retries it on another replica and, if none serves it, reports UNAVAILABLE."""
+    import grpc
+
+    from vitaserve.gateway.backends import _retryable
+    from vitaserve.gateway.convert import turn_status
+    from vitaserve.gateway.generator_client import GeneratorError
+
+    cancelled = grpc.aio.AioRpcError(grpc.StatusCode.CANCELLED, grpc.aio.Metadata(), grpc.aio.Metadata(),
+                                     details="Cancelled on the server side")
+    assert _retryable(cancelled)
+    assert turn_status(cancelled)[0] == grpc.StatusCode.UNAVAILABLE
+    deadline = grpc.aio.AioRpcError(grpc.StatusCode.DEADLINE_EXCEEDED, grpc.aio.Metadata(), grpc.aio.Metadata())
+    assert not _retryable(deadline) and turn_status(deadline)[0] == grpc.StatusCode.DEADLINE_EXCEEDED
+    code, message = turn_status(GeneratorError("engine full: 4 waiting", grpc.StatusCode.RESOURCE_EXHAUSTED))
+    assert code == grpc.StatusCode.RESOURCE_EXHAUSTED and "capacity" in message and "4 waiting" not in message
+
+
+def test_the_triton_client_reconnects_as_fast_as_the_other_backends():
+    """With tritonclient's default channel a restarted Triton stayed unreachable for minutes (gRPC's
+    reconnect backoff grows to 120 s): the generator's channel has the gateway's backoff, and keeps
+    tritonclient's keepalive and message-size options that channel_args would otherwise drop."""
+    from vitaserve.gateway.channel_options import RECONNECT_BACKOFF
+    from vitaserve.gateway.generator_client import KEEPALIVE, triton_channel_args
+
+    args = dict(triton_channel_args())
+    assert all(args[k] == v for k, v in RECONNECT_BACKOFF) and args["grpc.max_reconnect_backoff_ms"] <= 1000
+    assert args["grpc.keepalive_time_ms"] == KEEPALIVE.keepalive_time_ms
+    assert args["grpc.max_receive_message_length"] >= 1 << 20

@@ -46,6 +46,9 @@ FIRST_SCHEMA = 1  # what a record without a version field is
 
 # TTLs: an idle call expires after 30 min; a decoder stream lives between chunks of one answer.
 SESSION_TTL_S = 1800
+# An ended call (HANG_UP) keeps only a tombstone this long: its history is deleted at once, so
+# Redis returns to its baseline within seconds of the calls ending instead of 30 min later.
+ENDED_SESSION_TTL_S = 10
 DECODER_STATE_TTL_S = 120
 
 # Size bounds. A turn of 60 s of speech is 750 audio tokens and an answer a few thousand ids:

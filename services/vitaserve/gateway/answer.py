@@ -118,7 +118,7 @@ async def speak(deps: GatewayDeps, prompt_ids: list[int], opts: GenerationOption
 
     async def consume(fmt: OutputFormat) -> None:
         out_resampler = StreamResampler(DECODER_RATE, fmt.sample_rate)
-        seq, finished = 0, False
+        seq = 0
         try:
             while True:
                 block, final, upto = await blocks.get()
@@ -143,10 +143,9 @@ async def speak(deps: GatewayDeps, prompt_ids: list[int], opts: GenerationOption
                 progress.delivered_upto = upto
                 seq += 1
                 if final:
-                    finished = True
                     break
         finally:
-            if seq and not finished:  # cancelled mid-answer: drop the decoder's stream state now
+            if seq:  # finished or cut short: the decoder's stream state is of no more use
                 await asyncio.shield(deps.decoder.end_stream(stream_id))
 
     try:

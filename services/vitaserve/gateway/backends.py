@@ -28,9 +28,12 @@ from tenacity.stop import stop_base
 from vitaserve.api import decoder_pb2, decoder_pb2_grpc, encoder_pb2, encoder_pb2_grpc
 from vitaserve.common import metrics, tracing
 from vitaserve.common.audio_facts import TOKENIZER_RATE
+from vitaserve.gateway.channel_options import RECONNECT_BACKOFF
 from vitaserve.gateway.convert import decoder_samples, encoder_pcm16
 
-RETRYABLE = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED}
+# CANCELLED from a backend is the server's doing (a replica stopping mid-call cancels its RPCs; our
+# own cancellations raise asyncio.CancelledError instead), so another replica may serve it.
+RETRYABLE = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.CANCELLED}
 
 
 def _retryable(exc: BaseException) -> bool:
@@ -101,11 +104,7 @@ def channel(target: str) -> grpc.aio.Channel:
         ("grpc.lb_policy_name", "round_robin"),
         ("grpc.max_receive_message_length", 16 * 1024 * 1024),
         ("grpc.enable_retries", 0),  # retries are ours, visible and bounded
-        # a replica that comes back (a restart on the same address) is found within our retry budget,
-        # not after gRPC's default reconnect backoff of 1 s growing to 120 s
-        ("grpc.initial_reconnect_backoff_ms", 100),
-        ("grpc.min_reconnect_backoff_ms", 100),
-        ("grpc.max_reconnect_backoff_ms", 1000),
+        *RECONNECT_BACKOFF,
     ])
 
 

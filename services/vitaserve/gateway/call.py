@@ -362,9 +362,11 @@ class Call:
             code, message = turn_status(exc)
             metrics.GATEWAY_ERRORS.labels(code.name).inc()
             log.warning("turn failed", error=repr(exc), code=code.name)
+            # the caller hears of it first: settling the turn in Redis may itself wait out a retry
+            # budget (Redis is what failed); the next turn waits for this task, so it sees it settled
+            await self.outbox.put(pb.ConverseResponse(error=pb.Error(code=code.value[0], message=message, turn=turn)))
             if begun and outcome == "failed":
                 await asyncio.shield(self._settle_failed(turn, user_tokens, progress))
-            await self.outbox.put(pb.ConverseResponse(error=pb.Error(code=code.value[0], message=message, turn=turn)))
         finally:
             self.last_answer = (progress, time.perf_counter())
             metrics.GATEWAY_TURNS.labels(outcome).inc()

@@ -108,7 +108,11 @@ def turn_status(exc: Exception) -> tuple[grpc.StatusCode, str]:
     if isinstance(exc, StoreUnavailable):
         return grpc.StatusCode.UNAVAILABLE, hidden(exc, "the session store is unavailable")
     if isinstance(exc, grpc.aio.AioRpcError):
-        return exc.code(), hidden(exc, f"a backend service failed ({exc.code().name})")
+        # a backend's CANCELLED is a replica stopping under the call, not the caller cancelling
+        code = grpc.StatusCode.UNAVAILABLE if exc.code() == grpc.StatusCode.CANCELLED else exc.code()
+        return code, hidden(exc, f"a backend service failed ({code.name})")
+    if isinstance(exc, GeneratorError) and exc.code == grpc.StatusCode.RESOURCE_EXHAUSTED:
+        return exc.code, hidden(exc, "the generator is at capacity: try again shortly")
     if isinstance(exc, GeneratorError):
         return exc.code, hidden(exc, f"the generator failed ({exc.code.name})")
     return grpc.StatusCode.INTERNAL, hidden(exc, "internal error")

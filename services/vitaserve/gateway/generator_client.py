@@ -16,6 +16,7 @@ from tritonclient.grpc import InferInput, KeepAliveOptions
 from tritonclient.utils import InferenceServerException
 
 from vitaserve.common import tracing
+from vitaserve.gateway.channel_options import RECONNECT_BACKOFF
 from vitaserve.generator import contract
 from vitaserve.generator.contract import GeneratedToken, GenerationOptions
 
@@ -66,12 +67,24 @@ KEEPALIVE = KeepAliveOptions(keepalive_time_ms=30_000, keepalive_timeout_ms=10_0
                              keepalive_permit_without_calls=False)
 
 
+def triton_channel_args(max_message_bytes: int = 16 * 1024 * 1024) -> list[tuple[str, int]]:
+    """tritonclient's own channel options (message sizes, keepalive) plus the gateway's reconnect
+    backoff: with tritonclient's defaults a restarted Triton was found only seconds after it was back."""
+    return [("grpc.max_send_message_length", max_message_bytes),
+            ("grpc.max_receive_message_length", max_message_bytes),
+            ("grpc.keepalive_time_ms", KEEPALIVE.keepalive_time_ms),
+            ("grpc.keepalive_timeout_ms", KEEPALIVE.keepalive_timeout_ms),
+            ("grpc.keepalive_permit_without_calls", int(KEEPALIVE.keepalive_permit_without_calls)),
+            ("grpc.http2.max_pings_without_data", KEEPALIVE.http2_max_pings_without_data),
+            *RECONNECT_BACKOFF]
+
+
 class GeneratorClient:
     def __init__(self, url: str, model: str = contract.MODEL_NAME, token_gap_s: float = 5.0):
         self.url = url
         self.model = model
         self.token_gap_s = token_gap_s
-        self._client = triton_aio.InferenceServerClient(url, keepalive_options=KEEPALIVE)
+        self._client = triton_aio.InferenceServerClient(url, channel_args=triton_channel_args())
 
     async def generate(self, prompt_ids: list[int], opts: GenerationOptions,
                        request_id: str | None = None, timeout_s: float | None = None) -> AsyncIterator[GeneratedToken]:
