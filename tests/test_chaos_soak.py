@@ -133,9 +133,9 @@ def test_soak_smoke_reports_memory_of_every_process_and_redis_keys(local_cluster
         assert r["rss_warmup_kb"] > 0 and r["rss_end_kb"] > 0 and r["ok"] is not None, name
     assert report["rss_ok"] == all(r["growth_pct"] < 5 for r in rss.values())
     assert len(report["rss_series"]["t_s"]) >= 25  # 40 s at 1 s
-    # Redis: the namespace was empty before. HANG_UP deletes a call's history and leaves a tombstone
-    # for keys.ENDED_SESSION_TTL_S; the gateway ends every decoder stream it used: so within the
-    # settle time (the tombstone's TTL and a margin) every key of the calls is gone
+    # Redis: the namespace was empty before. HANG_UP shortens a call's keys to keys.ENDED_SESSION_TTL_S
+    # and the gateway ends every decoder stream it used: so within the settle time (that TTL and a
+    # margin) every key of the calls is gone
     k = report["redis_keys"]
     assert k["before"]["total"] == 0
     assert k["back_to_baseline"] is True, k

@@ -46,8 +46,8 @@ FIRST_SCHEMA = 1  # what a record without a version field is
 
 # TTLs: an idle call expires after 30 min; a decoder stream lives between chunks of one answer.
 SESSION_TTL_S = 1800
-# An ended call (HANG_UP) keeps only a tombstone this long: its history is deleted at once, so
-# Redis returns to its baseline within seconds of the calls ending instead of 30 min later.
+# An ended call (HANG_UP) is kept only this long (its history readable, a late resume told it ended),
+# so Redis returns to its baseline seconds after the calls end instead of SESSION_TTL_S later.
 ENDED_SESSION_TTL_S = 10
 DECODER_STATE_TTL_S = 120
 

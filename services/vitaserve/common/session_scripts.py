@@ -144,8 +144,8 @@ return {word, tonumber(redis.call('HGET', KEYS[1], 'fence')), redis.call('HGETAL
 # KEYS[1] session hash   KEYS[2] history list
 # ARGV[1] owner ('' = anyone)   ARGV[2] fence ('' = not checked)   ARGV[3] tombstone ttl ms
 # returns {'ok'} (also when already ended) | {'missing'} | {'stale', what, value} | {'schema', version}
-# An ended call's history is deleted at once; its hash stays as a short-lived tombstone so that a
-# late resume or a stale writer hears 'ended' rather than 'missing'.
+# An ended call is kept only briefly (ARGV[3] = keys.ENDED_SESSION_TTL_S): long enough that a late
+# resume or a stale writer hears 'ended' rather than 'missing' and its history can be read back.
 END = """
 local st = redis.call('HGET', KEYS[1], 'status')
 if not st then return {'missing'} end
@@ -155,8 +155,7 @@ if ARGV[1] ~= '' then
   if reply then return reply end
 end
 redis.call('HSET', KEYS[1], 'status', 'ended', 'updated_at', now())
-redis.call('DEL', KEYS[2])
-redis.call('PEXPIRE', KEYS[1], ARGV[3])
+refresh(ARGV[3])
 return {'ok'}
 """
 

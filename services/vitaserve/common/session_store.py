@@ -315,9 +315,8 @@ class SessionStore:
 
     async def end(self, session_id: str, owner: str | None = None,
                   fence: int | None = None) -> None:
-        """Mark the call ended and delete its history; a tombstone stays for ENDED_SESSION_TTL_S
-        so a late resume gets SessionEnded, not NotFound. With `owner`, only that owner may end
-        it. Idempotent."""
+        """Mark the call ended; it expires ENDED_SESSION_TTL_S later (until then a late resume gets
+        SessionEnded, not NotFound). With `owner`, only that owner may end it. Idempotent."""
         who = "" if owner is None else self._owner(owner)
         args = [who, self._fence(fence), keys.ENDED_SESSION_TTL_S * 1000]
         reply = await self._run("end a session", "end", self._keys(session_id), args)
