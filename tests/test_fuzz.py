@@ -436,3 +436,17 @@ def test_a_caller_that_cancels_as_its_call_opens_is_no_internal_error(cluster):
             hold.set()
     time.sleep(1.0)
     assert internal._value.get() == before
+
+
+def test_a_triton_unloading_its_model_is_unavailable_not_internal():
+    """Found by a full run whose tritonserver was stopped under it (SIGTERM from outside): while Triton
+    unloads the model it answers "Request for unknown model: ... has no available versions", which
+    the gateway passed to callers as INTERNAL. A generator that is stopping or starting is UNAVAILABLE
+    (retry elsewhere), like Triton's "not ready"."""
+    from vitaserve.gateway.generator_client import GeneratorError
+
+    for text in ("Request for unknown model: 'vita_generator' has no available versions",
+                 "Request for unknown model: 'vita_generator' is not found"):
+        assert GeneratorError.from_text(text).code == S.UNAVAILABLE, text
+    assert GeneratorError.from_text("[INVALID_ARGUMENT] temperature ...").code == S.INVALID_ARGUMENT
+    assert GeneratorError.from_text("something broke").code == S.INTERNAL

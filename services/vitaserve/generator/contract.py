@@ -186,8 +186,10 @@ def error_text(code: str, message: str) -> str:
 
 def parse_error(text: str) -> tuple[str, str]:
     """(code, message) of an error string from the model. Untagged text comes from Triton itself:
-    UNAVAILABLE when it says the model is not ready, else INTERNAL."""
+    UNAVAILABLE when it says the model is not ready or not loaded (a Triton stopping or starting
+    answers "Request for unknown model: '...' has no available versions"), else INTERNAL."""
     m = _TAGGED.search(text)
     if m and m.group(1) in CODES:
         return m.group(1), m.group(2)
-    return (UNAVAILABLE if "not ready" in text or "unavailable" in text.lower() else INTERNAL), text
+    not_serving = ("not ready", "unavailable", "unknown model", "no available versions")
+    return (UNAVAILABLE if any(s in text.lower() for s in not_serving) else INTERNAL), text
