@@ -146,7 +146,7 @@ async def speak(deps: GatewayDeps, prompt_ids: list[int], opts: GenerationOption
                     break
         finally:
             if seq:  # finished or cut short: the decoder's stream state is of no more use
-                await asyncio.shield(deps.decoder.end_stream(stream_id))
+                deps.decoder.end_stream_soon(stream_id)
 
     try:
         async with asyncio.TaskGroup() as group:

@@ -17,6 +17,7 @@ Every call carries the current trace (common/tracing.py) as metadata.
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import Callable
 
@@ -133,6 +134,7 @@ class DecoderClient:
         self.stub = decoder_pb2_grpc.DecoderStub(self.channel)
         self.timeout_s, self.attempts, self.ode_steps = timeout_s, attempts, ode_steps
         self.budget = budget or RetryBudget()
+        self._ending: set[asyncio.Task] = set()  # EndStream calls in flight (end_stream_soon)
 
     async def decode_block(self, stream_id: str, seq: int, tokens: list[int], finalize: bool,
                            playback_slack_s: float = 0.0) -> np.ndarray:
@@ -149,8 +151,16 @@ class DecoderClient:
         try:
             await self.stub.EndStream(decoder_pb2.EndStreamRequest(stream_id=stream_id), timeout=2.0,
                                       metadata=tracing.grpc_metadata())
-        except grpc.aio.AioRpcError:
+        except (grpc.aio.AioRpcError, grpc.aio.UsageError):
             pass  # best effort: the state expires with its TTL anyway
 
+    def end_stream_soon(self, stream_id: str) -> None:
+        """end_stream off the caller's path: a turn neither waits for it to finish (nor, when the
+        decoder hangs, for its 2 s deadline) before it reports its end. close() waits for these."""
+        task = asyncio.get_running_loop().create_task(self.end_stream(stream_id))
+        self._ending.add(task)
+        task.add_done_callback(self._ending.discard)
+
     async def close(self) -> None:
+        await asyncio.gather(*self._ending, return_exceptions=True)
         await self.channel.close()
