@@ -225,3 +225,18 @@ def test_the_triton_client_reconnects_as_fast_as_the_other_backends():
     assert all(args[k] == v for k, v in RECONNECT_BACKOFF) and args["grpc.max_reconnect_backoff_ms"] <= 1000
     assert args["grpc.keepalive_time_ms"] == KEEPALIVE.keepalive_time_ms
     assert args["grpc.max_receive_message_length"] >= 1 << 20
+
+
+def test_a_decoder_whose_redis_is_down_is_not_retried_on_another_replica():
+    """Decoder replicas share one Redis and each retries it already: the gateway does not multiply
+    that wait by its own attempts (Redis killed mid-answer: the caller's status came after 2.3-2.6 s)."""
+    import grpc
+
+    from vitaserve.common.retry_hint import NO_RETRY
+    from vitaserve.gateway.backends import _retryable
+
+    def unavailable(*trailing):
+        return grpc.aio.AioRpcError(grpc.StatusCode.UNAVAILABLE, grpc.aio.Metadata(), grpc.aio.Metadata(*trailing),
+                                    details="session store unavailable")
+
+    assert _retryable(unavailable()) and not _retryable(unavailable(NO_RETRY))

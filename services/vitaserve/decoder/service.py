@@ -25,6 +25,7 @@ from vitaserve.api import decoder_pb2, decoder_pb2_grpc
 from vitaserve.common import metrics
 from vitaserve.common.batcher import BatcherFull, BatcherStopped, MicroBatcher
 from vitaserve.common.keys import check_stream_id
+from vitaserve.common.retry_hint import NO_RETRY
 from vitaserve.common.session_types import SessionError, SessionNotFound, StoreUnavailable
 from vitaserve.decoder.audio_decoder import AudioDecoder, Block
 from vitaserve.decoder.state_store import DecoderStateStore
@@ -124,7 +125,8 @@ class DecoderServicer(decoder_pb2_grpc.DecoderServicer):
             await context.abort(grpc.StatusCode.NOT_FOUND, str(exc))
         except StoreUnavailable as exc:
             code = "UNAVAILABLE"
-            await context.abort(grpc.StatusCode.UNAVAILABLE, f"session store unavailable: {exc}")
+            await context.abort(grpc.StatusCode.UNAVAILABLE, f"session store unavailable: {exc}",
+                                trailing_metadata=(NO_RETRY,))
         except BatcherFull as exc:  # overload: refused at once, the gateway retries another replica
             code = "RESOURCE_EXHAUSTED"
             await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc))
@@ -148,7 +150,8 @@ class DecoderServicer(decoder_pb2_grpc.DecoderServicer):
         except ValueError as exc:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
         except StoreUnavailable as exc:
-            await context.abort(grpc.StatusCode.UNAVAILABLE, f"session store unavailable: {exc}")
+            await context.abort(grpc.StatusCode.UNAVAILABLE, f"session store unavailable: {exc}",
+                                trailing_metadata=(NO_RETRY,))
         return decoder_pb2.EndStreamResponse()
 
 

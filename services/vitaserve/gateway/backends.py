@@ -29,6 +29,7 @@ from tenacity.stop import stop_base
 from vitaserve.api import decoder_pb2, decoder_pb2_grpc, encoder_pb2, encoder_pb2_grpc
 from vitaserve.common import metrics, tracing
 from vitaserve.common.audio_facts import TOKENIZER_RATE
+from vitaserve.common.retry_hint import says_no_retry
 from vitaserve.gateway.channel_options import RECONNECT_BACKOFF
 from vitaserve.gateway.convert import decoder_samples, encoder_pcm16
 
@@ -38,7 +39,7 @@ RETRYABLE = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED, gr
 
 
 def _retryable(exc: BaseException) -> bool:
-    return isinstance(exc, grpc.aio.AioRpcError) and exc.code() in RETRYABLE
+    return isinstance(exc, grpc.aio.AioRpcError) and exc.code() in RETRYABLE and not says_no_retry(exc)
 
 
 class RetryBudget:
