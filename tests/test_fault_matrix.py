@@ -17,10 +17,13 @@ from vitaserve.devcluster.faults import (OK, Cell, FaultRunner, all_cells, check
 from vitaserve.devcluster.processes import free_port
 
 CELLS = all_cells() if os.environ.get("VITA_FAULT_MATRIX") == "full" else suite_cells()
-# Known over the bound (measured 2.57 s): the decoder's store retries Redis for its budget, the gateway
-# retries the decoder's UNAVAILABLE up to 4 times, then settles the failed turn in Redis, all before
-# the Error goes out. Fixing it changes gateway/backends.py and call.py (others' files): reported.
-KNOWN = {"redis/killed/mid_answer": "Redis retries x decoder retries + settle-up exceed 2 s (measured 2.6 s)"}
+# Known to fail (full matrix only): a SIGSTOPped gateway leaves its caller without a status for as
+# long as the caller waits. The caller's HTTP/2 keepalive (15 s ping, 5 s timeout) did not end the
+# stream within 60 s, in the matrix and in a two-process reproduction with grpcio's aio client;
+# only the caller's own turn deadline ends it. (Redis killed mid-answer, once here at 2.6 s, is
+# 0.5 s since the decoder tells the gateway not to retry a shared Redis's failure.)
+KNOWN = {f"gateway/hung/{moment}": "the caller's keepalive does not notice a SIGSTOPped gateway"
+         for moment in ("turn_start", "mid_answer")}
 
 
 def marked(cell: Cell):
