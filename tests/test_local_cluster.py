@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 import urllib.request
 import wave
 from pathlib import Path
@@ -141,6 +142,33 @@ def test_up_stops_everything_on_sigterm_during_start_up(tmp_path, ckpt):
     finally:
         watchdog.cancel()
     assert "stop requested" in rest and "stopped" in rest
+    assert not [pid for pid in started if alive(pid)]
+
+
+def test_up_killed_outright_leaves_no_process_behind(tmp_path, ckpt):
+    """SIGKILL gives `up` no chance to stop its cluster: every service, tritonserver included (it runs
+    in its own session), ends by its parent-death signal (a killed load test left tritonserver behind)."""
+    up = subprocess.Popen([sys.executable, "-m", "vitaserve.cli", "up", "--lm", str(ckpt / "lm"),
+                           "--tokenizer", str(ckpt / "tokenizer"), "--decoder", str(ckpt / "decoder"),
+                           "--port", str(free_port()), "--num-slots", "2", "--max-len", "256",
+                           "--logs", str(tmp_path)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    watchdog = threading.Timer(120, up.kill)
+    watchdog.start()
+    try:
+        for line in up.stdout:
+            if "waiting for triton" in line:
+                break
+        children = [int(p) for p in subprocess.run(["pgrep", "-P", str(up.pid)], capture_output=True,
+                                                    text=True).stdout.split()]
+        started = {pid for child in children for pid in group_pids(child)}
+        assert len(children) == 4
+        up.kill()
+        up.wait()
+    finally:
+        watchdog.cancel()
+    deadline = time.monotonic() + 30  # Triton's own SIGTERM handling stops its stubs, then itself
+    while [pid for pid in started if alive(pid)] and time.monotonic() < deadline:
+        time.sleep(0.2)
     assert not [pid for pid in started if alive(pid)]
 
 

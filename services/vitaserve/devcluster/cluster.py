@@ -180,7 +180,8 @@ class LocalCluster:
         ports = self._ports("triton", "grpc", "http", "metrics")
         grpc_port, http_port, metrics_port = ports["grpc"], ports["http"], ports["metrics"]
         log = self.workdir / "triton.log"
-        proc = triton_local.start_tritonserver(repo, grpc_port, http_port, metrics_port, log)  # own session
+        proc = triton_local.start_tritonserver(repo, grpc_port, http_port, metrics_port, log,  # own session
+                                               prefix=self.pdeathsig)
         triton = self._track(Service("triton", proc, f"127.0.0.1:{grpc_port}", log,
                                      f"http://127.0.0.1:{metrics_port}/metrics"))
         triton.ready = lambda timeout_s: triton_local.wait_ready(proc, http_port, timeout_s)

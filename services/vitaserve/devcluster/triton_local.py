@@ -96,13 +96,15 @@ def prepare_model_repository(dest: Path, lm_dir: str | Path, device: str = "cpu"
 
 
 def start_tritonserver(model_repo: Path, grpc_port: int, http_port: int, metrics_port: int,
-                       log_path: Path | None = None) -> subprocess.Popen:
+                       log_path: Path | None = None, prefix: list[str] | tuple[str, ...] = ()) -> subprocess.Popen:
+    """`prefix`: a wrapper command, such as LocalCluster's parent-death signal (setpriv --pdeathsig),
+    so that a cluster whose parent is killed leaves no tritonserver behind."""
     ensure_python_stub()
     home = triton_home()
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [site_packages(), env.get("PYTHONPATH")]))
     cmd = [
-        str(home / "bin" / "tritonserver"), f"--model-repository={model_repo}",
+        *prefix, str(home / "bin" / "tritonserver"), f"--model-repository={model_repo}",
         f"--backend-directory={home / 'backends'}", f"--cache-directory={home / 'caches'}",
         f"--grpc-port={grpc_port}", f"--http-port={http_port}", f"--metrics-port={metrics_port}",
         "--allow-metrics=true", "--allow-gpu-metrics=false", "--log-verbose=0",
