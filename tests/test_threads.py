@@ -47,13 +47,13 @@ def test_set_torch_threads_explicit_and_refuses_negative():
         torch.set_num_threads(before)
 
 
-def test_malloc_arenas_are_capped_where_glibc_runs_the_process():
-    """Every service caps glibc's arenas at start-up (cli serve): a soak's RSS must level off."""
+def test_malloc_is_tuned_where_glibc_runs_the_process():
+    """Every service tunes glibc malloc at start-up (cli serve): a soak's RSS must level off."""
     import platform
 
-    from vitaserve.common.malloc_arenas import cap_malloc_arenas
+    from vitaserve.common.malloc_tuning import tune_malloc
 
     if platform.libc_ver()[0] == "glibc":
-        assert cap_malloc_arenas(2) is True
+        assert tune_malloc() is True
     with pytest.raises(ValueError):
-        cap_malloc_arenas(0)
+        tune_malloc(arenas=0)

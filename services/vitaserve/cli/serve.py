@@ -56,11 +56,11 @@ def cmd(args) -> int:
 
     from vitaserve.cli.main import CLIError
     from vitaserve.common.logs import configure_logging
-    from vitaserve.common.malloc_arenas import cap_malloc_arenas
+    from vitaserve.common.malloc_tuning import tune_malloc
     from vitaserve.common.settings import SettingsError
 
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # no spinning OpenMP threads on shared CPUs
-    cap_malloc_arenas()  # before any thread pool exists: resident memory levels off
+    tune_malloc()  # before any thread pool exists: resident memory levels off
     configure_logging(args.service, args.log_level, json=args.log_format == "json")
     try:
         settings = settings_class(args.service).from_args(args, os.environ)
