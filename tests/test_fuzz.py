@@ -25,7 +25,7 @@ from test_gateway_e2e import MULAW_8K
 
 import fuzz_strategies as fs
 from vitaserve.api import (audio_pb2, conversation_pb2 as pb, conversation_pb2_grpc, decoder_pb2, decoder_pb2_grpc,
-                           encoder_pb2, encoder_pb2_grpc)
+                           encoder_pb2_grpc)
 from vitaserve.client.scripted_phone import ScriptedPhone
 from vitaserve.gateway.codecs import encode_audio
 

@@ -165,7 +165,9 @@ def test_generator_error_codes_are_values():
     for code in contract.CODES:
         err = GeneratorError.from_text(contract.error_text(code, "why"))
         assert err.code == grpc.StatusCode[code] and str(err) == "why"
-    assert GeneratorError.from_text("Request for unknown model").code == grpc.StatusCode.INTERNAL
+    # untagged text is Triton's own: INTERNAL, unless it says the model is not there right now
+    assert GeneratorError.from_text("Stub process is unhealthy and it will be restarted").code == grpc.StatusCode.INTERNAL
+    assert GeneratorError.from_text("Request for unknown model").code == grpc.StatusCode.UNAVAILABLE
     assert GeneratorError.from_text("model 'vita_generator' is not ready").code == grpc.StatusCode.UNAVAILABLE
     with pytest.raises(ValueError):
         contract.error_text("NOPE", "x")

@@ -11,7 +11,7 @@ import grpc
 import numpy as np
 import pytest
 
-from vitaserve.api import encoder_pb2, encoder_pb2_grpc
+from vitaserve.api import encoder_pb2_grpc
 from vitaserve.common.grpc_server import ServiceRunner, make_server
 from vitaserve.gateway.backends import EncoderClient, RetryBudget
 

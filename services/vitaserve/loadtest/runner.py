@@ -121,22 +121,30 @@ async def run_level(cfg: LoadConfig, mode: str, concurrency: int, speech: list[n
 
     started = time.monotonic()
     timeout = cfg.level_timeout_s if deadline_s is None else max(0.0, min(cfg.level_timeout_s, deadline_s - started))
+    lag = await run_callers([one_call(i) for i in range(concurrency)], timeout, level.failed, "LEVEL_TIMEOUT")
+    level.wall_s = time.monotonic() - started
+    level.loop_lag_ms = percentiles(lag)
+    return level
+
+
+async def run_callers(callers: list, timeout_s: float, failed: Counter, cut_as: str) -> list[float]:
+    """Run the callers at once for at most timeout_s while the client's own event-loop lag is
+    sampled; a caller still running then is cancelled and counted in `failed` as `cut_as`, one that
+    raised under its exception's name. Returns the lag samples (ms)."""
     lag: list[float] = []
     watcher = asyncio.create_task(watch_loop_lag(lag))
-    tasks = [asyncio.create_task(one_call(i)) for i in range(concurrency)]
-    done, pending = await asyncio.wait(tasks, timeout=timeout)
+    tasks = [asyncio.create_task(c) for c in callers]
+    done, pending = await asyncio.wait(tasks, timeout=timeout_s)
     for task in pending:
         task.cancel()
-        level.failed["LEVEL_TIMEOUT"] += 1
+        failed[cut_as] += 1
     await asyncio.gather(*pending, return_exceptions=True)
     watcher.cancel()
     await asyncio.gather(watcher, return_exceptions=True)
     for task in done:
         if task.exception() is not None:
-            level.failed[type(task.exception()).__name__] += 1
-    level.wall_s = time.monotonic() - started
-    level.loop_lag_ms = percentiles(lag)
-    return level
+            failed[type(task.exception()).__name__] += 1
+    return lag
 
 
 def levels(cfg: LoadConfig) -> list[int]:

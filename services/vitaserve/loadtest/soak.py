@@ -24,7 +24,7 @@ from vitaserve.client.phone import run_call
 from vitaserve.loadtest import redis_keys
 from vitaserve.loadtest.report import TurnMeasurement, percentiles
 from vitaserve.loadtest.rss import GROWTH_BOUND_PCT, WINDOW_S, RssSampler, RssSeries, growth
-from vitaserve.loadtest.runner import LoadConfig, LoadConfigError, measurements, watch_loop_lag
+from vitaserve.loadtest.runner import LoadConfig, LoadConfigError, measurements, run_callers
 
 CALL_ID_STRIDE = 100_000  # call ids are caller * stride + the caller's call number: unique, readable
 
@@ -84,20 +84,8 @@ async def soak_calls(cfg: LoadConfig, speech: list[np.ndarray], calls: int, soak
                 out.calls_failed[result.status] += 1
             k += 1
 
-    lag: list[float] = []
-    watcher = asyncio.create_task(watch_loop_lag(lag))
-    tasks = [asyncio.create_task(caller(i)) for i in range(calls)]
     cut_after_s = cfg.turns * cfg.turn_timeout_s + 10  # the longest a call started before `until` may take
-    done, pending = await asyncio.wait(tasks, timeout=soak_s + cut_after_s)
-    for task in pending:
-        task.cancel()
-        out.calls_failed["SOAK_CUT"] += 1
-    await asyncio.gather(*pending, return_exceptions=True)
-    watcher.cancel()
-    await asyncio.gather(watcher, return_exceptions=True)
-    for task in done:
-        if task.exception() is not None:
-            out.calls_failed[type(task.exception()).__name__] += 1
+    lag = await run_callers([caller(i) for i in range(calls)], soak_s + cut_after_s, out.calls_failed, "SOAK_CUT")
     out.wall_s = time.monotonic() - started
     out.loop_lag_ms = percentiles(lag)
     return out
