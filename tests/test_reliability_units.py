@@ -220,7 +220,7 @@ def test_the_triton_client_reconnects_as_fast_as_the_other_backends():
     """With tritonclient's default channel a restarted Triton stayed unreachable for minutes (gRPC's
     reconnect backoff grows to 120 s): the generator's channel has the gateway's backoff, and keeps
     tritonclient's keepalive and message-size options that channel_args would otherwise drop."""
-    from vitaserve.gateway.channel_options import RECONNECT_BACKOFF
+    from vitaserve.common.channel_options import RECONNECT_BACKOFF
     from vitaserve.gateway.generator_client import KEEPALIVE, triton_channel_args
 
     args = dict(triton_channel_args())

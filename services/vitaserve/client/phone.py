@@ -16,6 +16,7 @@ import grpc
 import numpy as np
 
 from vitaserve.api import audio_pb2, conversation_pb2 as pb, conversation_pb2_grpc
+from vitaserve.common.channel_options import caller_options
 from vitaserve.gateway.codecs import CODEC_ENUM, check_format, encode_audio
 
 FRAME_S = 0.02
@@ -145,7 +146,7 @@ async def run_call(target: str, utterances: list[np.ndarray], rate: int, codec: 
                 turn.error = f"{msg.error.code}: {msg.error.message}"
                 turn_done.set()
 
-    async with grpc.aio.insecure_channel(target) as channel:
+    async with grpc.aio.insecure_channel(target, options=caller_options()) as channel:
         call = conversation_pb2_grpc.ConversationStub(channel).Converse(requests())
         speaker = asyncio.create_task(speak())
         receiver = asyncio.create_task(receive(call))

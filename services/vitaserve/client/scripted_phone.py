@@ -14,6 +14,7 @@ import grpc
 import numpy as np
 
 from vitaserve.api import conversation_pb2 as pb, conversation_pb2_grpc
+from vitaserve.common.channel_options import caller_options
 from vitaserve.gateway.codecs import encode_audio
 
 FRAME_S = 0.02
@@ -23,10 +24,9 @@ LEAD_S = 0.2  # silence before the speech, at most the trailing silence
 class ScriptedPhone:
     """Run `run()` as a task; it returns the call's status code (`error` holds the RpcError)."""
 
-    def __init__(self, target: str, codec: str = "mulaw", rate: int = 8000, options: tuple = ()):
-        """`options`: gRPC channel options, e.g. the keepalive with which a caller notices a hung gateway."""
+    def __init__(self, target: str, codec: str = "mulaw", rate: int = 8000):
         self.codec, self.rate = codec, rate
-        self.channel = grpc.aio.insecure_channel(target, options=list(options))
+        self.channel = grpc.aio.insecure_channel(target, options=caller_options())
         self.stub = conversation_pb2_grpc.ConversationStub(self.channel)
         self.outbox: asyncio.Queue = asyncio.Queue()
         self.messages: list[pb.ConverseResponse] = []

@@ -16,6 +16,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from prometheus_client import start_http_server
 
+from vitaserve.common.channel_options import keepalive
 from vitaserve.common.tracing import TraceInterceptor
 
 log = structlog.get_logger(__name__)
@@ -40,8 +41,7 @@ def make_server(max_message_bytes: int = MAX_MESSAGE_BYTES, max_connection_age_s
     options = [
         ("grpc.max_receive_message_length", max_message_bytes),
         ("grpc.max_send_message_length", max_message_bytes),
-        ("grpc.keepalive_time_ms", 20_000),
-        ("grpc.keepalive_permit_without_calls", 1),
+        *keepalive(20_000, 10_000, without_calls=True),  # a frozen caller's connection ends too
         ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
     ]
     if max_connection_age_s > 0:

@@ -37,6 +37,8 @@ from itertools import product
 import grpc
 import numpy as np
 
+from vitaserve.common.channel_options import CALLER_KEEPALIVE_MS
+
 COMPONENTS = ("encoder", "decoder", "triton", "gateway", "redis")
 FAULTS = ("killed", "hung", "restarted")
 MOMENTS = ("turn_start", "mid_answer")
@@ -51,14 +53,6 @@ OK = "OK"
 # retries (0.15-0.35 s of waits) are shorter than the backoff (reported in issue 12's notes).
 RECONNECT_S = 1.0 * 1.2
 
-# What a caller should set to notice a hung gateway (the process holds its socket, the kernel
-# acknowledges TCP, nothing answers): an HTTP/2 ping every 15 s, UNAVAILABLE when one goes 5 s
-# unanswered. 15 s, not less: the gateway's server refuses pings closer than 10 s apart while it
-# sends no data (common/grpc_server.py, min_ping_interval_without_data_ms) and ends the connection
-# after a few such strikes; 15 s leaves margin for timer jitter. A caller notices within 20 s.
-CALLER_KEEPALIVE_MS = (15_000, 5_000)
-CALLER_OPTIONS = (("grpc.keepalive_time_ms", CALLER_KEEPALIVE_MS[0]),
-                  ("grpc.keepalive_timeout_ms", CALLER_KEEPALIVE_MS[1]))
 
 
 def hop_deadlines() -> dict[str, float]:
@@ -231,7 +225,7 @@ class FaultRunner:
         from vitaserve.api import audio_pb2, conversation_pb2 as pb
         from vitaserve.client.scripted_phone import ScriptedPhone
 
-        phone = ScriptedPhone(self.target, options=CALLER_OPTIONS)
+        phone = ScriptedPhone(self.target)
         phone.task = asyncio.ensure_future(phone.run())
         await phone.outbox.put(pb.ConverseRequest(config=pb.CallConfig(
             input_format=audio_pb2.AudioFormat(codec=audio_pb2.AUDIO_CODEC_MULAW, sample_rate=8000),

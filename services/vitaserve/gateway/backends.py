@@ -30,7 +30,7 @@ from vitaserve.api import decoder_pb2, decoder_pb2_grpc, encoder_pb2, encoder_pb
 from vitaserve.common import metrics, tracing
 from vitaserve.common.audio_facts import TOKENIZER_RATE
 from vitaserve.common.retry_hint import says_no_retry
-from vitaserve.gateway.channel_options import RECONNECT_BACKOFF
+from vitaserve.common.channel_options import RECONNECT_BACKOFF, keepalive
 from vitaserve.gateway.convert import decoder_samples, encoder_pcm16
 
 # CANCELLED from a backend is the server's doing (a replica stopping mid-call cancels its RPCs; our
@@ -107,6 +107,7 @@ def channel(target: str) -> grpc.aio.Channel:
         ("grpc.max_receive_message_length", 16 * 1024 * 1024),
         ("grpc.enable_retries", 0),  # retries are ours, visible and bounded
         *RECONNECT_BACKOFF,
+        *keepalive(30_000, 10_000),  # a frozen replica fails its calls too; each call also has a deadline
     ])
 
 

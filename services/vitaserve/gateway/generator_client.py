@@ -16,7 +16,7 @@ from tritonclient.grpc import InferInput, KeepAliveOptions
 from tritonclient.utils import InferenceServerException
 
 from vitaserve.common import tracing
-from vitaserve.gateway.channel_options import RECONNECT_BACKOFF
+from vitaserve.common.channel_options import RECONNECT_BACKOFF, keepalive
 from vitaserve.generator import contract
 from vitaserve.generator.contract import GeneratedToken, GenerationOptions
 
@@ -72,10 +72,7 @@ def triton_channel_args(max_message_bytes: int = 16 * 1024 * 1024) -> list[tuple
     backoff: with tritonclient's defaults a restarted Triton was found only seconds after it was back."""
     return [("grpc.max_send_message_length", max_message_bytes),
             ("grpc.max_receive_message_length", max_message_bytes),
-            ("grpc.keepalive_time_ms", KEEPALIVE.keepalive_time_ms),
-            ("grpc.keepalive_timeout_ms", KEEPALIVE.keepalive_timeout_ms),
-            ("grpc.keepalive_permit_without_calls", int(KEEPALIVE.keepalive_permit_without_calls)),
-            ("grpc.http2.max_pings_without_data", KEEPALIVE.http2_max_pings_without_data),
+            *keepalive(KEEPALIVE.keepalive_time_ms, KEEPALIVE.keepalive_timeout_ms),
             *RECONNECT_BACKOFF]
 
 
