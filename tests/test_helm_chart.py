@@ -30,7 +30,7 @@ pytestmark = pytest.mark.skipif(HELM is None, reason="helm is not installed (scr
 
 SERVICES = ("gateway", "encoder", "decoder")
 SCALED = (*SERVICES, "triton")
-CRD_GROUPS = ("keda.sh/", "monitoring.coreos.com/")
+CRD_GROUPS = ("keda.sh/", "monitoring.coreos.com/", "cert-manager.io/")
 # Triton's own metrics used for autoscaling (tritonserver --metrics-port)
 TRITON_METRICS = {"nv_inference_queue_duration_us", "nv_inference_pending_request_count"}
 MONITORING = ("--api-versions", "monitoring.coreos.com/v1/PodMonitor", "--api-versions",
@@ -186,9 +186,12 @@ def test_probes_on_every_container(rendered):
             assert c["readinessProbe"] and c["livenessProbe"]
     for component in SERVICES:
         (c,) = deployments[component]["spec"]["template"]["spec"]["containers"]
-        grpc_port = next(p["containerPort"] for p in c["ports"] if p["name"] == "grpc")
+        ports = {p["name"]: p["containerPort"] for p in c["ports"]}
+        # with TLS on the service port the kubelet (no TLS) probes the plaintext health-only port
+        probe_port = ports["health"] if "--plaintext" not in c["args"] else ports["grpc"]
+        assert ("--plaintext" in c["args"]) != (f"--health-port={ports.get('health')}" in c["args"])
         for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
-            assert c[probe]["grpc"]["port"] == grpc_port, f"{component} {probe} is not a grpc.health.v1 probe"
+            assert c[probe]["grpc"]["port"] == probe_port, f"{component} {probe} is not a grpc.health.v1 probe"
     (t,) = deployments["triton"]["spec"]["template"]["spec"]["containers"]
     assert t["readinessProbe"]["httpGet"] == {"path": "/v2/health/ready", "port": "http"}
     assert t["startupProbe"]["httpGet"]["path"] == "/v2/health/ready"
@@ -285,7 +288,7 @@ def test_only_the_gateway_reaches_internal_services(rendered):
     allowed = {"encoder": {"gateway"}, "decoder": {"gateway"}, "triton": {"gateway"}, "redis": {"gateway", "decoder"}}
     for component, peers in allowed.items():
         policy = policies[component]["spec"]
-        assert policy["policyTypes"] == ["Ingress"]
+        assert policy["policyTypes"] == ["Ingress", "Egress"]
         for rule in policy["ingress"]:
             ports = {p["port"] for p in rule["ports"]}
             if ports <= metrics_ports:
@@ -345,7 +348,10 @@ def test_the_redis_password_is_in_no_command_args_or_env_value(rendered):
     (secret,) = [d for d in docs if d["kind"] == "Secret" and d["metadata"]["name"] == "vita-vita-audio-redis"]
     data = {k: base64.b64decode(v).decode() for k, v in secret["data"].items()}
     password = data["redis-password"]
-    assert len(password) >= 32 and f"requirepass {password}" in data["redis.conf"] and password in data["redis-url"]
+    assert len(password) >= 32 and password in data["redis-url"]
+    # the services' ACL user holds the password; the default user (password-less clients) is off
+    assert f"user vita on >{password} " in data["redis.conf"] and "user default off" in data["redis.conf"]
+    assert data["redis-url"].startswith(f"rediss://vita:{password}@")
     for doc in docs:
         if doc is not secret:
             assert password not in yaml.safe_dump(doc), f"{doc['kind']}/{doc['metadata']['name']} holds the password"

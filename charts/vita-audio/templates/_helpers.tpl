@@ -167,3 +167,39 @@ Prometheus adapter rules in README), per-pod target, and whether it is a counter
 - {name: nv_inference_queue_duration_us, target: {{ $v.triton.autoscaling.targetQueueMicrosPerSecond }}, rate: true}
 {{- end }}
 {{- end }}
+
+{{/*
+TLS (issue 13). Each identity is a kubernetes.io/tls Secret with tls.crt, tls.key and ca.crt:
+public (the gateway's public server certificate), gateway (its internal client identity), encoder,
+decoder, triton, redis (internal servers; the decoder's is also its client identity to Redis).
+Called as (dict "ctx" $ "identity" "encoder").
+*/}}
+{{- define "vita-audio.tlsSecretName" -}}
+{{- $t := .ctx.Values.tls }}
+{{- if eq $t.source "existingSecrets" }}
+{{- $name := index $t.existingSecrets .identity }}
+{{- required (printf "tls.source=existingSecrets needs tls.existingSecrets.%s" .identity) $name }}
+{{- else }}
+{{- printf "%s-tls-%s" (include "vita-audio.fullname" .ctx | trunc 45 | trimSuffix "-") .identity }}
+{{- end }}
+{{- end }}
+
+{{/* DNS names of a component's Service: short, namespaced, cluster-local. */}}
+{{- define "vita-audio.dnsNames" -}}
+{{- $name := include "vita-audio.componentName" . }}
+- {{ $name }}
+- {{ $name }}.{{ .ctx.Release.Namespace }}
+- {{ $name }}.{{ .ctx.Release.Namespace }}.svc
+- {{ $name }}.{{ .ctx.Release.Namespace }}.svc.cluster.local
+{{- end }}
+
+{{/* Where the TLS Secrets are mounted in the containers. */}}
+{{- define "vita-audio.tlsDir" -}}/etc/vita/tls{{- end }}
+
+{{/* The gateway's credentials: API keys and JWKS, mounted from Secrets (files, never args). */}}
+{{- define "vita-audio.authDir" -}}/etc/vita/auth{{- end }}
+
+{{/* Whether the services reach Redis over TLS (rediss://): the bundled one with tls.enabled, an external one with externalRedis.tlsSecret. */}}
+{{- define "vita-audio.redisTls" -}}
+{{- if or (and .Values.redis.enabled .Values.tls.enabled) (and (not .Values.redis.enabled) .Values.externalRedis.tlsSecret) }}true{{ end }}
+{{- end }}
