@@ -1,17 +1,23 @@
 """A caller not written in Python (issue 13 item 8): tests/node/client.js, Node's @grpc/grpc-js with
 the API loaded from protos/ at run time, calls a real gateway (real encoder, Triton, decoders, Redis
-on loopback) with G.711 mu-law at 8 kHz and must get audio back in that format."""
+on loopback) over TLS with an API key (x-api-key), speaks G.711 mu-law at 8 kHz and must get audio
+back in that format; without the key, or with a wrong one, it gets UNAUTHENTICATED."""
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
+import secrets
 import shutil
 import subprocess
 from pathlib import Path
 
 import pytest
 
+from tls_certs import TestCA
+from vitaserve.common.settings import REDIS_URL_ENV
+from vitaserve.gateway.auth import API_KEYS_FILE_ENV, hash_key
 from vitaserve.gateway.codecs import encode_audio
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -37,13 +43,52 @@ def run_node_client(tmp_path: Path, target: str, utterance, *flags: str, env: di
     return proc.returncode, json.loads(lines[-1])
 
 
-def test_node_client_gets_mulaw_audio_back(cluster, utterance, tmp_path):
-    code, result = run_node_client(tmp_path, cluster.gateway(0), utterance, "--plaintext")
+@pytest.fixture(scope="module")
+def tls_gateway(cluster, tmp_path_factory):
+    """One more gateway of the cluster, started as a pod starts it: TLS on its port (a test CA), API
+    keys from the file named by $VITA_API_KEYS_FILE (stored hashed, tenant "acme"), no anonymous
+    callers. (address, CA file, the key)."""
+    from vitaserve.gateway.service import Gateway
+    from vitaserve.gateway.settings import GatewaySettings
+
+    directory = tmp_path_factory.mktemp("node-gateway")
+    ca = TestCA(directory)
+    server = ca.issue("gateway")  # localhost and 127.0.0.1
+    key = secrets.token_urlsafe(32)
+    keys_file = directory / "api-keys.json"
+    keys_file.write_text(json.dumps({"keys": [{"id": "node", "tenant": "acme", "sha256": hash_key(key)}]}))
+    parser = argparse.ArgumentParser()
+    GatewaySettings.add_arguments(parser)
+    args = parser.parse_args([
+        "--lm", str(cluster.ckpt / "lm"), "--encoder", f"127.0.0.1:{cluster.encoder.port}",
+        "--decoder", cluster.decoder_target, "--triton", cluster.triton_grpc, "--host", "127.0.0.1", "--port", "0",
+        "--replica-id", "gw-node", "--max-utterance-s", "8", "--context-tokens", "1024",
+        "--tls-cert", str(server.cert), "--tls-key", str(server.key)])
+    settings = GatewaySettings.from_args(args, {REDIS_URL_ENV: cluster.redis_url, API_KEYS_FILE_ENV: str(keys_file)})
+    gateway = cluster.run(Gateway.start(settings))
+    try:
+        yield f"localhost:{gateway.port}", ca.file, key
+    finally:
+        cluster.run(gateway.stop(0))
+
+
+def test_node_client_over_tls_with_an_api_key_gets_mulaw_audio_back(tls_gateway, utterance, tmp_path):
+    target, ca, key = tls_gateway
+    code, result = run_node_client(tmp_path, target, utterance, "--ca", str(ca), env={"VITA_API_KEY": key})
     assert code == 0 and result["status"] == "OK", result
     assert not result["errors"], result
-    assert len(result["session_id"]) >= 32
+    assert len(result["session_id"]) == 32  # 128 bits, hex
     assert result["output_format"] == {"codec": "AUDIO_CODEC_MULAW", "sample_rate": 8000}
     assert result["audio_formats"] == ["AUDIO_CODEC_MULAW/8000"]
     assert result["turn_finished"]["turn"] == 1 and result["turn_finished"]["audio_tokens"] > 0
-    # mu-law is one byte per sample: at least the tenth of a second one decoder block of 10 tokens holds
+    # mu-law is one byte per sample: at least the 0.1 s of audio that one decoder block of 10 tokens holds
     assert result["audio_chunks"] >= 1 and result["audio_bytes"] >= 800, result
+
+
+@pytest.mark.parametrize("key", [None, "not-a-key"], ids=["no key", "wrong key"])
+def test_node_client_without_a_valid_key_is_unauthenticated(tls_gateway, utterance, tmp_path, key):
+    target, ca, _ = tls_gateway
+    code, result = run_node_client(tmp_path, target, utterance, "--ca", str(ca),
+                                   env={"VITA_API_KEY": key} if key else {}, timeout_s=60)
+    assert code == 1 and result["status"] == "UNAUTHENTICATED", result
+    assert not result["session_id"] and not result["audio_bytes"]
