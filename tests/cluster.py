@@ -79,7 +79,8 @@ class InProcessCluster:
         args = parser.parse_args([
             "--lm", str(self.ckpt / "lm"), "--encoder", f"127.0.0.1:{self.encoder.port}", "--decoder", decoder_target,
             "--triton", self.triton_grpc, "--host", "127.0.0.1", "--port", "0", "--replica-id", replica_id,
-            "--mode", "boost", "--max-utterance-s", "8", "--context-tokens", str(TRITON_MAX_LEN), *flags])
+            "--mode", "boost", "--max-utterance-s", "8", "--context-tokens", str(TRITON_MAX_LEN), "--plaintext",
+            *flags])
         gateway = await Gateway.start(GatewaySettings.from_args(args, {REDIS_URL_ENV: self.redis_url}))
         return gateway, gateway.servicer
 

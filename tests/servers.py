@@ -13,6 +13,7 @@ from vitaserve.devcluster.triton_local import triton_server as _triton_server
 __all__ = ["LocalRedis", "free_port", "redis_server", "triton_server"]
 
 
-def triton_server(workdir: Path, lm_dir: Path, num_slots: int = 8, max_len: int = 1024):
-    """A ready tritonserver (context manager): {"grpc": address, "metrics": url, "log": path}."""
-    return _triton_server(workdir, lm_dir, num_slots=num_slots, max_len=max_len, timeout_s=180)
+def triton_server(workdir: Path, lm_dir: Path, num_slots: int = 8, max_len: int = 1024, tls=None):
+    """A ready tritonserver (context manager): {"grpc": address, "metrics": url, "log": path};
+    `tls` (common.tls.ServerTls): its gRPC port serves (mutual) TLS."""
+    return _triton_server(workdir, lm_dir, num_slots=num_slots, max_len=max_len, timeout_s=180, tls=tls)

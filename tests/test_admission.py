@@ -54,7 +54,7 @@ def test_audio_pieces_are_whole_samples_under_the_bound_and_join_back(size, widt
 def test_limit_settings_have_flags_and_refuse_nonsense():
     parser = argparse.ArgumentParser()
     GatewaySettings.add_arguments(parser)
-    base = ["--lm", "x", "--encoder", "e:1", "--decoder", "d:1", "--triton", "t:1"]
+    base = ["--lm", "x", "--encoder", "e:1", "--decoder", "d:1", "--triton", "t:1", "--plaintext"]
     env = {"VITA_REDIS_URL": "redis://localhost:6379/0"}
     s = GatewaySettings.from_args(parser.parse_args(base + [
         "--max-calls", "7", "--first-message-s", "1.5", "--idle-s", "3", "--max-call-s", "60",

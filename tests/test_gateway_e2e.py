@@ -279,7 +279,8 @@ def gateway_args(*extra: str):
 
     parser = argparse.ArgumentParser()
     GatewaySettings.add_arguments(parser)
-    return parser.parse_args(["--lm", "lm", "--encoder", "e:1", "--decoder", "d:1", "--triton", "t:1", *extra])
+    return parser.parse_args(["--lm", "lm", "--encoder", "e:1", "--decoder", "d:1", "--triton", "t:1",
+                              "--plaintext", *extra])
 
 
 def test_gateway_settings_read_the_redis_url_from_the_environment_never_argv(tmp_path):

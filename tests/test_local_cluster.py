@@ -184,6 +184,7 @@ def test_serve_takes_the_redis_url_from_the_environment_never_a_flag(tmp_path):
 
     def serve(*args, **extra_env):
         return subprocess.run([sys.executable, "-m", "vitaserve.cli", "serve", "decoder", "--decoder", str(tmp_path),
+                               "--plaintext",
                                *args], env={**env, **extra_env}, capture_output=True, text=True, timeout=120)
 
     missing = serve()

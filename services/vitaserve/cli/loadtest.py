@@ -33,6 +33,11 @@ def subparser_init(subparsers) -> None:
     p.add_argument("--out", default="loadtest-report", help="output folder")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--calls", type=int, default=4, help="soak and chaos: callers at once (--concurrency is for latency)")
+    tls = p.add_argument_group("TLS")
+    tls.add_argument("--tls-ca", metavar="FILE", help="with --target: the gateway serves TLS; trust this CA (PEM)")
+    tls.add_argument("--tls", action="store_true",
+                     help="with --local: TLS on every hop (certificates generated in the cluster's work dir; "
+                          "encoder, decoder, Triton and Redis mutual TLS), callers over TLS too")
     soak = p.add_argument_group("soak (needs --local)")
     soak.add_argument("--soak-minutes", type=float,
                       help="callers place call after call for this long while the RSS of every cluster process is "
@@ -66,6 +71,10 @@ def cmd(args) -> int:
                                            run_load)
     from vitaserve.loadtest.speech import utterances
 
+    if args.tls and not args.local:
+        raise CLIError("--tls starts the local cluster on TLS: it needs --local (for a gateway of yours: --tls-ca)")
+    if args.tls_ca and args.local:
+        raise CLIError("--tls-ca is for --target; with --local use --tls")
     try:
         concurrency = tuple(int(c) for c in args.concurrency.split(","))
     except ValueError:
@@ -76,10 +85,13 @@ def cmd(args) -> int:
                          push_to_talk=args.push_to_talk, barge_in_prob=args.barge_in_prob,
                          max_new_tokens=args.max_new_tokens, turn_timeout_s=args.turn_timeout_s,
                          level_timeout_s=args.level_timeout_s, duration_s=args.duration_s,
-                         ramp_slo_ms=args.ramp_slo_ms, max_concurrency=args.max_concurrency, seed=args.seed)
+                         ramp_slo_ms=args.ramp_slo_ms, max_concurrency=args.max_concurrency, seed=args.seed,
+                         tls_ca=args.tls_ca)
     except LoadConfigError as exc:
         raise CLIError(str(exc)) from None
     special = settings_of(args, cfg)  # soak or chaos settings, checked before anything starts
+    if special is not None and args.tls:
+        raise CLIError("--tls is for latency runs; soak and chaos read the cluster's Redis in plaintext")
     if special is not None:
         try:
             cfg = replace(cfg, concurrency=(args.calls,))
@@ -88,8 +100,10 @@ def cmd(args) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     speech = utterances(cfg.rate, out / "speech")
-    cluster = start_local(max(16, max(levels(cfg)))) if args.local else None
+    cluster = start_local(max(16, max(levels(cfg))), tls=args.tls) if args.local else None
     target = args.target or f"127.0.0.1:{cluster.port}"
+    if cluster is not None and cluster.pki is not None:
+        cfg = replace(cfg, tls_ca=str(cluster.pki.ca))
     if special is not None:
         try:
             return run_special(cluster, replace(cfg, target=target), speech, special, out)
@@ -141,8 +155,8 @@ def settings_of(args, cfg):
         raise CLIError(str(exc)) from None
 
 
-def start_local(slots: int):
-    """The local cluster on tiny checkpoints (made on first use), started and ready."""
+def start_local(slots: int, tls: bool = False):
+    """The local cluster on tiny checkpoints (made on first use), started and ready; `tls`: on every hop."""
     from pathlib import Path
 
     from vitaserve.cli.main import CLIError
@@ -155,7 +169,7 @@ def start_local(slots: int):
     except CheckpointWriteError as exc:
         raise CLIError(str(exc)) from None
     return LocalCluster(ckpt.lm, ckpt.tokenizer, ckpt.decoder, port=free_port(), num_slots=slots, max_len=2048,
-                        progress=lambda m: print(f"  {m}", flush=True)).start()
+                        progress=lambda m: print(f"  {m}", flush=True), tls=tls).start()
 
 
 def run_special(cluster, cfg, speech, settings, out) -> int:

@@ -44,7 +44,8 @@ def subparser_init(subparsers) -> None:
                                           "checking, reflection, Prometheus metrics and graceful drain on SIGTERM.")
     sub = p.add_subparsers(dest="service", metavar="SERVICE", required=True)
     for service, (_, help_text, description) in SERVICES.items():
-        sp = sub.add_parser(service, help=help_text, description=description)
+        # no abbreviations: `--redis URL` must stay an unknown flag (secrets never in argv), not `--redis-ca`
+        sp = sub.add_parser(service, help=help_text, description=description, allow_abbrev=False)
         settings_class(service).add_arguments(sp)
         _logging(sp)
     p.set_defaults(func=cmd)

@@ -17,6 +17,7 @@ import numpy as np
 
 from vitaserve.api import audio_pb2, conversation_pb2 as pb, conversation_pb2_grpc
 from vitaserve.common.channel_options import caller_options
+from vitaserve.common.tls import ClientTls, secure_or_insecure_channel
 from vitaserve.gateway.codecs import CODEC_ENUM, check_format, encode_audio
 
 FRAME_S = 0.02
@@ -56,11 +57,13 @@ class CallResult:
 async def run_call(target: str, utterances: list[np.ndarray], rate: int, codec: str = "mulaw", mode: str = "",
                    push_to_talk: bool = False, silence_s: float = 1.0, max_new_tokens: int = 0,
                    greedy: bool | None = None, turn_timeout_s: float = 120.0,
-                   barge_in: list[bool] | None = None, session_id: str = "", hang_up: bool = True) -> CallResult:
+                   barge_in: list[bool] | None = None, session_id: str = "", hang_up: bool = True,
+                   tls: ClientTls | None = None) -> CallResult:
     """One call with one turn per utterance (float samples at `rate`). barge_in[i]: the caller starts
     the next utterance as soon as the first audio of answer i arrives (talking over it). session_id:
     resume that call (its history continues; turn numbers go on from its turns so far). hang_up
-    False: close the stream without HANG_UP, so that the call can be resumed later."""
+    False: close the stream without HANG_UP, so that the call can be resumed later. tls: call a gateway
+    serving TLS, trusting tls.ca_file."""
     codec = check_format(codec, rate)
     frame = int(rate * FRAME_S)
     result = CallResult()
@@ -146,7 +149,7 @@ async def run_call(target: str, utterances: list[np.ndarray], rate: int, codec: 
                 turn.error = f"{msg.error.code}: {msg.error.message}"
                 turn_done.set()
 
-    async with grpc.aio.insecure_channel(target, options=caller_options()) as channel:
+    async with secure_or_insecure_channel(target, tls, caller_options()) as channel:
         call = conversation_pb2_grpc.ConversationStub(channel).Converse(requests())
         speaker = asyncio.create_task(speak())
         receiver = asyncio.create_task(receive(call))

@@ -15,6 +15,7 @@ import numpy as np
 
 from vitaserve.api import conversation_pb2 as pb, conversation_pb2_grpc
 from vitaserve.common.channel_options import caller_options
+from vitaserve.common.tls import ClientTls, secure_or_insecure_channel
 from vitaserve.gateway.codecs import encode_audio
 
 FRAME_S = 0.02
@@ -24,9 +25,9 @@ LEAD_S = 0.2  # silence before the speech, at most the trailing silence
 class ScriptedPhone:
     """Run `run()` as a task; it returns the call's status code (`error` holds the RpcError)."""
 
-    def __init__(self, target: str, codec: str = "mulaw", rate: int = 8000):
+    def __init__(self, target: str, codec: str = "mulaw", rate: int = 8000, tls: ClientTls | None = None):
         self.codec, self.rate = codec, rate
-        self.channel = grpc.aio.insecure_channel(target, options=caller_options())
+        self.channel = secure_or_insecure_channel(target, tls, caller_options())
         self.stub = conversation_pb2_grpc.ConversationStub(self.channel)
         self.outbox: asyncio.Queue = asyncio.Queue()
         self.messages: list[pb.ConverseResponse] = []

@@ -2,6 +2,10 @@
 
 On SIGTERM/SIGINT the health status turns NOT_SERVING (load balancers and the gateway's clients stop
 sending new calls), then running calls get `grace_s` to finish before the server stops.
+
+The port serves TLS (common/tls.ServerTls: certificate reloaded from disk, mutual TLS with a client
+CA) or, given no TLS, plaintext. A TLS service may also serve its health alone in plaintext on a
+second port (`health_port`): the kubelet's gRPC probes speak no TLS, and health says nothing secret.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ from grpc_reflection.v1alpha import reflection
 from prometheus_client import start_http_server
 
 from vitaserve.common.channel_options import keepalive
+from vitaserve.common.tls import ServerTls
 from vitaserve.common.tracing import TraceInterceptor
 
 log = structlog.get_logger(__name__)
@@ -55,20 +60,31 @@ class ServiceRunner:
     servicers' micro-batchers: started before the server takes calls, stopped after it ends them."""
 
     def __init__(self, server: grpc.aio.Server, service_names: list[str], port: int, host: str = "0.0.0.0",
-                 batchers: Sequence = ()):
+                 batchers: Sequence = (), tls: ServerTls | None = None, health_port: int = 0):
         self.server = server
         self.batchers = list(batchers)
         self.health = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         self.service_names = service_names
         reflection.enable_server_reflection([*service_names, health.SERVICE_NAME, reflection.SERVICE_NAME], server)
-        self.port = server.add_insecure_port(f"{host}:{port}")
+        if tls is None:
+            self.port = server.add_insecure_port(f"{host}:{port}")
+        else:
+            self.port = server.add_secure_port(f"{host}:{port}", tls.credentials())
+        self.health_server: grpc.aio.Server | None = None
+        self.health_port = 0
+        if health_port:
+            self.health_server = grpc.aio.server(options=[("grpc.max_receive_message_length", 4096)])
+            health_pb2_grpc.add_HealthServicer_to_server(self.health, self.health_server)
+            self.health_port = self.health_server.add_insecure_port(f"{host}:{health_port}")
         self._stop = asyncio.Event()
 
     async def start(self) -> None:
         for batcher in self.batchers:
             batcher.start()
         await self.server.start()
+        if self.health_server is not None:
+            await self.health_server.start()
         for name in ["", *self.service_names]:
             await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
 
@@ -84,6 +100,8 @@ class ServiceRunner:
     async def stop(self, grace_s: float = 0.0) -> None:
         """Stop the server (running calls get grace_s), then the batchers (failing what still waits)."""
         await self.server.stop(grace_s)
+        if self.health_server is not None:
+            await self.health_server.stop(0)
         for batcher in self.batchers:
             await batcher.stop()
 

@@ -56,14 +56,22 @@ __all__ = [
 
 
 def connect_redis(url: str = "redis://localhost:6379/0", *, timeout_s: float = 2.0,
-                  max_connections: int | None = None) -> aioredis.Redis:
+                  max_connections: int | None = None, tls=None) -> aioredis.Redis:
     """A client fit for SessionStore and DecoderStateStore: bytes replies, short timeouts, no retries of its own.
 
     `redis://` / `rediss://` URLs name one server; `redis+sentinel://[:password@]h1:p1,h2:p2/service[/db]`
     names Sentinels, and the client follows the current master of `service` across failovers.
+    `tls` (common.tls.ClientTls, rediss:// only): trust only its CA, check the server's host name,
+    and present its certificate when it has one (Redis with tls-auth-clients yes). A rediss:// URL
+    without it is still verified, against the system's CAs.
     """
     options = dict(decode_responses=False, socket_timeout=timeout_s, socket_connect_timeout=timeout_s,
                    retry=Retry(NoBackoff(), 0))
+    if tls is not None:
+        if not url.startswith("rediss://"):
+            raise ValueError("Redis TLS settings need a rediss:// URL")
+        options.update(ssl_ca_certs=tls.ca_file, ssl_certfile=tls.cert_file, ssl_keyfile=tls.key_file,
+                       ssl_cert_reqs="required", ssl_check_hostname=True)
     if url.startswith("redis+sentinel://"):
         return _sentinel_master(url, options)
     return aioredis.Redis.from_url(url, max_connections=max_connections, **options)

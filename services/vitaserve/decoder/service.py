@@ -167,7 +167,8 @@ def decoder_replica(settings: DecoderSettings, decoder: AudioDecoder, states: De
                          max_connection_age_grace_s=settings.max_connection_age_grace_s)
     decoder_pb2_grpc.add_DecoderServicer_to_server(servicer, server)
     runner = ServiceRunner(server, [decoder_pb2.DESCRIPTOR.services_by_name["Decoder"].full_name], settings.port,
-                           host=settings.host, batchers=[servicer.batcher])
+                           host=settings.host, batchers=[servicer.batcher], tls=settings.tls,
+                           health_port=settings.health_port)
     return runner, servicer
 
 
@@ -178,7 +179,7 @@ async def serve(settings: DecoderSettings, ready=None) -> None:
     from vitaserve.common.session_store import connect_redis
 
     decoder = AudioDecoder.from_pretrained(settings.decoder, device=settings.device)
-    states = DecoderStateStore(connect_redis(settings.redis_url), retry=RedisRetry(
+    states = DecoderStateStore(connect_redis(settings.redis_url, tls=settings.redis_tls), retry=RedisRetry(
         on_retry=lambda what, attempt, exc: metrics.STORE_RETRIES.labels(what).inc()))
     runner, _ = decoder_replica(settings, decoder, states)
     start_metrics(settings.metrics_port)

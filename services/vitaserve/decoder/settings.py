@@ -8,8 +8,10 @@ import argparse
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
-from vitaserve.common.settings import add_connection_age_arguments, add_server_arguments, check_connection_age, redis_url
+from vitaserve.common.settings import (add_connection_age_arguments, add_redis_tls_arguments, add_server_arguments,
+                                       add_tls_arguments, check_connection_age, redis_tls, redis_url, server_tls)
 from vitaserve.common.threads import add_threads_argument
+from vitaserve.common.tls import ClientTls, ServerTls
 
 
 @dataclass(frozen=True)
@@ -28,6 +30,9 @@ class DecoderSettings:
     threads: int = 0                       # torch CPU threads, set by the process (0: its CPU budget)
     max_connection_age_s: float = 300.0   # GOAWAY after this long: gateways' channels spread over new replicas
     max_connection_age_grace_s: float = 60.0  # calls in flight then finish (a DecodeBlock call's deadline is 30 s)
+    tls: ServerTls | None = None          # None: plaintext (the CLI asks for --plaintext explicitly)
+    health_port: int = 0                  # plaintext grpc.health.v1 alone, for probes without TLS (0: off)
+    redis_tls: ClientTls | None = None    # TLS to a rediss:// Redis (CA, client certificate)
 
     def __post_init__(self) -> None:
         check_connection_age(self.max_connection_age_s, self.max_connection_age_grace_s)
@@ -46,13 +51,18 @@ class DecoderSettings:
         add_threads_argument(parser)
         add_server_arguments(parser, cls.port, cls.grace_s)
         add_connection_age_arguments(parser, cls.max_connection_age_s, cls.max_connection_age_grace_s)
+        add_tls_arguments(parser)
+        add_redis_tls_arguments(parser)
 
     @classmethod
     def from_args(cls, args: argparse.Namespace, environ: Mapping[str, str] | None = None) -> "DecoderSettings":
-        """SettingsError when the Redis URL is in neither $VITA_REDIS_URL nor $VITA_REDIS_URL_FILE."""
-        return cls(decoder=args.decoder, redis_url=redis_url(environ), port=args.port,
+        """SettingsError when the Redis URL is in neither $VITA_REDIS_URL nor $VITA_REDIS_URL_FILE, or when
+        neither TLS nor --plaintext is asked for."""
+        url = redis_url(environ)
+        return cls(decoder=args.decoder, redis_url=url, port=args.port,
                    metrics_port=args.metrics_port, grace_s=args.grace_s, device=args.device,
                    max_batch=args.max_batch, max_wait_ms=args.max_wait_ms, ode_steps=args.ode_steps,
                    deterministic=args.deterministic, threads=args.threads,
                    max_connection_age_s=args.max_connection_age_s,
-                   max_connection_age_grace_s=args.max_connection_age_grace_s)
+                   max_connection_age_grace_s=args.max_connection_age_grace_s,
+                   tls=server_tls(args), health_port=args.health_port, redis_tls=redis_tls(args, url))

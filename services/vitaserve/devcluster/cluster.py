@@ -7,6 +7,11 @@ gateway as `python -m vitaserve.cli serve ...` subprocesses, started exactly as 
 log file. `start()` waits for each to be ready (gRPC health SERVING, Triton HTTP ready) and, if one
 fails, stops everything it started and raises ClusterError with the tail of that service's log.
 
+Plaintext by default, each gRPC service told so explicitly (--plaintext), as `vita-audio up` runs.
+With `tls=True` every hop is TLS, with certificates generated in the work dir (devcluster/dev_certs.py,
+`pki`): the gateway's public port serves TLS (callers trust `pki.ca`), and encoder, decoder, Triton
+and Redis require mutual TLS, the gateway and decoder presenting the client certificate.
+
 Processes spawned here also get a parent-death signal (`setpriv --pdeathsig`), so that even a
 `kill -9` of the parent leaves no orphans. Linux sends it when the *thread* that spawned the child
 ends: start a LocalCluster (and call `restart`/`start_again`) from a thread that outlives it (the
@@ -44,9 +49,10 @@ from pathlib import Path
 
 from vitaserve.common.settings import REDIS_URL_ENV
 from vitaserve.common.threads import cpu_budget
+from vitaserve.common.tls import ClientTls, ServerTls
 from vitaserve.devcluster.processes import (ClusterError, Service, free_port, signal_group, wait_grpc_serving,
                                             wait_tcp)
-from vitaserve.devcluster.redis_local import local_redis_url, redis_command
+from vitaserve.devcluster.redis_local import local_redis_url, redis_command, wait_redis_ready
 
 SERVICES = ("redis", "triton", "encoder", "decoder", "gateway")  # start order
 STOP_STAGES = (("gateway",), ("encoder", "decoder", "triton"), ("redis",))  # callers before what they call
@@ -64,7 +70,7 @@ class LocalCluster:
     def __init__(self, lm: Path, tokenizer: Path, decoder: Path, port: int = 50051, mode: str = "boost",
                  workdir: Path | None = None, num_slots: int = 16, max_len: int = 4096, grace_s: float = 10.0,
                  die_with_parent: bool = True, progress: Callable[[str], None] = lambda msg: None,
-                 threads: int = 0):
+                 threads: int = 0, tls: bool = False):
         self.lm, self.tokenizer, self.decoder = Path(lm), Path(tokenizer), Path(decoder)
         self.port, self.mode, self.num_slots, self.max_len = port, mode, num_slots, max_len
         self.grace_s = grace_s  # the services' drain on SIGTERM; stop() waits a little longer
@@ -82,6 +88,40 @@ class LocalCluster:
         self.ports: dict[str, dict[str, int]] = {}  # name -> role -> port, kept across restarts
         self.paused: set[str] = set()
         self.redis_url = ""
+        self.pki = None  # devcluster.dev_certs.DevPki when tls
+        if tls:
+            from vitaserve.devcluster.dev_certs import make_dev_pki
+
+            self.pki = make_dev_pki(self.workdir / "pki")
+
+    # ---- TLS of the hops (None: plaintext) ----------------------------------------------------------
+    def server_tls(self, mutual: bool = True) -> ServerTls | None:
+        if self.pki is None:
+            return None
+        return ServerTls(str(self.pki.server.cert), str(self.pki.server.key), str(self.pki.ca) if mutual else None)
+
+    def client_tls(self) -> ClientTls | None:
+        """The identity of a caller of a mutual-TLS hop (the gateway, the decoder, readiness checks)."""
+        if self.pki is None:
+            return None
+        return ClientTls(str(self.pki.ca), str(self.pki.client.cert), str(self.pki.client.key))
+
+    def caller_tls(self) -> ClientTls | None:
+        """What a public caller of the gateway needs: trust in the CA, no certificate."""
+        return None if self.pki is None else ClientTls(str(self.pki.ca))
+
+    def _tls_args(self, mutual: bool = True) -> list[str]:
+        tls = self.server_tls(mutual)
+        if tls is None:
+            return ["--plaintext"]
+        return ["--tls-cert", tls.cert_file, "--tls-key", tls.key_file,
+                *(["--tls-client-ca", tls.client_ca_file] if mutual else [])]
+
+    def _client_args(self, prefix: str) -> list[str]:
+        tls = self.client_tls()
+        if tls is None:
+            return []
+        return [f"--{prefix}-ca", tls.ca_file, f"--{prefix}-cert", tls.cert_file, f"--{prefix}-key", tls.key_file]
 
     def service(self, name: str) -> Service:
         try:
@@ -167,9 +207,12 @@ class LocalCluster:
 
     def spawn_redis(self) -> Service:
         port = self._ports("redis", "tcp")["tcp"]
-        redis = self._spawn("redis", redis_command(port, self.workdir), f"127.0.0.1:{port}")
-        redis.ready = lambda timeout_s: wait_tcp(port, redis.proc, timeout_s)
-        self.redis_url = local_redis_url(port)
+        redis = self._spawn("redis", redis_command(port, self.workdir, tls=self.server_tls()), f"127.0.0.1:{port}")
+        if self.pki is None:
+            redis.ready = lambda timeout_s: wait_tcp(port, redis.proc, timeout_s)
+        else:
+            redis.ready = lambda timeout_s: wait_redis_ready(port, redis.proc, timeout_s, self.client_tls())
+        self.redis_url = local_redis_url(port, tls=self.pki is not None)
         return redis
 
     def spawn_triton(self) -> Service:
@@ -181,7 +224,7 @@ class LocalCluster:
         grpc_port, http_port, metrics_port = ports["grpc"], ports["http"], ports["metrics"]
         log = self.workdir / "triton.log"
         proc = triton_local.start_tritonserver(repo, grpc_port, http_port, metrics_port, log,  # own session
-                                               prefix=self.pdeathsig)
+                                               prefix=self.pdeathsig, tls=self.server_tls())
         triton = self._track(Service("triton", proc, f"127.0.0.1:{grpc_port}", log,
                                      f"http://127.0.0.1:{metrics_port}/metrics"))
         triton.ready = lambda timeout_s: triton_local.wait_ready(proc, http_port, timeout_s)
@@ -192,21 +235,24 @@ class LocalCluster:
         port, metrics_port = ports["grpc"], ports["metrics"]
         service = self._spawn(name, self._serve(name, port, metrics_port, *args), f"127.0.0.1:{port}",
                               f"http://127.0.0.1:{metrics_port}/metrics", secrets)
-        service.ready = lambda timeout_s: wait_grpc_serving(service.address, service.proc, timeout_s)
+        probe = self.client_tls()  # a mutual-TLS port asks for a client certificate; the gateway's ignores it
+        service.ready = lambda timeout_s: wait_grpc_serving(service.address, service.proc, timeout_s, probe)
         return service
 
     def spawn_encoder(self) -> Service:
-        return self._spawn_grpc("encoder", "--tokenizer", str(self.tokenizer), "--threads", str(self.threads))
+        return self._spawn_grpc("encoder", "--tokenizer", str(self.tokenizer), "--threads", str(self.threads),
+                                *self._tls_args())
 
     def spawn_decoder(self) -> Service:
         return self._spawn_grpc("decoder", "--decoder", str(self.decoder), "--threads", str(self.threads),
-                                secrets={REDIS_URL_ENV: self.redis_url})
+                                *self._tls_args(), *self._client_args("redis"), secrets={REDIS_URL_ENV: self.redis_url})
 
     def spawn_gateway(self) -> Service:
         return self._spawn_grpc(
             "gateway", "--lm", str(self.lm), "--encoder", self.service("encoder").address,
             "--decoder", self.service("decoder").address, "--triton", self.service("triton").address,
             "--mode", self.mode, "--context-tokens", str(self.max_len),
+            *self._tls_args(mutual=False), *self._client_args("internal"), *self._client_args("redis"),
             port=self.port, secrets={REDIS_URL_ENV: self.redis_url})
 
     # ---- component control (fault injection) ---------------------------------------------------

@@ -38,13 +38,16 @@ class Service:
             return "(no log)"
 
 
-def wait_grpc_serving(address: str, proc: subprocess.Popen, timeout_s: float) -> None:
-    """Poll grpc.health.v1 until SERVING; fail at once if the process exits."""
+def wait_grpc_serving(address: str, proc: subprocess.Popen, timeout_s: float, tls=None) -> None:
+    """Poll grpc.health.v1 until SERVING; fail at once if the process exits. `tls` (common.tls.ClientTls):
+    the port serves TLS, and this is who asks."""
     import grpc
     from grpc_health.v1 import health_pb2, health_pb2_grpc
 
     deadline = time.monotonic() + timeout_s
-    with grpc.insecure_channel(address) as channel:
+    channel = (grpc.insecure_channel(address) if tls is None
+               else grpc.secure_channel(address, tls.credentials(), options=tls.channel_options()))
+    with channel:
         stub = health_pb2_grpc.HealthStub(channel)
         while time.monotonic() < deadline:
             if proc.poll() is not None:

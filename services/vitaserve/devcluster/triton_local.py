@@ -25,6 +25,7 @@ from pathlib import Path
 
 import pytriton
 
+from vitaserve.common.tls import ServerTls
 from vitaserve.generator.contract import MODEL_NAME
 
 
@@ -95,10 +96,24 @@ def prepare_model_repository(dest: Path, lm_dir: str | Path, device: str = "cpu"
     return dest
 
 
+def tls_flags(tls: ServerTls | None) -> list[str]:
+    """tritonserver's own SSL options for its gRPC port: TLS, and mutual TLS when `tls` has a client
+    CA (a client without a certificate from it is refused in the handshake). Triton reads the files
+    once at start: a renewed certificate needs a restart (unlike our services, common/tls.py)."""
+    if tls is None:
+        return []
+    flags = ["--grpc-use-ssl=true", f"--grpc-server-cert={tls.cert_file}", f"--grpc-server-key={tls.key_file}"]
+    if tls.client_ca_file:
+        flags += ["--grpc-use-ssl-mutual=true", f"--grpc-root-cert={tls.client_ca_file}"]
+    return flags
+
+
 def start_tritonserver(model_repo: Path, grpc_port: int, http_port: int, metrics_port: int,
-                       log_path: Path | None = None, prefix: list[str] | tuple[str, ...] = ()) -> subprocess.Popen:
+                       log_path: Path | None = None, prefix: list[str] | tuple[str, ...] = (),
+                       tls: ServerTls | None = None) -> subprocess.Popen:
     """`prefix`: a wrapper command, such as LocalCluster's parent-death signal (setpriv --pdeathsig),
-    so that a cluster whose parent is killed leaves no tritonserver behind."""
+    so that a cluster whose parent is killed leaves no tritonserver behind. `tls`: its gRPC port
+    serves (mutual) TLS; HTTP and metrics stay plaintext, for the readiness check and scraping."""
     ensure_python_stub()
     home = triton_home()
     env = dict(os.environ)
@@ -108,7 +123,7 @@ def start_tritonserver(model_repo: Path, grpc_port: int, http_port: int, metrics
         f"--backend-directory={home / 'backends'}", f"--cache-directory={home / 'caches'}",
         f"--grpc-port={grpc_port}", f"--http-port={http_port}", f"--metrics-port={metrics_port}",
         "--allow-metrics=true", "--allow-gpu-metrics=false", "--log-verbose=0",
-        "--exit-on-error=true", "--strict-readiness=true",
+        "--exit-on-error=true", "--strict-readiness=true", *tls_flags(tls),
     ]
     out = open(log_path, "ab") if log_path else subprocess.DEVNULL
     return subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True)
@@ -133,7 +148,7 @@ def wait_ready(proc: subprocess.Popen, http_port: int, timeout_s: float = 120.0)
 
 @contextmanager
 def triton_server(workdir: Path, lm_dir: str | Path, num_slots: int = 16, max_len: int = 4096,
-                  timeout_s: float = 180.0) -> Iterator[dict]:
+                  timeout_s: float = 180.0, tls: ServerTls | None = None) -> Iterator[dict]:
     """A ready tritonserver with the generator on `lm_dir` for the length of the block:
     yields {"grpc": address, "metrics": url, "log": path, "pid": its process}; a failed start raises with the log's tail."""
     from vitaserve.devcluster.processes import free_port
@@ -141,7 +156,7 @@ def triton_server(workdir: Path, lm_dir: str | Path, num_slots: int = 16, max_le
     repo = prepare_model_repository(workdir / "model_repo", lm_dir, num_slots=num_slots, max_len=max_len)
     grpc_port, http_port, metrics_port = free_port(), free_port(), free_port()
     log = workdir / "triton.log"
-    proc = start_tritonserver(repo, grpc_port, http_port, metrics_port, log)
+    proc = start_tritonserver(repo, grpc_port, http_port, metrics_port, log, tls=tls)
     try:
         try:
             wait_ready(proc, http_port, timeout_s=timeout_s)

@@ -106,7 +106,8 @@ def encoder_replica(settings: EncoderSettings, tokenizer) -> tuple[ServiceRunner
                          max_connection_age_grace_s=settings.max_connection_age_grace_s)
     encoder_pb2_grpc.add_EncoderServicer_to_server(servicer, server)
     runner = ServiceRunner(server, [encoder_pb2.DESCRIPTOR.services_by_name["Encoder"].full_name], settings.port,
-                           host=settings.host, batchers=[servicer.batcher])
+                           host=settings.host, batchers=[servicer.batcher], tls=settings.tls,
+                           health_port=settings.health_port)
     return runner, servicer
 
 

@@ -12,7 +12,8 @@ with the backend's own status. DEADLINE_EXCEEDED is not retried: the attempt alr
 deadline (a turn cannot wait it twice), and the work it asked for may still be running on a slow
 replica, which a retry would only add to.
 
-Every call carries the current trace (common/tracing.py) as metadata.
+Every call carries the current trace (common/tracing.py) as metadata. With `tls` (common/tls.ClientTls)
+the channel is TLS, presenting the gateway's certificate to backends that require mutual TLS.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ from vitaserve.common import metrics, tracing
 from vitaserve.common.audio_facts import TOKENIZER_RATE
 from vitaserve.common.retry_hint import says_no_retry
 from vitaserve.common.channel_options import RECONNECT_BACKOFF, keepalive
+from vitaserve.common.tls import ClientTls, secure_or_insecure_channel
 from vitaserve.gateway.convert import decoder_samples, encoder_pcm16
 
 # CANCELLED from a backend is the server's doing (a replica stopping mid-call cancels its RPCs; our
@@ -101,8 +103,8 @@ def _retrying(attempts: int, total_s: float, budget: RetryBudget, backend: str) 
                          wait=wait_exponential(multiplier=0.05, max=1.0))
 
 
-def channel(target: str) -> grpc.aio.Channel:
-    return grpc.aio.insecure_channel(target, options=[
+def channel(target: str, tls: ClientTls | None = None) -> grpc.aio.Channel:
+    return secure_or_insecure_channel(target, tls, options=[
         ("grpc.lb_policy_name", "round_robin"),
         ("grpc.max_receive_message_length", 16 * 1024 * 1024),
         ("grpc.enable_retries", 0),  # retries are ours, visible and bounded
@@ -112,8 +114,9 @@ def channel(target: str) -> grpc.aio.Channel:
 
 
 class EncoderClient:
-    def __init__(self, target: str, timeout_s: float = 10.0, attempts: int = 3, budget: RetryBudget | None = None):
-        self.channel = channel(target)
+    def __init__(self, target: str, timeout_s: float = 10.0, attempts: int = 3, budget: RetryBudget | None = None,
+                 tls: ClientTls | None = None):
+        self.channel = channel(target, tls)
         self.stub = encoder_pb2_grpc.EncoderStub(self.channel)
         self.timeout_s, self.attempts = timeout_s, attempts
         self.budget = budget or RetryBudget()
@@ -131,8 +134,8 @@ class EncoderClient:
 
 class DecoderClient:
     def __init__(self, target: str, timeout_s: float = 30.0, attempts: int = 4, ode_steps: int = 0,
-                 budget: RetryBudget | None = None):
-        self.channel = channel(target)
+                 budget: RetryBudget | None = None, tls: ClientTls | None = None):
+        self.channel = channel(target, tls)
         self.stub = decoder_pb2_grpc.DecoderStub(self.channel)
         self.timeout_s, self.attempts, self.ode_steps = timeout_s, attempts, ode_steps
         self.budget = budget or RetryBudget()

@@ -53,9 +53,11 @@ def _load(lm_dir: str) -> tuple[Tokenizer, int, SileroVad]:
 
 async def build_deps(settings: GatewaySettings) -> GatewayDeps:
     tokenizer, num_mtp_modules, vad_model = await asyncio.to_thread(_load, settings.lm_dir)
-    store = SessionStore(connect_redis(settings.redis_url),  # first: a malformed URL fails before any channel
+    store = SessionStore(connect_redis(settings.redis_url, tls=settings.redis_tls),  # first: a malformed URL fails before any channel
                          on_retry=lambda what, attempt, exc: metrics.STORE_RETRIES.labels(what).inc())
-    return GatewayDeps(settings=settings, encoder=EncoderClient(settings.encoder),
-                       decoder=DecoderClient(settings.decoder), generator=GeneratorClient(settings.triton, token_gap_s=settings.token_gap_s),
+    tls = settings.internal_tls  # the same client identity on each internal hop
+    return GatewayDeps(settings=settings, encoder=EncoderClient(settings.encoder, tls=tls),
+                       decoder=DecoderClient(settings.decoder, tls=tls),
+                       generator=GeneratorClient(settings.triton, token_gap_s=settings.token_gap_s, tls=tls),
                        store=store, text_tokenizer=tokenizer, vocab=AudioVocab.from_tokenizer(tokenizer),
                        prompts=PromptBuilder(tokenizer), vad_model=vad_model, num_mtp_modules=num_mtp_modules)

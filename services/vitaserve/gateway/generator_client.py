@@ -1,7 +1,8 @@
 """Async client of the Triton generator: one decoupled stream per answer, cancellable at once.
 
 Cancelling the iteration (barge-in, hang-up) cancels the gRPC call; Triton marks the request
-cancelled and the engine drops it at its next step, so GPU work stops.
+cancelled and the engine drops it at its next step, so GPU work stops. With `tls` the channel is TLS
+(tritonserver --grpc-use-ssl, and --grpc-use-ssl-mutual for the client certificate).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from tritonclient.utils import InferenceServerException
 
 from vitaserve.common import tracing
 from vitaserve.common.channel_options import RECONNECT_BACKOFF, keepalive
+from vitaserve.common.tls import ClientTls
 from vitaserve.generator import contract
 from vitaserve.generator.contract import GeneratedToken, GenerationOptions
 
@@ -77,11 +79,15 @@ def triton_channel_args(max_message_bytes: int = 16 * 1024 * 1024) -> list[tuple
 
 
 class GeneratorClient:
-    def __init__(self, url: str, model: str = contract.MODEL_NAME, token_gap_s: float = 5.0):
+    def __init__(self, url: str, model: str = contract.MODEL_NAME, token_gap_s: float = 5.0,
+                 tls: ClientTls | None = None):
         self.url = url
         self.model = model
         self.token_gap_s = token_gap_s
-        self._client = triton_aio.InferenceServerClient(url, channel_args=triton_channel_args())
+        # tritonclient's own ssl= arguments read the files too, but cannot override the server name
+        args = [*triton_channel_args(), *(tls.channel_options() if tls else [])]
+        self._client = triton_aio.InferenceServerClient(url, channel_args=args,
+                                                        creds=tls.credentials() if tls else None)
 
     async def generate(self, prompt_ids: list[int], opts: GenerationOptions,
                        request_id: str | None = None, timeout_s: float | None = None) -> AsyncIterator[GeneratedToken]:

@@ -234,7 +234,8 @@ class Gateway:
             servicer = ConversationServicer(deps)
             server = make_server(max_message_bytes=MAX_MESSAGE_BYTES)
             conversation_pb2_grpc.add_ConversationServicer_to_server(servicer, server)
-            runner = ServiceRunner(server, [SERVICE_NAME], settings.port, host=settings.host)
+            runner = ServiceRunner(server, [SERVICE_NAME], settings.port, host=settings.host, tls=settings.tls,
+                                   health_port=settings.health_port)
             start_metrics(settings.metrics_port)
             await runner.start()
         except BaseException:

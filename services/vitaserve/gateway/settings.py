@@ -12,7 +12,10 @@ import socket
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
-from vitaserve.common.settings import REDIS_URL_ENV, SettingsError, add_server_arguments, redis_url
+from vitaserve.common.settings import (REDIS_URL_ENV, SettingsError, add_internal_tls_arguments,
+                                       add_redis_tls_arguments, add_server_arguments, add_tls_arguments,
+                                       internal_tls, redis_tls, redis_url, server_tls)
+from vitaserve.common.tls import ClientTls, ServerTls
 from vitaserve.gateway.chunker import PRESETS, ChunkPlan, ChunkPlanError
 
 DEFAULT_PORT = 50051
@@ -48,12 +51,17 @@ class GatewaySettings:
     idle_s: float = 120.0                 # no caller message this long while no answer plays: the call ends
     max_call_s: float = 7200.0            # a Converse call ends after this long (the session stays resumable)
     max_reader_stall_s: float = 30.0      # a caller that reads nothing this long while we have audio: call ends
+    # -- TLS (common/tls.py): None is plaintext; the CLI asks for --plaintext explicitly
+    tls: ServerTls | None = None          # the public port
+    health_port: int = 0                  # plaintext grpc.health.v1 alone, for probes without TLS (0: off)
+    internal_tls: ClientTls | None = None  # to encoder, decoder and Triton (one client identity)
+    redis_tls: ClientTls | None = None    # to a rediss:// Redis
 
     def __post_init__(self) -> None:
         for name in ("lm_dir", "encoder", "decoder", "triton", "redis_url", "host", "replica_id", "default_mode"):
             if not getattr(self, name):
                 raise SettingsError(f"{_where(name)} is empty")
-        for name, lo, hi in (("port", 0, 65535), ("metrics_port", 0, 65535), ("max_new_tokens", 1, None),
+        for name, lo, hi in (("port", 0, 65535), ("metrics_port", 0, 65535), ("health_port", 0, 65535), ("max_new_tokens", 1, None),
                              ("context_tokens", 1, None), ("max_frame_bytes", 1, None), ("max_calls", 1, None)):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < lo or (hi is not None and value > hi):
@@ -119,6 +127,9 @@ class GatewaySettings:
         p("--max-reader-stall-s", type=float, default=d.max_reader_stall_s,
           help="a caller that takes none of the messages waiting for it this long ends its call with "
                f"DEADLINE_EXCEEDED (default {d.max_reader_stall_s:g})")
+        add_tls_arguments(parser)  # --tls-cert, --tls-key, --tls-client-ca, --plaintext, --health-port
+        add_internal_tls_arguments(parser)  # --internal-ca, --internal-cert, --internal-key
+        add_redis_tls_arguments(parser)  # --redis-ca, --redis-cert, --redis-key
         parser.add_argument_group(
             "secrets (read from the environment, never from flags)",
             f"${REDIS_URL_ENV}: the Redis URL for sessions (redis://[:password@]host:port/db, rediss://..., "
@@ -131,15 +142,17 @@ class GatewaySettings:
             chunk_plan = ChunkPlan.parse(args.chunk_plan)
         except ChunkPlanError as exc:
             raise SettingsError(f"--chunk-plan: {exc}") from None
+        url = redis_url(environ)
         return cls(lm_dir=args.lm_dir, encoder=args.encoder, decoder=args.decoder, triton=args.triton,
-                   redis_url=redis_url(environ), host=args.host, port=args.port,
+                   redis_url=url, host=args.host, port=args.port,
                    metrics_port=args.metrics_port, grace_s=args.grace_s,
                    replica_id=args.replica_id or socket.gethostname(), default_mode=args.default_mode,
                    max_new_tokens=args.max_new_tokens, context_tokens=args.context_tokens, chunk_plan=chunk_plan,
                    max_utterance_s=args.max_utterance_s, realtime_slack_s=args.realtime_slack_s,
                    max_frame_bytes=args.max_frame_bytes, token_gap_s=args.token_gap_s, max_calls=args.max_calls,
                    first_message_s=args.first_message_s, idle_s=args.idle_s, max_call_s=args.max_call_s,
-                   max_reader_stall_s=args.max_reader_stall_s)
+                   max_reader_stall_s=args.max_reader_stall_s, tls=server_tls(args), health_port=args.health_port,
+                   internal_tls=internal_tls(args), redis_tls=redis_tls(args, url))
 
 
 def _where(name: str) -> str:

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from vitaserve.client.phone import CallResult, run_call
+from vitaserve.common.tls import ClientTls
 from vitaserve.gateway.codecs import check_format
 from vitaserve.loadtest.report import TurnMeasurement, percentiles, playout_starvation
 
@@ -42,6 +43,10 @@ class LoadConfig:
     ramp_slo_ms: float | None = None  # ramp: double the calls until p95 first audio exceeds this
     max_concurrency: int = 64
     seed: int = 0
+    tls_ca: str | None = None  # the gateway serves TLS; callers trust this CA (PEM file)
+
+    def caller_tls(self) -> ClientTls | None:
+        return ClientTls(self.tls_ca) if self.tls_ca else None
 
     def __post_init__(self):
         if not self.modes or not all(self.modes):
@@ -112,7 +117,7 @@ async def run_level(cfg: LoadConfig, mode: str, concurrency: int, speech: list[n
         barge = [rng.random() < cfg.barge_in_prob for _ in picks]
         result = await run_call(cfg.target, picks, cfg.rate, cfg.codec, mode=mode, push_to_talk=cfg.push_to_talk,
                                 max_new_tokens=cfg.max_new_tokens, greedy=True, turn_timeout_s=cfg.turn_timeout_s,
-                                barge_in=barge)
+                                barge_in=barge, tls=cfg.caller_tls())
         level.turns.extend(measurements(result, mode, concurrency, i))
         for _ in result.turns:
             on_turn()
