@@ -2,9 +2,11 @@
 
 Durability (README "Durability"): every write is appended to the AOF in `workdir/appendonlydir`
 before Redis replies; `appendfsync everysec` flushes it to disk once a second. So a kill -9 of
-redis-server loses nothing acknowledged (the kernel holds the file), a crash of the machine may lose
-the last ~1 s. `maxmemory` with `noeviction`: when full, writes fail (OOM) instead of sessions
-vanishing; the session store refuses new calls before that (SessionStore.create's headroom).
+redis-server loses nothing acknowledged (the kernel holds the file) unless a background fsync
+stalls: Redis then postpones its AOF write up to 2 s and still replies (the fault matrix saw an
+acknowledged turn lost that way on a busy machine); a crash of the machine may lose the last
+~1 s. `maxmemory` with `noeviction`: when full, writes fail (OOM) instead of sessions vanishing;
+the session store refuses new calls before that (SessionStore.create's headroom).
 
 Restart from the AOF: run `redis_command(port, workdir)` again with the same port and workdir (after
 the old process is gone, e.g. killed with -9) and redis-server replays the AOF there. LocalRedis

@@ -31,7 +31,7 @@ from vitaserve.api import decoder_pb2, decoder_pb2_grpc, encoder_pb2, encoder_pb
 from vitaserve.common import metrics, tracing
 from vitaserve.common.audio_facts import TOKENIZER_RATE
 from vitaserve.common.retry_hint import says_no_retry
-from vitaserve.common.channel_options import RECONNECT_BACKOFF, keepalive
+from vitaserve.common.channel_options import RECONNECT_BACKOFF
 from vitaserve.common.tls import ClientTls, secure_or_insecure_channel
 from vitaserve.gateway.convert import decoder_samples, encoder_pcm16
 
@@ -109,7 +109,10 @@ def channel(target: str, tls: ClientTls | None = None) -> grpc.aio.Channel:
         ("grpc.max_receive_message_length", 16 * 1024 * 1024),
         ("grpc.enable_retries", 0),  # retries are ours, visible and bounded
         *RECONNECT_BACKOFF,
-        *keepalive(30_000, 10_000),  # a frozen replica fails its calls too; each call also has a deadline
+        # No keepalive: every call has a deadline, which is what finds a frozen replica. A ping
+        # timeout shorter than a call's deadline raced it: a SIGSTOPped decoder then failed the turn
+        # UNAVAILABLE (ping timeout, then a new connection that never got SETTINGS) or
+        # DEADLINE_EXCEEDED, by chance (fault matrix, decoder/hung/turn_start).
     ])
 
 
