@@ -68,9 +68,11 @@ def cmd(args) -> int:
     except SettingsError as exc:
         raise CLIError(str(exc)) from None
     if args.service in TORCH_SERVICES:
+        from vitaserve.common.onednn_cache import bound_primitive_cache
         from vitaserve.common.threads import set_torch_threads
 
         try:
+            bound_primitive_cache()  # before the first convolution: resident memory levels off
             set_torch_threads(settings.threads)
         except ValueError as exc:
             raise CLIError(str(exc)) from exc
