@@ -80,7 +80,7 @@ class InProcessCluster:
             "--lm", str(self.ckpt / "lm"), "--encoder", f"127.0.0.1:{self.encoder.port}", "--decoder", decoder_target,
             "--triton", self.triton_grpc, "--host", "127.0.0.1", "--port", "0", "--replica-id", replica_id,
             "--mode", "boost", "--max-utterance-s", "8", "--context-tokens", str(TRITON_MAX_LEN), "--plaintext",
-            *flags])
+            "--allow-anonymous", *flags])
         gateway = await Gateway.start(GatewaySettings.from_args(args, {REDIS_URL_ENV: self.redis_url}))
         return gateway, gateway.servicer
 

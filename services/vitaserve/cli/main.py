@@ -22,6 +22,7 @@ SUBCOMMANDS = [
     "call",
     "loadtest",
     "faults",
+    "apikey",
 ]
 
 

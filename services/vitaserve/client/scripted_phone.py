@@ -25,8 +25,10 @@ LEAD_S = 0.2  # silence before the speech, at most the trailing silence
 class ScriptedPhone:
     """Run `run()` as a task; it returns the call's status code (`error` holds the RpcError)."""
 
-    def __init__(self, target: str, codec: str = "mulaw", rate: int = 8000, tls: ClientTls | None = None):
+    def __init__(self, target: str, codec: str = "mulaw", rate: int = 8000, tls: ClientTls | None = None,
+                 metadata: tuple[tuple[str, str], ...] = ()):
         self.codec, self.rate = codec, rate
+        self.metadata = metadata  # the caller's credentials: (("x-api-key", key),) or (("authorization", "Bearer ..."),)
         self.channel = secure_or_insecure_channel(target, tls, caller_options())
         self.stub = conversation_pb2_grpc.ConversationStub(self.channel)
         self.outbox: asyncio.Queue = asyncio.Queue()
@@ -42,7 +44,7 @@ class ScriptedPhone:
             yield msg
 
     async def run(self) -> grpc.StatusCode:
-        call = self.stub.Converse(self._requests())
+        call = self.stub.Converse(self._requests(), metadata=self.metadata or None)
         try:
             async for msg in call:
                 self.messages.append(msg)

@@ -11,6 +11,14 @@ Redis and a test can take a fresh one):
                                         compact JSON per turn, "v" in each
   vita:decoder:{<stream_id>}     hash   one audio stream's decoder state:      2 / 1, 2
                                         schema, seq, data, prev_seq, prev_data
+  vita:quota:{<tenant>}:calls    zset   a tenant's call leases: member = lease  -
+                                        id, score = expiry (Redis clock, ms)
+  vita:quota:{<tenant>}:starts   zset   a tenant's call starts of the last      -
+                                        minute: member = start id, score = ms
+
+Session ids are 128 random bits from `secrets` (32 hex digits). A session hash records its
+`tenant` (issue 13; a field the previous release ignores, so the schema stays 2): a hash without
+it was written before tenants and belongs to ANONYMOUS_TENANT.
 
 Record versions (a rolling upgrade runs two releases against one Redis, so each reads both):
   session hash   1: no `schema` field (the release before versioning)   2: `schema` = "2"; the
@@ -38,6 +46,11 @@ DEFAULT_NAMESPACE = "vita"
 SESSION_PREFIX = "session"
 HISTORY_SUFFIX = "history"
 DECODER_PREFIX = "decoder"
+QUOTA_PREFIX = "quota"
+
+# The tenant of callers without credentials (a gateway with --allow-anonymous), and of sessions
+# written before sessions recorded their tenant.
+ANONYMOUS_TENANT = "anonymous"
 
 # Record versions written by this release; each reader also accepts every older one (see above).
 SESSION_SCHEMA = 2  # the session hash and each history turn
@@ -84,6 +97,8 @@ _STREAM_ID_RE = re.compile(r"[A-Za-z0-9_.:\-]{1,128}")
 # releases such keys exist, so no stream may be called that.
 LEGACY_PREV_SUFFIX = ":prev"
 _SESSION_ID_RE = re.compile(r"[0-9a-f]{32}")
+# Tenants become parts of keys (quotas): the namespace's alphabet.
+_TENANT_RE = re.compile(r"[A-Za-z0-9_.\-]{1,64}")
 
 
 class InvalidKeyPart(ValueError):
@@ -101,9 +116,17 @@ def check_namespace(namespace: str) -> str:
 def check_session_id(session_id: str) -> str:
     if not isinstance(session_id, str) or not _SESSION_ID_RE.fullmatch(session_id):
         raise InvalidKeyPart(
-            f"session id {session_id!r} is not valid: expected 32 lowercase hex digits (uuid4 hex)"
+            f"session id {session_id!r} is not valid: expected 32 lowercase hex digits"
         )
     return session_id
+
+
+def check_tenant(tenant: str) -> str:
+    if not isinstance(tenant, str) or not _TENANT_RE.fullmatch(tenant):
+        raise InvalidKeyPart(
+            f"tenant {tenant!r} is not valid: use 1-64 of letters, digits, '_', '.', '-'"
+        )
+    return tenant
 
 
 def check_stream_id(stream_id: str) -> str:
@@ -130,3 +153,11 @@ def history_key(namespace: str, session_id: str) -> str:
 
 def decoder_state_key(namespace: str, stream_id: str) -> str:
     return f"{namespace}:{DECODER_PREFIX}:{{{stream_id}}}"
+
+
+def quota_calls_key(namespace: str, tenant: str) -> str:
+    return f"{namespace}:{QUOTA_PREFIX}:{{{tenant}}}:calls"
+
+
+def quota_starts_key(namespace: str, tenant: str) -> str:
+    return f"{namespace}:{QUOTA_PREFIX}:{{{tenant}}}:starts"

@@ -14,6 +14,11 @@ written in place, its fields being the same; one of a newer version is refused b
 written (claim, begin, commit, abort, owner-checked end), so an older release never takes over a
 call it cannot read back.
 
+Tenants (issue 13): CREATE records the caller's tenant; CLAIM of another tenant's session answers
+'missing', exactly as for an unknown id, before it writes anything, so a caller of one tenant can
+neither learn that another tenant's session exists nor move its fence, owner or history. A session
+without the field (written before tenants) belongs to keys.ANONYMOUS_TENANT.
+
 Replies of the writes are arrays whose first element is a status word (READ's: the hash, the list):
   ok | done (this op was already applied) | missing | ended | exists | stale (+ what, + value)
   | schema (+ the stored version: newer than this release reads)
@@ -27,6 +32,7 @@ from vitaserve.common import keys
 # KEYS[1] is the session hash in every script that uses gate().
 _PRELUDE = f"""
 local SCHEMA = {keys.SESSION_SCHEMA}  -- written by this release; the newest it reads
+local ANONYMOUS = '{keys.ANONYMOUS_TENANT}'
 """ + """
 local function newer(schema)
   return schema and tonumber(schema) and tonumber(schema) > SCHEMA
@@ -46,6 +52,10 @@ local function gate(owner, fence, op)
   if fence ~= '' and f[3] ~= fence then return {'stale', 'fence', f[3]} end
   return nil, f
 end
+-- the tenant a session belongs to; sessions written before tenants were recorded are anonymous
+local function tenant_of(stored)
+  return stored or ANONYMOUS
+end
 local function refresh(ttl)
   redis.call('PEXPIRE', KEYS[1], ttl)
   redis.call('PEXPIRE', KEYS[2], ttl)
@@ -53,7 +63,7 @@ end
 """
 
 # KEYS[1] session hash   KEYS[2] history list
-# ARGV[1] op id   ARGV[2] ttl ms   ARGV[3] owner   ARGV[4..] config field, value pairs
+# ARGV[1] op id   ARGV[2] ttl ms   ARGV[3] owner   ARGV[4] tenant   ARGV[5..] config field, value pairs
 # returns {'ok'} | {'done'} (retry of this op) | {'exists'} (id taken: never for a uuid4)
 CREATE = """
 if redis.call('EXISTS', KEYS[1]) == 1 then
@@ -63,7 +73,8 @@ end
 local t = now()
 redis.call('DEL', KEYS[2])
 redis.call('HSET', KEYS[1], 'schema', SCHEMA, 'created_at', t, 'updated_at', t, 'turn', 0,
-           'status', 'active', 'owner', ARGV[3], 'fence', 0, 'op', ARGV[1], unpack(ARGV, 4))
+           'status', 'active', 'owner', ARGV[3], 'fence', 0, 'op', ARGV[1], 'tenant', ARGV[4],
+           unpack(ARGV, 5))
 refresh(ARGV[2])
 return {'ok'}
 """
@@ -119,14 +130,16 @@ return {'ok', tonumber(ARGV[1]) - 1}
 """
 
 # KEYS[1] session hash   KEYS[2] history list
-# ARGV[1] new owner   ARGV[2] op id   ARGV[3] ttl ms
+# ARGV[1] new owner   ARGV[2] op id   ARGV[3] ttl ms   ARGV[4] the caller's tenant
 # returns {'ok', fence, HGETALL, LRANGE} | {'done', ...same} | {'missing'} | {'ended'}
 #       | {'schema', version}
+# Another tenant's session is 'missing', checked before anything else is read out or written.
 # The new owner gets a bumped fence; an unfinished turn of the old owner is abandoned (status
 # back to active), so the old owner's begin/commit fail on the owner and the fence.
 CLAIM = """
 if redis.call('EXISTS', KEYS[1]) == 0 then return {'missing'} end
-local f = redis.call('HMGET', KEYS[1], 'status', 'op', 'schema')
+local f = redis.call('HMGET', KEYS[1], 'status', 'op', 'schema', 'tenant')
+if tenant_of(f[4]) ~= ARGV[4] then return {'missing'} end
 if newer(f[3]) then return {'schema', f[3]} end
 local word = 'done'
 if f[2] ~= ARGV[2] then
@@ -143,16 +156,26 @@ return {word, tonumber(redis.call('HGET', KEYS[1], 'fence')), redis.call('HGETAL
 
 # KEYS[1] session hash   KEYS[2] history list
 # ARGV[1] owner ('' = anyone)   ARGV[2] fence ('' = not checked)   ARGV[3] tombstone ttl ms
+# ARGV[4] '1' = erase: the history and the system prompt are deleted at once (the caller asked)
 # returns {'ok'} (also when already ended) | {'missing'} | {'stale', what, value} | {'schema', version}
 # An ended call is kept only briefly (ARGV[3] = keys.ENDED_SESSION_TTL_S): long enough that a late
 # resume or a stale writer hears 'ended' rather than 'missing' and its history can be read back.
 END = """
 local st = redis.call('HGET', KEYS[1], 'status')
 if not st then return {'missing'} end
-if st == 'ended' then return {'ok'} end
+if st == 'ended' and ARGV[4] ~= '1' then return {'ok'} end
 if ARGV[1] ~= '' then
-  local reply = gate(ARGV[1], ARGV[2], '')
-  if reply then return reply end
+  if st == 'ended' then  -- erasing an ended call: still only its last owner may
+    local owner = redis.call('HGET', KEYS[1], 'owner')
+    if owner ~= ARGV[1] then return {'stale', 'owner', owner or ''} end
+  else
+    local reply = gate(ARGV[1], ARGV[2], '')
+    if reply then return reply end
+  end
+end
+if ARGV[4] == '1' then
+  redis.call('DEL', KEYS[2])
+  redis.call('HDEL', KEYS[1], 'system_prompt')
 end
 redis.call('HSET', KEYS[1], 'status', 'ended', 'updated_at', now())
 refresh(ARGV[3])

@@ -17,6 +17,7 @@ stores own the retry policy.
 
 from __future__ import annotations
 
+import secrets
 import time
 import uuid
 from typing import Any, Awaitable, Callable
@@ -126,7 +127,10 @@ class SessionStore:
         retry_max_s: float = keys.RETRY_MAX_S,
         on_retry: OnRetry | None = None,
         new_session_memory_fraction: float = keys.NEW_SESSION_MEMORY_FRACTION,
+        store_text: bool = True,
     ) -> None:
+        """session_ttl_s is the retention of an idle session and its history (the gateway's
+        --history-ttl-s); store_text False keeps no transcript text in the history (--no-store-text)."""
         self.namespace = check_store(redis, "SessionStore", namespace, session_ttl_s=session_ttl_s,
                                      max_turns=max_turns, max_turn_bytes=max_turn_bytes,
                                      max_system_prompt_bytes=max_system_prompt_bytes)
@@ -140,6 +144,7 @@ class SessionStore:
             raise SessionInputError(
                 f"new_session_memory_fraction must be in (0, 1], got {new_session_memory_fraction!r}")
         self.new_session_memory_fraction = new_session_memory_fraction
+        self.store_text = store_text
         self._memory: tuple[float, int, int] | None = None  # (read at, used_memory, maxmemory)
         # Registered once; redis-py loads a script again by itself after NOSCRIPT (Redis restart).
         self._scripts = {n: redis.register_script(session_script(n)) for n in SESSION_SCRIPTS}
@@ -229,8 +234,16 @@ class SessionStore:
 
     # ---- sessions -------------------------------------------------------------------------
 
-    async def create(self, config: SessionConfig, owner: str = "") -> str:
-        """Start a session; returns its id (uuid4 hex). `owner` may be set now or by claim().
+    @staticmethod
+    def _tenant(tenant: str) -> str:
+        try:
+            return keys.check_tenant(tenant)
+        except keys.InvalidKeyPart as e:
+            raise SessionInputError(str(e)) from None
+
+    async def create(self, config: SessionConfig, owner: str = "", tenant: str = keys.ANONYMOUS_TENANT) -> str:
+        """Start a session of `tenant`; returns its id: 128 random bits from `secrets` (32 hex
+        digits), so ids cannot be guessed. `owner` may be set now or by claim().
         StoreFull when Redis is near its memory limit (the rest is for the calls running)."""
         if not isinstance(config, SessionConfig):
             raise SessionInputError(f"config must be a SessionConfig, got {type(config).__name__}")
@@ -241,17 +254,18 @@ class SessionStore:
             raise RecordTooLarge(
                 f"system prompt is {n} bytes, over the limit of {self.max_system_prompt_bytes}"
             )
-        session_id = uuid.uuid4().hex
+        tenant = self._tenant(tenant)
+        session_id = secrets.token_hex(16)
         fields = ["mode", config.mode, "codec", config.codec, "sample_rate", config.sample_rate,
                   "system_prompt", config.system_prompt]
-        script, args = self._scripts["create"], [uuid.uuid4().hex, self.session_ttl_ms, owner, *fields]
+        script, args = self._scripts["create"], [uuid.uuid4().hex, self.session_ttl_ms, owner, tenant, *fields]
 
         async def attempt() -> list:  # one retry budget for the memory check and the write
             await self._check_room_for_new_session()
             return await script(keys=self._keys(session_id), args=args)
 
         reply = await self._retrying("create a session", attempt)
-        if _word(reply) == "exists":  # a uuid4 collision: cannot happen in practice
+        if _word(reply) == "exists":  # a collision of 128 random bits: cannot happen in practice
             raise SessionError(f"session id {session_id} already exists")
         return session_id
 
@@ -290,6 +304,9 @@ class SessionStore:
             raise SessionInputError(
                 f"record is for turn {record.turn}, but turn {turn!r} is being committed"
             )
+        if not self.store_text and record.text:
+            record = TurnRecord(turn=record.turn, user_audio=record.user_audio,
+                                assistant_ids=record.assistant_ids, interrupted=record.interrupted)
         data = record.to_json()
         if len(data) > self.max_turn_bytes:
             raise RecordTooLarge(
@@ -310,11 +327,12 @@ class SessionStore:
         self._raise_for(reply, session_id, f"abort turn {turn}")
         return int(reply[1])
 
-    async def claim(self, session_id: str, owner: str) -> SessionRecord:
+    async def claim(self, session_id: str, owner: str, tenant: str = keys.ANONYMOUS_TENANT) -> SessionRecord:
         """Take over the call (resume on another replica): the new owner, a bumped fence, and the
         session as it is now. The old owner's later writes fail with StaleWriteError; its
-        unfinished turn is abandoned."""
-        args = [self._owner(owner), uuid.uuid4().hex, self.session_ttl_ms]
+        unfinished turn is abandoned. Another tenant's session is SessionNotFound, with the message
+        of an unknown id, and is left as it was."""
+        args = [self._owner(owner), uuid.uuid4().hex, self.session_ttl_ms, self._tenant(tenant)]
         reply = await self._run("claim a session", "claim", self._keys(session_id), args)
         self._raise_for(reply, session_id, "claim it")
         flat = reply[2]
@@ -322,11 +340,13 @@ class SessionStore:
         return record_from_redis(session_id, fields, reply[3])
 
     async def end(self, session_id: str, owner: str | None = None,
-                  fence: int | None = None) -> None:
+                  fence: int | None = None, erase: bool = False) -> None:
         """Mark the call ended; it expires ENDED_SESSION_TTL_S later (until then a late resume gets
-        SessionEnded, not NotFound). With `owner`, only that owner may end it. Idempotent."""
+        SessionEnded, not NotFound). With `owner`, only that owner may end it. Idempotent.
+        `erase`: the history and the system prompt are deleted now (the caller asked; its audio
+        token ids are personal data), not when the tombstone expires."""
         who = "" if owner is None else self._owner(owner)
-        args = [who, self._fence(fence), keys.ENDED_SESSION_TTL_S * 1000]
+        args = [who, self._fence(fence), keys.ENDED_SESSION_TTL_S * 1000, "1" if erase else "0"]
         reply = await self._run("end a session", "end", self._keys(session_id), args)
         self._raise_for(reply, session_id, "end it")
 

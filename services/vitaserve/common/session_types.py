@@ -189,6 +189,7 @@ class SessionRecord:
     owner: str  # the holder (gateway replica + connection) allowed to write
     fence: int  # bumped by every claim: a fencing token for writers that pass it
     history: list[TurnRecord] = field(default_factory=list)
+    tenant: str = keys.ANONYMOUS_TENANT  # whose session it is: only this tenant may resume it
 
 
 def _text(raw: Any) -> str:
@@ -214,6 +215,7 @@ def record_from_redis(session_id: str, fields: dict, history: list) -> SessionRe
             owner=f.get("owner", ""),
             fence=int(f["fence"]),
             history=[TurnRecord.from_json(raw) for raw in history],
+            tenant=f.get("tenant", keys.ANONYMOUS_TENANT),
         )
     except (KeyError, ValueError) as e:  # SessionInputError too: a stored config no longer valid
         raise SessionError(

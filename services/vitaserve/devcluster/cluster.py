@@ -251,7 +251,7 @@ class LocalCluster:
         return self._spawn_grpc(
             "gateway", "--lm", str(self.lm), "--encoder", self.service("encoder").address,
             "--decoder", self.service("decoder").address, "--triton", self.service("triton").address,
-            "--mode", self.mode, "--context-tokens", str(self.max_len),
+            "--mode", self.mode, "--context-tokens", str(self.max_len), "--allow-anonymous",  # local: no API keys
             *self._tls_args(mutual=False), *self._client_args("internal"), *self._client_args("redis"),
             port=self.port, secrets={REDIS_URL_ENV: self.redis_url})
 

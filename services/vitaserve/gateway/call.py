@@ -22,7 +22,7 @@ import numpy as np
 import structlog
 
 from vitaserve.api import conversation_pb2 as pb
-from vitaserve.common import metrics, tracing
+from vitaserve.common import keys, metrics, tracing
 from vitaserve.common.audio_facts import TOKENIZER_RATE
 from vitaserve.common.resample import StreamResampler
 from vitaserve.common.session_store import (SessionConfig, SessionEnded, SessionNotFound, StaleWriteError,
@@ -59,8 +59,9 @@ def answer_sinks(outbox: Outbox[pb.ConverseResponse], turn: int, fmt: OutputForm
 
 
 class Call:
-    def __init__(self, deps: GatewayDeps):
+    def __init__(self, deps: GatewayDeps, tenant: str = keys.ANONYMOUS_TENANT):
         self.deps, self.settings = deps, deps.settings
+        self.tenant = tenant  # the authenticated caller's: it may resume only its own tenant's sessions
         self.pipeline = AnswerPipeline(deps)
         self.outbox: Outbox[pb.ConverseResponse] = Outbox()
         self.owner = f"{self.settings.replica_id}:{uuid.uuid4().hex[:8]}"
@@ -125,7 +126,7 @@ class Call:
         resumed = bool(config.session_id)
         try:
             if resumed:
-                record = await store.claim(config.session_id, self.owner)
+                record = await store.claim(config.session_id, self.owner, self.tenant)
                 self.session_id = config.session_id
                 self.turns_done = record.turn
                 if not config.HasField("system_prompt"):  # the call keeps the persona it started with
@@ -134,12 +135,12 @@ class Call:
             else:
                 self.session_id = await store.create(
                     SessionConfig(mode=mode, codec=self.in_fmt.codec, sample_rate=self.in_fmt.sample_rate,
-                                  system_prompt=self.system), owner=self.owner)
+                                  system_prompt=self.system), owner=self.owner, tenant=self.tenant)
         except (SessionNotFound, SessionEnded) as exc:
             raise CallError(grpc.StatusCode.NOT_FOUND, f"session {config.session_id}: {exc}") from None
         except ValueError as exc:
             raise CallError(grpc.StatusCode.INVALID_ARGUMENT, f"session_id: {exc}") from None
-        structlog.contextvars.bind_contextvars(session_id=self.session_id)
+        structlog.contextvars.bind_contextvars(session_id=self.session_id, tenant=self.tenant)
         return pb.ConverseResponse(session_started=pb.SessionStarted(
             session_id=self.session_id, resumed=resumed, turns_so_far=self.turns_done,
             output_format=wire_format(self.out_fmt), mode=mode))
@@ -180,7 +181,7 @@ class Call:
                                     f"audio arrives faster than real time ({audio_s:.1f} s of audio in "
                                     f"{time.monotonic() - started:.1f} s): send 20 ms frames as they are spoken")
             elif kind == "control":
-                if await self._on_control(msg.control.action):
+                if await self._on_control(msg.control):
                     return
             else:
                 raise CallError(grpc.StatusCode.INVALID_ARGUMENT, "config may only be sent once, first")
@@ -272,8 +273,11 @@ class Call:
                 turn=turn, at_s=event.t, duration_s=len(event.audio) / TOKENIZER_RATE)))
             await self._start_answer(event.audio)
 
-    async def _on_control(self, action) -> bool:
+    async def _on_control(self, control: pb.Control) -> bool:
         """True when the call ends."""
+        action = control.action
+        if control.erase_history and action != pb.Control.HANG_UP:
+            raise CallError(grpc.StatusCode.INVALID_ARGUMENT, "erase_history goes with HANG_UP only")
         if action == pb.Control.END_OF_UTTERANCE:
             audio = np.concatenate(self.ptt_buffer) if self.ptt_buffer else np.zeros(0, np.float32)
             tail = self.in_resampler.flush()
@@ -295,13 +299,18 @@ class Call:
         elif action == pb.Control.HANG_UP:
             await self._barge_in()
             try:
-                await self.deps.store.end(self.session_id, owner=self.owner)
+                await self.deps.store.end(self.session_id, owner=self.owner, erase=control.erase_history)
             except (StaleWriteError, SessionNotFound, SessionEnded):
                 pass
             return True
         else:
             raise CallError(grpc.StatusCode.INVALID_ARGUMENT, f"unknown control action {action}")
         return False
+
+    def _loggable(self, exc: BaseException) -> str:
+        """An error for the log: the store's messages name the session, which logs show only as a hash."""
+        text = repr(exc)
+        return text.replace(self.session_id, tracing.session_hash(self.session_id)) if self.session_id else text
 
     # ---- turns ---------------------------------------------------------------------------------
     async def _barge_in(self) -> None:
@@ -361,7 +370,7 @@ class Call:
         except Exception as exc:
             code, message = turn_status(exc)
             metrics.GATEWAY_ERRORS.labels(code.name).inc()
-            log.warning("turn failed", error=repr(exc), code=code.name)
+            log.warning("turn failed", error=self._loggable(exc), code=code.name)
             # the caller hears of it first: settling the turn in Redis may itself wait out a retry
             # budget (Redis is what failed); the next turn waits for this task, so it sees it settled
             await self.outbox.put(pb.ConverseResponse(error=pb.Error(code=code.value[0], message=message, turn=turn)))
@@ -407,7 +416,7 @@ class Call:
             else:
                 self.turns_done = await self.deps.store.abort_turn(self.session_id, turn, self.owner)
         except (StoreUnavailable, StaleWriteError, SessionNotFound, SessionEnded) as exc:
-            log.warning("failed turn not settled", error=repr(exc))
+            log.warning("failed turn not settled", error=self._loggable(exc))
 
 
 def turn_timings(progress: AnswerProgress, t_end: float, t_encode: float, encode_ms: float) -> pb.TurnTimings:

@@ -1,5 +1,10 @@
 """The public Conversation service: a thin gRPC edge over gateway.call and gateway.pipeline, and `serve`.
 
+Every RPC first passes `_call_slot`: not draining, an authenticated caller allowed this RPC
+(gateway/auth.py: UNAUTHENTICATED / PERMISSION_DENIED), a place on this replica (--max-calls), and
+a slot in its tenant's quota shared by all replicas (gateway/quota.py: RESOURCE_EXHAUSTED with
+google.rpc.RetryInfo). Health and reflection are other services of the server and need no credentials.
+
 `serve(settings)` is a pod's whole life: build the clients (gateway.deps), serve until SIGTERM, drain,
 close every client. `Gateway.start` is the same path without the signal handling, for tests that run
 gateways in-process.
@@ -14,11 +19,16 @@ from contextlib import aclosing
 
 import grpc
 import structlog
+from google.protobuf import any_pb2, duration_pb2
+from google.rpc import error_details_pb2, status_pb2
+from grpc_status import rpc_status
 
 from vitaserve.api import conversation_pb2 as pb, conversation_pb2_grpc
 from vitaserve.common import metrics
 from vitaserve.common.grpc_server import ServiceRunner, make_server, start_metrics
+from vitaserve.common.session_store import StoreUnavailable
 from vitaserve.gateway.answer import AnswerProgress, AnswerSinks
+from vitaserve.gateway.auth import AuthError, Caller
 from vitaserve.gateway.call import Call
 from vitaserve.gateway.codecs import PCM16, AudioFormatError, OutputFormat, decode_audio
 from vitaserve.gateway.convert import (CallError, call_status, generation_options, output_format, turn_status,
@@ -26,6 +36,7 @@ from vitaserve.gateway.convert import (CallError, call_status, generation_option
 from vitaserve.gateway.deps import GatewayDeps, build_deps
 from vitaserve.gateway.outbox import Outbox
 from vitaserve.gateway.pipeline import AnswerPipeline
+from vitaserve.gateway.quota import QuotaExceeded
 from vitaserve.gateway.settings import GatewaySettings
 
 log = structlog.get_logger(__name__)
@@ -40,6 +51,24 @@ TRANSCRIBE_MAX_NEW_TOKENS = 512
 
 async def _no_text(_: str) -> None:
     return None
+
+
+class Refused(Exception):
+    """A call refused before it starts: its status, and how long to wait before retrying (RetryInfo)."""
+
+    def __init__(self, code: grpc.StatusCode, message: str, retry_after_s: float | None = None):
+        super().__init__(message)
+        self.code, self.retry_after_s = code, retry_after_s
+
+
+def retry_status(code: grpc.StatusCode, message: str, retry_after_s: float) -> grpc.Status:
+    """A status whose details carry google.rpc.RetryInfo (grpc-status-details-bin), as Google's APIs
+    answer a quota: clients with the standard error model read when to retry from it."""
+    delay = duration_pb2.Duration()
+    delay.FromNanoseconds(int(max(retry_after_s, 0.0) * 1e9))
+    detail = any_pb2.Any()
+    detail.Pack(error_details_pb2.RetryInfo(retry_delay=delay))
+    return rpc_status.to_status(status_pb2.Status(code=code.value[0], message=message, details=[detail]))
 
 
 class ConversationServicer(conversation_pb2_grpc.ConversationServicer):
@@ -61,11 +90,6 @@ class ConversationServicer(conversation_pb2_grpc.ConversationServicer):
         return generation_options(mode, sampling, max_new_tokens, settings=self.deps.settings,
                                   num_mtp_modules=self.deps.num_mtp_modules)
 
-    async def _refuse_if_draining(self, context) -> None:
-        if self.draining:
-            await self._abort(context, grpc.StatusCode.UNAVAILABLE,
-                              "this gateway replica is shutting down: reconnect (resume with your session_id)")
-
     # ---- admission: at most settings.max_calls calls of every RPC together ------------------------
     def _admit(self, rpc: str) -> bool:
         """Take a place for one call, or count a refusal. Synchronous (no await between the check and
@@ -81,10 +105,40 @@ class ConversationServicer(conversation_pb2_grpc.ConversationServicer):
         self.calls -= 1
         metrics.GATEWAY_CALLS.dec()
 
-    async def _refuse_full(self, context) -> None:
-        await self._abort(context, grpc.StatusCode.RESOURCE_EXHAUSTED,
+    @contextlib.asynccontextmanager
+    async def _call_slot(self, context, rpc: str):
+        """The caller of one call, holding its place on this replica and in its tenant's quota for
+        the block; Refused (before anything runs) when any of them says no."""
+        if self.draining:
+            raise Refused(grpc.StatusCode.UNAVAILABLE,
+                          "this gateway replica is shutting down: reconnect (resume with your session_id)")
+        try:
+            caller = self.deps.auth.authenticate(context.invocation_metadata(), rpc)
+        except AuthError as exc:
+            raise Refused(exc.code, str(exc)) from None
+        if not self._admit(rpc):
+            raise Refused(grpc.StatusCode.RESOURCE_EXHAUSTED,
                           f"this gateway replica is at its limit of {self.deps.settings.max_calls} calls: "
                           "retry on another replica")
+        try:
+            async with contextlib.AsyncExitStack() as stack:
+                try:
+                    await stack.enter_async_context(self.deps.quotas.call(caller.tenant))
+                except QuotaExceeded as exc:
+                    log.info("call over its tenant's quota", tenant=caller.tenant, rpc=rpc)
+                    raise Refused(grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc), exc.retry_after_s) from None
+                except StoreUnavailable as exc:
+                    raise Refused(grpc.StatusCode.UNAVAILABLE, f"the quota store is unavailable: {exc}") from None
+                yield caller
+        finally:
+            self._release()
+
+    async def _refuse(self, context, refused: Refused) -> None:
+        if refused.retry_after_s is None:
+            await self._abort(context, refused.code, str(refused))
+        metrics.GATEWAY_ERRORS.labels(refused.code.name).inc()
+        status = retry_status(refused.code, str(refused), refused.retry_after_s)
+        await context.abort(status.code, status.details, status.trailing_metadata)
 
     async def _write(self, context, message) -> None:
         """Send one message; a caller that takes none for max_reader_stall_s ends its call. Until
@@ -100,20 +154,22 @@ class ConversationServicer(conversation_pb2_grpc.ConversationServicer):
                             "session_id)") from None
 
     async def Converse(self, request_iterator, context):
-        refusal = self._refuse_if_draining if self.draining else None
-        if refusal is None and not self._admit("converse"):
-            refusal = self._refuse_full
-        if refusal is not None:
+        try:
+            async with self._call_slot(context, "converse") as caller:
+                await self._converse(request_iterator, context, caller)
+        except Refused as refused:
             # read the caller's first message before refusing: a client still writing when the
             # server ends the stream sees INTERNAL from its own gRPC core, not our status (grpc#36066)
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(anext(aiter(request_iterator), None), 1.0)
-            await refusal(context)
+            await self._refuse(context, refused)
+
+    async def _converse(self, request_iterator, context, caller: Caller) -> None:
         self.active += 1
         self.idle.clear()
         metrics.GATEWAY_ACTIVE_STREAMS.inc()
         try:
-            async with aclosing(Call(self.deps).run(request_iterator)) as messages:
+            async with aclosing(Call(self.deps, caller.tenant).run(request_iterator)) as messages:
                 async for message in messages:
                     await self._write(context, message)
         except grpc.aio.InternalError as exc:
@@ -124,20 +180,17 @@ class ConversationServicer(conversation_pb2_grpc.ConversationServicer):
             code, message = call_status(exc)
             await self._abort(context, code, message)
         finally:
-            self._release()
             self.active -= 1
             metrics.GATEWAY_ACTIVE_STREAMS.dec()
             if self.active == 0:
                 self.idle.set()
 
     async def Synthesize(self, request, context):
-        await self._refuse_if_draining(context)
-        if not self._admit("synthesize"):
-            await self._refuse_full(context)
         try:
-            await self._synthesize(request, context)
-        finally:
-            self._release()
+            async with self._call_slot(context, "synthesize"):
+                await self._synthesize(request, context)
+        except Refused as refused:
+            await self._refuse(context, refused)
 
     async def _synthesize(self, request, context):
         text = request.text.strip()
@@ -176,13 +229,11 @@ class ConversationServicer(conversation_pb2_grpc.ConversationServicer):
             await self._abort(context, code, f"synthesis failed: {message}")
 
     async def Transcribe(self, request, context):
-        await self._refuse_if_draining(context)
-        if not self._admit("transcribe"):
-            await self._refuse_full(context)
         try:
-            return await self._transcribe(request, context)
-        finally:
-            self._release()
+            async with self._call_slot(context, "transcribe"):
+                return await self._transcribe(request, context)
+        except Refused as refused:
+            await self._refuse(context, refused)
 
     async def _transcribe(self, request, context):
         try:

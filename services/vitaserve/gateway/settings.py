@@ -15,7 +15,9 @@ from dataclasses import dataclass, field
 from vitaserve.common.settings import (REDIS_URL_ENV, SettingsError, add_internal_tls_arguments,
                                        add_redis_tls_arguments, add_server_arguments, add_tls_arguments,
                                        internal_tls, redis_tls, redis_url, server_tls)
+from vitaserve.common import keys
 from vitaserve.common.tls import ClientTls, ServerTls
+from vitaserve.gateway.auth import API_KEYS_FILE_ENV
 from vitaserve.gateway.chunker import PRESETS, ChunkPlan, ChunkPlanError
 
 DEFAULT_PORT = 50051
@@ -56,6 +58,22 @@ class GatewaySettings:
     health_port: int = 0                  # plaintext grpc.health.v1 alone, for probes without TLS (0: off)
     internal_tls: ClientTls | None = None  # to encoder, decoder and Triton (one client identity)
     redis_tls: ClientTls | None = None    # to a rediss:// Redis
+    # -- callers (gateway/auth.py): at least one source, or allow_anonymous, or the gateway does not start
+    api_keys_file: str | None = None      # from $VITA_API_KEYS_FILE (a mounted Secret); reloaded on change
+    jwks_file: str | None = None          # public keys for JWTs, chosen by kid; reloaded on change
+    jwt_issuer: str = ""
+    jwt_audience: str = ""
+    jwt_tenant_claim: str = "tenant"
+    jwt_leeway_s: float = 30.0            # clock skew allowed on exp/nbf/iat
+    allow_anonymous: bool = False         # local development: calls without credentials are tenant "anonymous"
+    # -- per-tenant quotas (gateway/quota.py), shared through Redis; 0 = unlimited
+    tenant_max_calls: int = 0
+    tenant_calls_per_minute: int = 0
+    tenant_limits_file: str | None = None  # per-tenant overrides {"tenants": {...}}; reloaded on change
+    quota_lease_s: float = 30.0           # a killed gateway's calls stop counting this long after it died
+    # -- retention of stored history
+    history_ttl_s: int = keys.SESSION_TTL_S  # an idle session and its history are deleted this long after use
+    store_text: bool = True               # False: turns are stored without their transcript text
 
     def __post_init__(self) -> None:
         for name in ("lm_dir", "encoder", "decoder", "triton", "redis_url", "host", "replica_id", "default_mode"):
@@ -77,6 +95,21 @@ class GatewaySettings:
         for name, lo, hi in LIMIT_RANGES_S:
             if not lo <= getattr(self, name) <= hi:  # also refuses NaN
                 raise SettingsError(f"{_where(name)} must be in [{lo:g}, {hi:g}] seconds, got {getattr(self, name)}")
+        for name, lo, hi in (("tenant_max_calls", 0, None), ("tenant_calls_per_minute", 0, None),
+                             ("history_ttl_s", 1, 30 * 86400)):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < lo or (hi is not None and value > hi):
+                raise SettingsError(f"{_where(name)} must be a whole number in "
+                                    f"[{lo}, {hi if hi is not None else 'inf'}], got {value!r}")
+        if not 0 <= self.jwt_leeway_s <= 300:
+            raise SettingsError(f"--jwt-leeway-s must be in [0, 300] seconds, got {self.jwt_leeway_s}")
+        if not 0.1 <= self.quota_lease_s <= 3600:
+            raise SettingsError(f"--quota-lease-s must be in [0.1, 3600] seconds, got {self.quota_lease_s}")
+        if self.jwks_file and not (self.jwt_issuer and self.jwt_audience):
+            raise SettingsError("--jwks-file needs --jwt-issuer and --jwt-audience: tokens of another issuer or "
+                                "for another service must not be accepted")
+        if not self.jwt_tenant_claim:
+            raise SettingsError("--jwt-tenant-claim is empty")
         if not isinstance(self.chunk_plan, ChunkPlan):
             raise SettingsError(f"{_where('chunk_plan')} must be a ChunkPlan, got {self.chunk_plan!r}")
 
@@ -130,10 +163,12 @@ class GatewaySettings:
         add_tls_arguments(parser)  # --tls-cert, --tls-key, --tls-client-ca, --plaintext, --health-port
         add_internal_tls_arguments(parser)  # --internal-ca, --internal-cert, --internal-key
         add_redis_tls_arguments(parser)  # --redis-ca, --redis-cert, --redis-key
+        _add_caller_arguments(parser)
         parser.add_argument_group(
             "secrets (read from the environment, never from flags)",
             f"${REDIS_URL_ENV}: the Redis URL for sessions (redis://[:password@]host:port/db, rediss://..., "
-            f"redis+sentinel://...), or ${REDIS_URL_ENV}_FILE naming a file that holds it")
+            f"redis+sentinel://...), or ${REDIS_URL_ENV}_FILE naming a file that holds it; "
+            f"${API_KEYS_FILE_ENV}: the API keys file (JSON, keys stored as sha256; see `vita-audio apikey`)")
 
     @classmethod
     def from_args(cls, args: argparse.Namespace, environ: Mapping[str, str]) -> "GatewaySettings":
@@ -152,7 +187,55 @@ class GatewaySettings:
                    max_frame_bytes=args.max_frame_bytes, token_gap_s=args.token_gap_s, max_calls=args.max_calls,
                    first_message_s=args.first_message_s, idle_s=args.idle_s, max_call_s=args.max_call_s,
                    max_reader_stall_s=args.max_reader_stall_s, tls=server_tls(args), health_port=args.health_port,
-                   internal_tls=internal_tls(args), redis_tls=redis_tls(args, url))
+                   internal_tls=internal_tls(args), redis_tls=redis_tls(args, url),
+                   api_keys_file=environ.get(API_KEYS_FILE_ENV) or None, jwks_file=args.jwks_file,
+                   jwt_issuer=args.jwt_issuer, jwt_audience=args.jwt_audience,
+                   jwt_tenant_claim=args.jwt_tenant_claim, jwt_leeway_s=args.jwt_leeway_s,
+                   allow_anonymous=args.allow_anonymous, tenant_max_calls=args.tenant_max_calls,
+                   tenant_calls_per_minute=args.tenant_calls_per_minute, tenant_limits_file=args.tenant_limits_file,
+                   quota_lease_s=args.quota_lease_s, history_ttl_s=args.history_ttl_s,
+                   store_text=not args.no_store_text)
+
+
+def _add_caller_arguments(parser: argparse.ArgumentParser) -> None:
+    """Callers (who may call, as which tenant), their quotas, and the retention of their data."""
+    d = GatewaySettings
+    g = parser.add_argument_group(
+        "callers", f"each call sends `authorization: Bearer <JWT>` or `x-api-key: <key>` metadata (API keys: "
+        f"${API_KEYS_FILE_ENV}); without any source of credentials the gateway refuses to start unless "
+        "--allow-anonymous")
+    g.add_argument("--jwks-file", metavar="FILE", default=None,
+                   help="JWKS (JSON) of the public keys that sign callers' JWTs, chosen by kid; RS256, ES256 and "
+                        "EdDSA only; re-read when it changes")
+    g.add_argument("--jwt-issuer", default="", help="the `iss` every JWT must carry (required with --jwks-file)")
+    g.add_argument("--jwt-audience", default="", help="the `aud` every JWT must carry (required with --jwks-file)")
+    g.add_argument("--jwt-tenant-claim", default=d.jwt_tenant_claim,
+                   help=f"the JWT claim naming the caller's tenant (default {d.jwt_tenant_claim})")
+    g.add_argument("--jwt-leeway-s", type=float, default=d.jwt_leeway_s,
+                   help=f"clock skew allowed on exp, nbf and iat (default {d.jwt_leeway_s:g})")
+    g.add_argument("--allow-anonymous", action="store_true",
+                   help="LOCAL DEVELOPMENT ONLY: calls without credentials are served as tenant "
+                        f"{keys.ANONYMOUS_TENANT!r}")
+    q = parser.add_argument_group(
+        "tenant quotas", "shared by every replica through Redis; over a limit a call gets RESOURCE_EXHAUSTED with "
+        "google.rpc.RetryInfo")
+    q.add_argument("--tenant-max-calls", type=int, default=d.tenant_max_calls,
+                   help="calls one tenant may have at once over all replicas (0 = unlimited; default 0)")
+    q.add_argument("--tenant-calls-per-minute", type=int, default=d.tenant_calls_per_minute,
+                   help="new calls one tenant may start in any 60 s (0 = unlimited; default 0)")
+    q.add_argument("--tenant-limits-file", metavar="FILE", default=None,
+                   help='per-tenant limits, {"tenants": {"acme": {"max_calls": 20, "calls_per_minute": 600}}}, '
+                        "over the defaults and the API keys file's own \"tenants\" section; re-read when it changes")
+    q.add_argument("--quota-lease-s", type=float, default=d.quota_lease_s,
+                   help="a call's slot is a lease its gateway refreshes: a killed gateway's calls stop counting "
+                        f"this long after it died (default {d.quota_lease_s:g})")
+    r = parser.add_argument_group("retention of stored history")
+    r.add_argument("--history-ttl-s", type=int, default=d.history_ttl_s,
+                   help="an idle session and its history (audio token ids, answers, text) are deleted this long "
+                        f"after their last use (default {d.history_ttl_s}); HANG_UP with erase_history deletes "
+                        "them at once")
+    r.add_argument("--no-store-text", action="store_true",
+                   help="store turns without their transcript text (the token ids a resumed call needs are kept)")
 
 
 def _where(name: str) -> str:
