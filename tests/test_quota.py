@@ -182,7 +182,14 @@ def test_the_call_over_a_tenant_quota_gets_retry_info_while_the_calls_under_it_g
             again = await synthesize(stub, "acme")  # its slot came back when the call ended
         return over.value, refused_in, other, phone, code, again
 
+    from prometheus_client import REGISTRY
+
+    def refused() -> float:  # the gateway runs in this process: its metrics are ours to read
+        return REGISTRY.get_sample_value("vita_gateway_quota_refused_total", {"rpc": "synthesize"}) or 0.0
+
+    before = refused()
     over, refused_in, other, phone, code, again = asyncio.run(main())
+    assert refused() - before == 1  # exported, for the dashboards and alerts
     assert over.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and "1 calls at once" in over.details()
     status = rpc_status.from_call(over)
     (detail,) = status.details

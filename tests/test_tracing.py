@@ -90,6 +90,12 @@ def test_no_log_line_holds_a_raw_session_id():
     sid = "0123456789abcdef0123456789abcdef"
     event = hide_session_ids(None, "info", {"event": "x", "session_id": sid, "stream_id": f"{sid}:3:ab"})
     assert sid not in json.dumps(event) and event["session"] == session_hash(sid) == hashlib_prefix(sid)
+    # an error's text naming a session (a resume refused, a store failure) is hidden too; trace ids stay
+    trace_id = "4bf92f3577b34da6a3ce929d0e0e4736"
+    event = hide_session_ids(None, "warning", {"event": f"turn failed in {sid}", "trace_id": trace_id,
+                                               "error": f"SessionNotFound('session {sid}: not found')"})
+    assert sid not in json.dumps(event) and session_hash(sid) in event["error"] and session_hash(sid) in event["event"]
+    assert event["trace_id"] == trace_id
 
 
 def hashlib_prefix(sid: str) -> str:

@@ -28,6 +28,9 @@ GATEWAY_BACKEND_RETRIES = Counter("vita_gateway_backend_retries_total",
 GATEWAY_CALLS = Gauge("vita_gateway_calls", "calls in progress on this replica (Converse, Synthesize, Transcribe)")
 GATEWAY_MAX_CALLS = Gauge("vita_gateway_max_calls", "calls this replica serves at once (--max-calls)")
 GATEWAY_REFUSED = Counter("vita_gateway_refused_total", "calls refused because the replica was full", ["rpc"])
+# by RPC, not by tenant: JWT tenants are any claim value, a label per tenant would be unbounded
+GATEWAY_QUOTA_REFUSED = Counter("vita_gateway_quota_refused_total",
+                                "calls refused because their tenant was at a quota (shared by all replicas)", ["rpc"])
 GATEWAY_OUTBOX_MESSAGES = Gauge("vita_gateway_outbox_messages",
                                 "answer messages waiting for their callers to read them (at most 64 per call)")
 GATEWAY_CALL_LIMITS = Counter("vita_gateway_call_limits_total", "Converse calls ended by a limit",

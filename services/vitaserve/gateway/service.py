@@ -126,6 +126,7 @@ class ConversationServicer(conversation_pb2_grpc.ConversationServicer):
                     await stack.enter_async_context(self.deps.quotas.call(caller.tenant))
                 except QuotaExceeded as exc:
                     log.info("call over its tenant's quota", tenant=caller.tenant, rpc=rpc)
+                    metrics.GATEWAY_QUOTA_REFUSED.labels(rpc).inc()
                     raise Refused(grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc), exc.retry_after_s) from None
                 except StoreUnavailable as exc:
                     raise Refused(grpc.StatusCode.UNAVAILABLE, f"the quota store is unavailable: {exc}") from None
