@@ -109,6 +109,7 @@ from mounted Secrets (`vita-audio.securityVolumes`), the API-key file named by $
 {{- end }}
 - --tenant-max-calls={{ $a.quota.maxCalls }}
 - --tenant-calls-per-minute={{ $a.quota.callsPerMinute }}
+- --quota-lease-s={{ $a.quota.leaseSeconds }}
 {{- with .ctx.Values.gateway.historyTtlSeconds }}
 - --history-ttl-s={{ . }}
 {{- end }}
