@@ -159,14 +159,20 @@ class ApiKeysDoc:
     tenants: dict[str, TenantLimits]  # the optional "tenants" section: per-tenant quotas (gateway.quota)
 
 
-def parse_api_keys(data: bytes) -> ApiKeysDoc:
-    """{"keys": [{"id", "tenant", "sha256", "scopes"?}], "tenants"?: {name: {...}}}."""
+def _with_keys_list(data: bytes, what: str) -> dict:
+    """The JSON object of an API-keys or JWKS file, which both hold a "keys" list."""
     try:
         doc = json.loads(data)
     except ValueError as exc:
-        raise AuthConfigError(f"API keys file is not JSON: {exc}") from None
+        raise AuthConfigError(f"{what} is not JSON: {exc}") from None
     if not isinstance(doc, dict) or not isinstance(doc.get("keys"), list):
-        raise AuthConfigError('API keys file must be an object with a "keys" list')
+        raise AuthConfigError(f'{what} must be an object with a "keys" list')
+    return doc
+
+
+def parse_api_keys(data: bytes) -> ApiKeysDoc:
+    """{"keys": [{"id", "tenant", "sha256", "scopes"?}], "tenants"?: {name: {...}}}."""
+    doc = _with_keys_list(data, "API keys file")
     by_hash: dict[str, ApiKeyEntry] = {}
     for i, item in enumerate(doc["keys"]):
         where = f"API keys file, keys[{i}]"
@@ -192,12 +198,7 @@ def parse_api_keys(data: bytes) -> ApiKeysDoc:
 def parse_jwks(data: bytes) -> dict[str, jwt.PyJWK]:
     """kid -> public key. Only keys usable with an allowed algorithm; a symmetric ("oct") or
     private key is refused outright rather than skipped, so a misplaced secret is noticed."""
-    try:
-        doc = json.loads(data)
-    except ValueError as exc:
-        raise AuthConfigError(f"JWKS file is not JSON: {exc}") from None
-    if not isinstance(doc, dict) or not isinstance(doc.get("keys"), list):
-        raise AuthConfigError('JWKS file must be an object with a "keys" list')
+    doc = _with_keys_list(data, "JWKS file")
     found: dict[str, jwt.PyJWK] = {}
     for i, item in enumerate(doc["keys"]):
         where = f"JWKS file, keys[{i}]"
