@@ -33,6 +33,7 @@ from vitaserve.gateway.convert import CallError, generation_options, output_form
 from vitaserve.gateway.deps import GatewayDeps
 from vitaserve.gateway.outbox import Outbox
 from vitaserve.gateway.pipeline import AnswerPipeline
+from vitaserve.gateway.playback import heard_ids, report_error, tokens_heard
 from vitaserve.gateway.vad import SpeechEnded, SpeechStarted, VadConfig, VoiceActivityDetector
 from vitaserve.lmtext.prompt import LUKE_SYSTEM, Turn
 
@@ -67,6 +68,7 @@ class Call:
         self.owner = f"{self.settings.replica_id}:{uuid.uuid4().hex[:8]}"
         self.answers: asyncio.TaskGroup | None = None
         self.answer_task: asyncio.Task | None = None
+        self.answering: tuple[int, AnswerProgress] | None = None  # the begun turn being answered now
         self.session_id = ""
         self.turns_done = 0
         # the call's limits (ARCHITECTURE.md "Limits and admission"); perf_counter, AnswerProgress's clock
@@ -183,6 +185,8 @@ class Call:
             elif kind == "control":
                 if await self._on_control(msg.control):
                     return
+            elif kind == "playback":
+                await self._on_playback(msg.playback)
             else:
                 raise CallError(grpc.StatusCode.INVALID_ARGUMENT, "config may only be sent once, first")
 
@@ -307,6 +311,22 @@ class Call:
             raise CallError(grpc.StatusCode.INVALID_ARGUMENT, f"unknown control action {action}")
         return False
 
+    async def _on_playback(self, report: pb.PlaybackProgress) -> None:
+        """Keep the caller's latest playback report of the answer being sent (the cut on barge-in).
+        A report of an earlier turn is late and harmless: dropped. One that cannot be true is
+        answered with Error{INVALID_ARGUMENT} and dropped; the call and the last good report stand."""
+        current_turn, progress = self.answering or (0, None)
+        if progress is None or report.turn != current_turn:
+            if 1 <= report.turn <= self.turns_done:
+                return
+        problem = report_error(report.turn, report.seq, report.played_s, current_turn,
+                               progress.chunks_sent if progress else 0, progress.audio_sent_s if progress else 0.0)
+        if problem is not None:
+            await self.outbox.put(pb.ConverseResponse(error=pb.Error(
+                code=grpc.StatusCode.INVALID_ARGUMENT.value[0], message=problem, turn=report.turn)))
+            return
+        progress.played_s = report.played_s
+
     def _loggable(self, exc: BaseException) -> str:
         """An error for the log: the store's messages name the session, which logs show only as a hash."""
         text = repr(exc)
@@ -341,6 +361,7 @@ class Call:
                                                           self.settings.context_tokens - self.opts.max_new_tokens)
             turn = await self._begin_turn()
             begun = True
+            self.answering = (turn, progress)
             try:
                 await self.pipeline.speak(prompt, self.opts, self.out_fmt, answer_sinks(self.outbox, turn, self.out_fmt),
                                           progress, f"{self.session_id}:{turn}")
@@ -377,6 +398,8 @@ class Call:
             if begun and outcome == "failed":
                 await asyncio.shield(self._settle_failed(turn, user_tokens, progress))
         finally:
+            if self.answering is not None and self.answering[1] is progress:
+                self.answering = None
             self.last_answer = (progress, time.perf_counter())
             metrics.GATEWAY_TURNS.labels(outcome).inc()
 
@@ -401,9 +424,15 @@ class Call:
             return await store.begin_turn(self.session_id, self.turns_done, self.owner)
 
     async def _commit(self, turn: int, user_tokens: list[int], progress: AnswerProgress, interrupted: bool) -> None:
-        ids = progress.generated[: progress.delivered_upto]
+        """Store the turn: what was sent, or, for a turn cut short that the caller reported playing,
+        what it heard (gateway/playback.py)."""
+        ids, text = progress.generated[: progress.delivered_upto], progress.text
+        if interrupted and progress.played_s is not None:
+            ids = heard_ids(ids, self.deps.vocab.is_audio, tokens_heard(progress.played_s))
+            text_ids = [i for i in ids if i < self.deps.vocab.endoftext_id]
+            text = self.deps.text_tokenizer.decode(text_ids, skip_special_tokens=False) if text_ids else ""
         await self.deps.store.commit_turn(self.session_id, turn, TurnRecord(
-            turn=turn, user_audio=user_tokens, assistant_ids=ids, text=progress.text, interrupted=interrupted),
+            turn=turn, user_audio=user_tokens, assistant_ids=ids, text=text, interrupted=interrupted),
             self.owner)
         self.turns_done = turn
 
