@@ -1,4 +1,5 @@
-"""`vita-audio call`: one phone-like call through the gateway; prints transcript and latency."""
+"""`vita-audio call`: one phone-like call through the gateway; prints transcript and latency. Over
+TLS with --tls-ca; the API key from $VITA_API_KEY, not argv (any user's `ps` shows argv)."""
 
 from __future__ import annotations
 
@@ -12,6 +13,9 @@ def add_call_args(p) -> None:
     p.add_argument("--mode", default="", help="vanilla, balance, boost, turbo or 1,10,4,10 (default: server's)")
     p.add_argument("--push-to-talk", action="store_true", help="send END_OF_UTTERANCE instead of relying on VAD")
     p.add_argument("--max-new-tokens", type=int, default=0, help="cap of the answer's tokens (0: server default)")
+    p.add_argument("--tls-ca", metavar="FILE",
+                   help="the gateway serves TLS: trust this CA (PEM). The API key, if the gateway needs one, "
+                        "comes from $VITA_API_KEY (sent as x-api-key), never from the command line")
 
 
 def subparser_init(subparsers) -> None:
@@ -26,11 +30,13 @@ def subparser_init(subparsers) -> None:
 
 
 def cmd(args) -> int:
+    import os
+
     from vitaserve.cli.main import CLIError
-    from vitaserve.client.file_call import FileCall, FileCallError, place, prepare
+    from vitaserve.client.file_call import FileCall, FileCallError, caller_metadata, place, prepare
 
     try:
-        lines = place(args.target, prepare(FileCall.from_args(args)))
+        lines = place(args.target, prepare(FileCall.from_args(args)), caller_metadata(os.environ))
     except FileCallError as exc:
         raise CLIError(str(exc)) from None
     print("\n".join(lines))

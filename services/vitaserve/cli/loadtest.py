@@ -16,7 +16,8 @@ def subparser_init(subparsers) -> None:
     where = p.add_mutually_exclusive_group(required=True)
     where.add_argument("--target", help="gateway address host:port")
     where.add_argument("--local", action="store_true", help="start the local cluster for a self-contained run")
-    p.add_argument("--concurrency", default="1,4", help="comma-separated levels (ignored with --ramp-slo-ms)")
+    p.add_argument("--concurrency", help="comma-separated levels (ignored with --ramp-slo-ms; default 1,4, "
+                                        "with --compare-tls 1,16)")
     p.add_argument("--ramp-slo-ms", type=float, help="ramp 1, 2, 4, ... until p95 first audio exceeds this")
     p.add_argument("--max-concurrency", type=int, default=64)
     p.add_argument("--modes", default="boost", help="comma-separated inference modes to compare")
@@ -38,6 +39,12 @@ def subparser_init(subparsers) -> None:
     tls.add_argument("--tls", action="store_true",
                      help="with --local: TLS on every hop (certificates generated in the cluster's work dir; "
                           "encoder, decoder, Triton and Redis mutual TLS), callers over TLS too")
+    tls.add_argument("--compare-tls", action="store_true",
+                     help="with --local: what TLS adds to first audio. Starts a plaintext and a TLS cluster (every "
+                          "hop, as --tls) side by side and runs each level on one then the other for --repeats "
+                          "rounds; reports p50/p95 per side and TLS - plain with its per-round range "
+                          "(tls-compare.json, tls-compare.html)")
+    tls.add_argument("--repeats", type=int, default=3, help="--compare-tls: rounds of (plain, TLS) per level")
     soak = p.add_argument_group("soak (needs --local)")
     soak.add_argument("--soak-minutes", type=float,
                       help="callers place call after call for this long while the RSS of every cluster process is "
@@ -75,6 +82,8 @@ def cmd(args) -> int:
         raise CLIError("--tls starts the local cluster on TLS: it needs --local (for a gateway of yours: --tls-ca)")
     if args.tls_ca and args.local:
         raise CLIError("--tls-ca is for --target; with --local use --tls")
+    check_compare_tls(args)
+    args.concurrency = args.concurrency or ("1,16" if args.compare_tls else "1,4")
     try:
         concurrency = tuple(int(c) for c in args.concurrency.split(","))
     except ValueError:
@@ -100,6 +109,8 @@ def cmd(args) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     speech = utterances(cfg.rate, out / "speech")
+    if args.compare_tls:
+        return run_compare_tls(cfg, speech, args.repeats, out)
     cluster = start_local(max(16, max(levels(cfg))), tls=args.tls) if args.local else None
     target = args.target or f"127.0.0.1:{cluster.port}"
     if cluster is not None and cluster.pki is not None:
@@ -126,6 +137,62 @@ def cmd(args) -> int:
     print(text_table(rows))
     print(f"\nwrote {out / 'report.json'} and {out / 'report.html'}")
     return 1 if errors else 0
+
+
+def check_compare_tls(args) -> None:
+    """--compare-tls runs its own two local clusters, one mode, fixed levels: refuse what cannot mix."""
+    from vitaserve.cli.main import CLIError
+
+    if not args.compare_tls:
+        return
+    if not args.local:
+        raise CLIError("--compare-tls starts its own plaintext and TLS clusters: it needs --local")
+    clash = [flag for flag, on in (("--tls", args.tls), ("--ramp-slo-ms", args.ramp_slo_ms is not None),
+                                   ("--soak-minutes", args.soak_minutes is not None), ("--chaos", args.chaos))
+             if on]
+    if clash:
+        raise CLIError(f"--compare-tls runs fixed levels on both sides; drop {', '.join(clash)}")
+    if "," in args.modes:
+        raise CLIError(f"--compare-tls compares one mode, got --modes {args.modes}")
+    if args.repeats < 1:
+        raise CLIError(f"--repeats must be >= 1, got {args.repeats}")
+
+
+def run_compare_tls(cfg, speech, repeats: int, out) -> int:
+    """Both clusters up (one after the other: start-up is heavy), the alternating levels, the report;
+    exit 1 when a call or turn failed on either side."""
+    import asyncio
+    import os
+    from dataclasses import asdict, replace
+
+    from tqdm import tqdm
+
+    from vitaserve.loadtest.runner import levels
+    from vitaserve.loadtest.tls_compare import (comparison_html, comparison_text, differences, errors,
+                                                run_comparison, to_json)
+
+    clusters = {}
+    load_before = os.getloadavg()  # the machine's load: a busy machine's figures say so
+    try:
+        for side, tls in (("plain", False), ("tls", True)):
+            print(f"starting the {side} cluster", flush=True)
+            clusters[side] = start_local(max(16, max(levels(cfg))), tls=tls)
+        configs = {side: replace(cfg, target=f"127.0.0.1:{c.port}", tls_ca=str(c.pki.ca) if c.pki else None)
+                   for side, c in clusters.items()}
+        total = 2 * repeats * sum(cfg.concurrency) * cfg.turns
+        with tqdm(total=total, desc="turns", unit="turn") as bar:
+            runs = asyncio.run(run_comparison(configs, speech, repeats, cfg.modes[0], on_turn=lambda: bar.update(1)))
+    finally:
+        for c in clusters.values():
+            c.stop()
+    config = {**asdict(cfg), "target": "local", "mode": cfg.modes[0], "repeats": repeats,
+              "targets": {side: c.target for side, c in configs.items()},
+              "loadavg_1_5_15_before": load_before, "loadavg_1_5_15_after": os.getloadavg(), "cpus": os.cpu_count()}
+    (out / "tls-compare.json").write_text(to_json(config, runs))
+    (out / "tls-compare.html").write_text(comparison_html(config, runs))
+    print(comparison_text(differences(runs)))
+    print(f"\nwrote {out / 'tls-compare.json'} and {out / 'tls-compare.html'}")
+    return 1 if any(errors(runs).values()) else 0
 
 
 def settings_of(args, cfg):

@@ -14,6 +14,11 @@ from pathlib import Path
 import numpy as np
 
 from vitaserve.client.phone import CallResult, TurnResult
+from vitaserve.common.tls import ClientTls, TlsError
+
+
+API_KEY_ENV = "VITA_API_KEY"  # the caller's API key comes from the environment, never argv (ps shows argv)
+API_KEY_HEADER = "x-api-key"  # the metadata the gateway reads it from (gateway/auth.py)
 
 
 class FileCallError(Exception):
@@ -37,11 +42,19 @@ class FileCall:
     mode: str = ""             # inference mode ("": the server's default)
     push_to_talk: bool = False  # END_OF_UTTERANCE instead of the server's VAD
     max_new_tokens: int = 0    # 0: the server's default
+    tls_ca: str | None = None  # --tls-ca: the gateway serves TLS; trust this CA (PEM)
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> "FileCall":
         return cls(question=args.input, answer=args.out, codec=args.codec, rate=args.rate, mode=args.mode,
-                   push_to_talk=args.push_to_talk, max_new_tokens=args.max_new_tokens)
+                   push_to_talk=args.push_to_talk, max_new_tokens=args.max_new_tokens,
+                   tls_ca=getattr(args, "tls_ca", None))  # `up --call` has no --tls-ca: its cluster is plaintext
+
+
+def caller_metadata(env) -> tuple[tuple[str, str], ...]:
+    """The call's credentials: $VITA_API_KEY as x-api-key, or none (a gateway allowing anonymous calls)."""
+    key = env.get(API_KEY_ENV, "").strip()
+    return ((API_KEY_HEADER, key),) if key else ()
 
 
 @dataclass(frozen=True)
@@ -49,6 +62,7 @@ class PreparedCall:
     call: FileCall
     codec: str                 # checked against the rate
     question: np.ndarray       # mono float samples at the wire rate
+    tls: ClientTls | None = None  # from --tls-ca, its file read and checked
 
 
 def load_question(path: str, rate: int) -> np.ndarray:
@@ -78,11 +92,19 @@ def prepare(call: FileCall) -> PreparedCall:
     out = Path(call.answer)
     if out.is_dir() or not out.parent.is_dir():
         raise CallSetupError(f"--out {call.answer}: not a file in an existing folder")
-    return PreparedCall(call, codec, load_question(call.question, call.rate))
+    tls = None
+    if call.tls_ca:
+        tls = ClientTls(call.tls_ca)
+        try:
+            tls.credentials()  # reads the CA now: a missing or non-PEM file is named before any connection
+        except TlsError as exc:
+            raise CallSetupError(f"--tls-ca: {exc}") from None
+    return PreparedCall(call, codec, load_question(call.question, call.rate), tls)
 
 
-def place(target: str, prepared: PreparedCall) -> list[str]:
-    """Make the call, write the answer; the transcript and latency lines. CallFailed if it failed."""
+def place(target: str, prepared: PreparedCall, metadata: tuple[tuple[str, str], ...] = ()) -> list[str]:
+    """Make the call (with `metadata`, the caller's credentials), write the answer; the transcript and
+    latency lines. CallFailed if it failed."""
     import asyncio
 
     from vitaserve.client.phone import run_call
@@ -91,9 +113,11 @@ def place(target: str, prepared: PreparedCall) -> list[str]:
 
     call = prepared.call
     result = asyncio.run(run_call(target, [prepared.question], call.rate, prepared.codec, mode=call.mode,
-                                  push_to_talk=call.push_to_talk, max_new_tokens=call.max_new_tokens))
+                                  push_to_talk=call.push_to_talk, max_new_tokens=call.max_new_tokens,
+                                  tls=prepared.tls, metadata=metadata))
     if result.status != "OK":
-        raise CallFailed(f"call to {target} failed: {result.status}: {result.details}")
+        hint = f" (set ${API_KEY_ENV})" if result.status == "UNAUTHENTICATED" and not metadata else ""
+        raise CallFailed(f"call to {target} failed: {result.status}: {result.details}{hint}")
     turn = result.turns[0]
     if turn.error:
         raise CallFailed(f"the turn failed: {turn.error}")

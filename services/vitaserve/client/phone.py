@@ -58,12 +58,12 @@ async def run_call(target: str, utterances: list[np.ndarray], rate: int, codec: 
                    push_to_talk: bool = False, silence_s: float = 1.0, max_new_tokens: int = 0,
                    greedy: bool | None = None, turn_timeout_s: float = 120.0,
                    barge_in: list[bool] | None = None, session_id: str = "", hang_up: bool = True,
-                   tls: ClientTls | None = None) -> CallResult:
+                   tls: ClientTls | None = None, metadata: tuple[tuple[str, str], ...] = ()) -> CallResult:
     """One call with one turn per utterance (float samples at `rate`). barge_in[i]: the caller starts
     the next utterance as soon as the first audio of answer i arrives (talking over it). session_id:
     resume that call (its history continues; turn numbers go on from its turns so far). hang_up
     False: close the stream without HANG_UP, so that the call can be resumed later. tls: call a gateway
-    serving TLS, trusting tls.ca_file."""
+    serving TLS, trusting tls.ca_file. metadata: the caller's credentials, e.g. (("x-api-key", key),)."""
     codec = check_format(codec, rate)
     frame = int(rate * FRAME_S)
     result = CallResult()
@@ -150,7 +150,7 @@ async def run_call(target: str, utterances: list[np.ndarray], rate: int, codec: 
                 turn_done.set()
 
     async with secure_or_insecure_channel(target, tls, caller_options()) as channel:
-        call = conversation_pb2_grpc.ConversationStub(channel).Converse(requests())
+        call = conversation_pb2_grpc.ConversationStub(channel).Converse(requests(), metadata=metadata or None)
         speaker = asyncio.create_task(speak())
         receiver = asyncio.create_task(receive(call))
         await asyncio.wait({speaker, receiver}, return_when=asyncio.FIRST_EXCEPTION)
