@@ -233,10 +233,21 @@ HOSTILE_CONTROL = st.one_of(st.just(pb.Control.ACTION_UNSPECIFIED), st.integers(
 
 
 @st.composite
+def playback_progress(draw) -> pb.PlaybackProgress:
+    """A report a real client could send (early turns and chunks, a second or two played), or
+    (hostile) any turn, seq and played_s: negative, huge, NaN, infinite, a turn not begun."""
+    bad = draw(hostile_fields(("turn", "seq", "played_s")))
+    return pb.PlaybackProgress(turn=draw(SMALL_OR_HOSTILE_INT32 if "turn" in bad else st.integers(1, 3)),
+                               seq=draw(SMALL_OR_HOSTILE_INT32 if "seq" in bad else st.integers(0, 8)),
+                               played_s=draw(DOUBLE if "played_s" in bad else st.floats(0.0, 2.0)))
+
+
+@st.composite
 def converse_stream(draw) -> tuple[list[pb.ConverseRequest], list[float], str]:
     """(messages, pause before each in seconds, how the client ends: half_close | hang_up | cancel).
 
-    Usually a config first (so the rest is exercised), then audio frames and controls in any order;
+    Usually a config first (so the rest is exercised), then audio frames, controls and playback
+    reports (true or not, of any turn) in any order;
     sometimes no config, a config later, or twice. Audio stays under the gateway's real-time
     allowance most of the time, so turns get answered."""
     messages: list[pb.ConverseRequest] = []
@@ -246,7 +257,9 @@ def converse_stream(draw) -> tuple[list[pb.ConverseRequest], list[float], str]:
         messages.append(pb.ConverseRequest(config=config))
     fmt = config.input_format if order != "no config" else None
     for _ in range(draw(st.integers(0, 12))):
-        if draw(st.integers(0, 4)) == 0:
+        if draw(st.integers(0, 5)) == 0:
+            messages.append(pb.ConverseRequest(playback=draw(playback_progress())))
+        elif draw(st.integers(0, 4)) == 0:
             hostile = draw(st.integers(0, 5)) == 0
             messages.append(pb.ConverseRequest(control=pb.Control(action=draw(HOSTILE_CONTROL if hostile
                                                                               else SANE_CONTROL))))

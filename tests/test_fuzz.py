@@ -43,7 +43,8 @@ CONVERSE_CALL = {
     S.NOT_FOUND: "CallConfig.session_id names no live session",
 }
 CONVERSE_TURN = {  # Error{code} messages: the turn failed, the call goes on
-    S.INVALID_ARGUMENT: "nothing to answer, or the turn does not fit the context",
+    S.INVALID_ARGUMENT: "nothing to answer, the turn does not fit the context, or a playback report that cannot be "
+                        "true",
     S.RESOURCE_EXHAUSTED: "a tier is overloaded",
 }
 SYNTHESIZE = {S.OK: "", S.INVALID_ARGUMENT: "bad text, format, mode, sampling or max_new_tokens",

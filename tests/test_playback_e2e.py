@@ -104,3 +104,65 @@ def test_an_interrupted_answer_is_stored_as_far_as_the_caller_reported_playing_i
     assert [i for i in stored.assistant_ids if is_audio(i)] == sent_audio[:5]
     assert stored.assistant_ids == heard_ids(sent.assistant_ids, is_audio, 5)  # and the text before them
     assert is_audio(stored.assistant_ids[-1])
+
+
+# ---- an answer that finished generating while the caller still played it ----------------------------
+# Generation runs faster than real time, so on a phone the answer is usually stored whole (TurnFinished)
+# seconds before the caller stops hearing it. FINISHED_ANSWER_TOKENS keeps the answer short to generate
+# and still seconds long to play (greedy, the same ids every call): at 0.4 s played, seconds are unplayed,
+# far more than the few ms between the report and the CANCEL, so the cut is certain, not a race.
+FINISHED_ANSWER_TOKENS = 120
+
+
+async def finished_answer(cluster, utterance, reports) -> tuple[Phone, grpc.StatusCode]:
+    """Push-to-talk turn 1, answered to its end (TurnFinished); then the caller sends
+    `reports(all its chunks)` and CANCEL, then hangs up."""
+    phone = Phone(cluster.gateway(0))
+    task = asyncio.create_task(phone.run())
+    await phone.outbox.put(config(push_to_talk=True, max_new_tokens=FINISHED_ANSWER_TOKENS,
+                                  sampling=audio_pb2.SamplingOptions(greedy=True, repetition_penalty=1.0)))
+    await phone.speak(utterance, silence_s=0.1)
+    await phone.control(pb.Control.END_OF_UTTERANCE)
+    await wait(phone.event("turn_finished"), timeout=300)
+    for report in reports(phone.of("audio")):
+        await phone.outbox.put(report)
+    await phone.control(pb.Control.CANCEL)
+    await phone.control(pb.Control.HANG_UP)
+    await phone.outbox.put(None)
+    return phone, await task
+
+
+def test_a_finished_answer_barged_in_on_while_playing_is_stored_as_far_as_it_was_heard(cluster, utterance):
+    is_audio = cluster.gateways[0].deps.vocab.is_audio
+
+    # without a report: stored whole, as generated; nothing says interrupted
+    silent, code = asyncio.run(finished_answer(cluster, utterance, lambda chunks: []))
+    assert code == grpc.StatusCode.OK and not silent.of("error") and not silent.of("interrupted")
+    whole = stored_turn(cluster, silent)
+    assert not whole.interrupted
+    whole_audio = [i for i in whole.assistant_ids if is_audio(i)]
+    sent_s = sum(c.duration_s for c in silent.of("audio"))
+    assert len(whole_audio) > 10 and sent_s > 2 * PLAYED_S  # seconds left to play after 0.4 s
+
+    # 0.4 s played, a report that cannot be true after it (more than was sent: refused, changes nothing)
+    def reports(chunks: list[pb.AudioChunk]) -> list[pb.ConverseRequest]:
+        return [playback(1, playing_at(chunks, PLAYED_S), PLAYED_S),
+                playback(1, 0, sum(c.duration_s for c in chunks) + 1.0)]
+
+    heard, code = asyncio.run(finished_answer(cluster, utterance, reports))
+    assert code == grpc.StatusCode.OK
+    (error,) = heard.of("error")
+    assert error.code == grpc.StatusCode.INVALID_ARGUMENT.value[0] and "exceeds" in error.message
+    (interrupted,) = heard.of("interrupted")  # the caller hears its turn 1 was cut
+    assert interrupted.turn == 1 and interrupted.audio_chunks_sent == len(heard.of("audio"))
+    stored = stored_turn(cluster, heard)
+    assert stored.interrupted and stored.user_audio == whole.user_audio
+    assert [i for i in stored.assistant_ids if is_audio(i)] == whole_audio[:5]
+    assert stored.assistant_ids == heard_ids(whole.assistant_ids, is_audio, 5)  # and the text before them
+    assert is_audio(stored.assistant_ids[-1])
+
+    # all of it played: stored whole
+    played_all, code = asyncio.run(finished_answer(cluster, utterance, lambda chunks: [
+        playback(1, chunks[-1].seq, sum(c.duration_s for c in chunks))]))
+    assert code == grpc.StatusCode.OK and not played_all.of("error") and not played_all.of("interrupted")
+    assert stored_turn(cluster, played_all) == whole

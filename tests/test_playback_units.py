@@ -7,7 +7,8 @@ import math
 
 import pytest
 
-from vitaserve.gateway.playback import PLAYED_SLACK_S, heard_ids, report_error, tokens_heard
+from vitaserve.gateway.answer import AnswerProgress
+from vitaserve.gateway.playback import PLAYED_SLACK_S, FinishedAnswer, heard_ids, report_error, tokens_heard
 
 AUDIO0 = 1000  # ids from here on are audio in these tests
 
@@ -83,3 +84,19 @@ def test_a_true_report_passes():
 def test_a_report_that_cannot_be_true_says_why(kw, words):
     problem = check(**kw)
     assert problem is not None and words in problem and "playback." in problem
+
+
+def finished(sent_s: float, played_s: float | None, at: float | None) -> FinishedAnswer:
+    return FinishedAnswer(1, [7], AnswerProgress(audio_sent_s=sent_s, played_s=played_s, played_at=at))
+
+
+@pytest.mark.parametrize("answer, now, cut", [
+    (finished(5.0, None, None), 100.0, False),        # no report: stored whole, as sent
+    (finished(5.0, 0.4, 100.0), 100.1, True),         # 4.6 s left to play, barge-in 0.1 s after the report
+    (finished(5.0, 0.4, 100.0), 104.59, True),
+    (finished(5.0, 0.4, 100.0), 104.6, False),        # the rest could have played since: whole
+    (finished(5.0, 5.0, 100.0), 100.0, False),        # all of it played
+    (finished(5.0, 5.0 - PLAYED_SLACK_S / 2, 100.0), 100.0, False),  # all of it, up to a client's rounding
+])
+def test_a_finished_answer_is_cut_only_while_the_report_shows_it_still_playing(answer, now, cut):
+    assert answer.unheard_at(now) is cut

@@ -543,3 +543,111 @@ def test_abort_turn_gives_the_number_back_and_only_to_its_owner(redis_url):
             assert [h.turn for h in await store.history(sid)] == [1, 2]
 
     asyncio.run(body())
+
+
+def cut(n: int, assistant_ids: list[int], text: str = "heard") -> TurnRecord:
+    """turn(n) as the caller heard it: a prefix of its answer, marked interrupted."""
+    return TurnRecord(turn=n, user_audio=turn(n).user_audio, assistant_ids=assistant_ids, text=text,
+                      interrupted=True)
+
+
+def test_cut_turn_shortens_only_the_last_turn_and_only_by_its_owner(redis_url):
+    """A finished answer barged in on while still playing: the last stored turn becomes the heard
+    prefix, marked interrupted; an earlier turn, an open turn, another owner or a stale fence is refused
+    and changes nothing."""
+    async def body():
+        async with open_store(redis_url) as (store, _):
+            sid = await store.create(CFG, owner="gw-a/1")
+            await play_turns(store, sid, "gw-a/1", 2)
+            before = await store.history(sid)
+
+            with pytest.raises(StaleWriteError) as err:  # not the last turn
+                await store.cut_turn(sid, cut(1, [151665]), "gw-a/1")
+            assert err.value.what == "turn"
+            with pytest.raises(StaleWriteError) as err:  # another owner
+                await store.cut_turn(sid, cut(2, [151665]), "gw-b/9")
+            assert err.value.what == "owner"
+            with pytest.raises(StaleWriteError) as err:  # a fence that moved on
+                await store.cut_turn(sid, cut(2, [151665]), "gw-a/1", fence=7)
+            assert err.value.what == "fence"
+            with pytest.raises(SessionInputError, match="interrupted"):
+                await store.cut_turn(sid, TurnRecord(turn=2, assistant_ids=[151665]), "gw-a/1")
+            assert await store.history(sid) == before
+
+            await store.cut_turn(sid, cut(2, [151665, 2]), "gw-a/1")
+            assert await store.history(sid) == [before[0], cut(2, [151665, 2])]
+            rec = await store.get(sid)
+            assert (rec.turn, rec.status) == (2, "active")
+
+            # the next turn began: turn 2 is no longer the one playing, it cannot be cut any more
+            t = await store.begin_turn(sid, 2, "gw-a/1")
+            with pytest.raises(StaleWriteError) as err:
+                await store.cut_turn(sid, cut(2, [151665]), "gw-a/1")
+            assert err.value.what == "turn"
+            with pytest.raises(StaleWriteError) as err:  # turn 3 is open, not committed
+                await store.cut_turn(sid, cut(3, [151665]), "gw-a/1")
+            assert err.value.what == "open"
+            await store.commit_turn(sid, t, turn(3), "gw-a/1")
+
+            # a claim by another replica fences the old owner out
+            claimed = await store.claim(sid, "gw-b/9")
+            with pytest.raises(StaleWriteError) as err:
+                await store.cut_turn(sid, cut(3, [151665]), "gw-a/1")
+            assert err.value.what == "owner"
+            await store.cut_turn(sid, cut(3, [151665]), "gw-b/9", fence=claimed.fence)
+            assert (await store.history(sid))[-1] == cut(3, [151665])
+
+            await store.end(sid)
+            with pytest.raises(SessionEnded):
+                await store.cut_turn(sid, cut(3, []), "gw-b/9")
+            with pytest.raises(SessionNotFound):
+                await store.cut_turn(uuid.uuid4().hex, cut(1, []), "gw-b/9")
+
+    asyncio.run(body())
+
+
+def test_cut_turn_never_grows_or_rewrites_a_turn(redis_url):
+    """A cut keeps a prefix of the stored assistant ids and the same user audio; anything else is
+    refused with nothing written."""
+    async def body():
+        async with open_store(redis_url) as (store, _):
+            sid = await store.create(CFG, owner="o")
+            await play_turns(store, sid, "o", 1)
+            stored = turn(1)  # assistant_ids [151665, 1, 168071]
+            for bad in (cut(1, stored.assistant_ids + [5]),           # longer
+                        cut(1, [151665, 2]),                          # not a prefix
+                        cut(1, [99]),
+                        TurnRecord(turn=1, user_audio=[1, 16383], assistant_ids=[151665],
+                                   interrupted=True),                 # other user audio
+                        TurnRecord(turn=1, user_audio=[1, 16383, 0, 5], assistant_ids=[151665],
+                                   interrupted=True)):
+                with pytest.raises(SessionInputError, match="prefix of the stored answer"):
+                    await store.cut_turn(sid, bad, "o")
+                assert await store.history(sid) == [stored]
+            # the whole answer (nothing cut off) is allowed: it only marks the turn interrupted
+            await store.cut_turn(sid, cut(1, stored.assistant_ids), "o")
+            await store.cut_turn(sid, cut(1, []), "o")  # nothing of the answer was heard
+            assert await store.history(sid) == [cut(1, [])]
+            with pytest.raises(SessionInputError):  # and it cannot grow back
+                await store.cut_turn(sid, cut(1, [151665]), "o")
+
+    asyncio.run(body())
+
+
+def test_cut_turn_retried_after_a_lost_reply_is_done_not_a_conflict(redis_url):
+    """Replay the exact script call (same op id) after the cut landed: 'done', the history as the
+    first call left it; another writer's op in between makes the replay stale."""
+    async def body():
+        async with open_store(redis_url, store_text=False) as (store, _):
+            sid = await store.create(CFG, owner="o")
+            await play_turns(store, sid, "o", 1)
+            k = store._keys(sid)
+            args = [1, "o", "", "op-cut", store.session_ttl_ms, cut(1, [151665]).to_json()]
+            assert (await store._run("cut", "cut_turn", k, args))[0] == b"ok"
+            assert (await store._run("cut", "cut_turn", k, args))[0] == b"done"
+            assert await store.history(sid) == [cut(1, [151665])]
+            await store.cut_turn(sid, cut(1, [], text="not kept"), "o")  # another op: --no-store-text drops text
+            assert await store.history(sid) == [cut(1, [], text="")]
+            assert (await store._run("cut", "cut_turn", k, args))[0] == b"grows"  # not 'done' any more
+
+    asyncio.run(body())

@@ -130,6 +130,43 @@ return {'ok', tonumber(ARGV[1]) - 1}
 """
 
 # KEYS[1] session hash   KEYS[2] history list
+# ARGV[1] turn   ARGV[2] owner   ARGV[3] fence ('' = not checked)   ARGV[4] op id   ARGV[5] ttl ms
+# ARGV[6] the cut turn record (JSON)
+# returns {'ok'} | {'done', ...} | {'missing'} | {'ended'} | {'stale', what, value} | {'schema', version}
+#       | {'grows', why}
+# A finished answer the caller barged in on while it still played: the history's LAST entry is
+# replaced by the part the caller heard. Only while that turn is the session's last one (counter at
+# it, no later turn begun) and only by a prefix of its stored assistant ids with the same user
+# audio: a cut never adds, so a confused or replayed writer can shorten an answer but never invent one.
+CUT_TURN = """
+local reply, f = gate(ARGV[2], ARGV[3], ARGV[4])
+if reply then return reply end
+if tonumber(f[5]) ~= tonumber(ARGV[1]) then return {'stale', 'turn', f[5]} end
+if f[1] ~= 'active' then return {'stale', 'open', f[5]} end
+local raw = redis.call('LINDEX', KEYS[2], -1)
+if not raw then return {'stale', 'last', ''} end
+local old, new = cjson.decode(raw), cjson.decode(ARGV[6])
+if tonumber(old.turn) ~= tonumber(ARGV[1]) then return {'stale', 'last', tostring(old.turn)} end
+if tonumber(new.turn) ~= tonumber(ARGV[1]) then return {'grows', 'the record is of another turn'} end
+-- nil when `short` is a prefix of `long` (all of it when `exact`); else why not
+local function prefix_of(short, long, name, exact)
+  if #short > #long then return name .. ': ' .. #short .. ' ids, more than the ' .. #long .. ' stored' end
+  if exact and #short ~= #long then return name .. ': ' .. #short .. ' ids, not the ' .. #long .. ' stored' end
+  for i = 1, #short do
+    if short[i] ~= long[i] then return name .. ' differ from the stored ones at index ' .. (i - 1) end
+  end
+  return nil
+end
+local why = prefix_of(new.user_audio, old.user_audio, 'user_audio', true)
+  or prefix_of(new.assistant_ids, old.assistant_ids, 'assistant_ids', false)
+if why then return {'grows', why} end
+redis.call('LSET', KEYS[2], -1, ARGV[6])
+redis.call('HSET', KEYS[1], 'op', ARGV[4], 'updated_at', now())
+refresh(ARGV[5])
+return {'ok'}
+"""
+
+# KEYS[1] session hash   KEYS[2] history list
 # ARGV[1] new owner   ARGV[2] op id   ARGV[3] ttl ms   ARGV[4] the caller's tenant
 # returns {'ok', fence, HGETALL, LRANGE} | {'done', ...same} | {'missing'} | {'ended'}
 #       | {'schema', version}
@@ -201,7 +238,7 @@ return {'ok'}
 
 SESSION_SCRIPTS = {
     "create": CREATE, "begin_turn": BEGIN_TURN, "commit_turn": COMMIT_TURN, "abort_turn": ABORT_TURN,
-    "claim": CLAIM, "end": END, "touch": TOUCH, "read": READ,
+    "cut_turn": CUT_TURN, "claim": CLAIM, "end": END, "touch": TOUCH, "read": READ,
 }
 
 

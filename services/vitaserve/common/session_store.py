@@ -228,6 +228,8 @@ class SessionStore:
                 "fence": f"the session was claimed again (fence is now {value})",
                 "turn": f"the turn counter is {value}",
                 "committed": f"turn {value} was already committed",
+                "open": f"turn {value} is not committed yet",
+                "last": f"the history's last turn is {value or 'none'}",
             }.get(what, f"{what} is {value}")
             raise StaleWriteError(f"cannot {action} on session {session_id}: {why}", what=what, value=value)
         raise SessionError(f"unexpected reply {reply!r} to {action} on session {session_id}")
@@ -316,6 +318,32 @@ class SessionStore:
                 self.session_ttl_ms, data, self.max_turns]
         reply = await self._run("commit a turn", "commit_turn", self._keys(session_id), args)
         self._raise_for(reply, session_id, f"commit turn {turn}")
+
+    async def cut_turn(self, session_id: str, record: TurnRecord, owner: str, fence: int | None = None) -> None:
+        """Replace the session's last turn, already committed, by the part of its answer the caller
+        heard (a barge-in on an answer that finished generating but was still playing): `record`
+        has that turn's number and user audio, a prefix of its assistant ids, their text, and
+        interrupted=True. Only the owner may cut, only the last turn (StaleWriteError once a later
+        turn began), and only shorter (SessionInputError for ids that are not a prefix of the
+        stored ones). A retry after a lost reply is recognised by its op id."""
+        if not isinstance(record, TurnRecord):
+            raise SessionInputError(f"record must be a TurnRecord, got {type(record).__name__}")
+        if not record.interrupted:
+            raise SessionInputError(f"a cut of turn {record.turn} must be marked interrupted")
+        if not self.store_text and record.text:
+            record = TurnRecord(turn=record.turn, user_audio=record.user_audio,
+                                assistant_ids=record.assistant_ids, interrupted=True)
+        data = record.to_json()
+        if len(data) > self.max_turn_bytes:
+            raise RecordTooLarge(
+                f"turn {record.turn} record is {len(data)} bytes, over the limit of {self.max_turn_bytes}"
+            )
+        args = [record.turn, self._owner(owner), self._fence(fence), uuid.uuid4().hex, self.session_ttl_ms, data]
+        reply = await self._run("cut a turn", "cut_turn", self._keys(session_id), args)
+        if _word(reply) == "grows":
+            raise SessionInputError(f"cannot cut turn {record.turn} of session {session_id}: {text(reply[1])} "
+                                    "(a cut keeps a prefix of the stored answer)")
+        self._raise_for(reply, session_id, f"cut turn {record.turn}")
 
     async def abort_turn(self, session_id: str, turn: int, owner: str, fence: int | None = None) -> int:
         """Give back the number of a turn that failed with nothing committed (the counter returns

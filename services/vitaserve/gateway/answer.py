@@ -56,6 +56,7 @@ class AnswerProgress:
     chunks_sent: int = 0
     audio_sent_s: float = 0.0
     played_s: float | None = None  # the caller's latest PlaybackProgress of this answer; None: no report
+    played_at: float | None = None  # perf_counter() when that report came
     # perf_counter() instants of the first of each; None until they happen
     first_token_at: float | None = None
     first_block_at: float | None = None

@@ -25,15 +25,15 @@ from vitaserve.api import conversation_pb2 as pb
 from vitaserve.common import keys, metrics, tracing
 from vitaserve.common.audio_facts import TOKENIZER_RATE
 from vitaserve.common.resample import StreamResampler
-from vitaserve.common.session_store import (SessionConfig, SessionEnded, SessionNotFound, StaleWriteError,
-                                            StoreUnavailable, TurnRecord)
+from vitaserve.common.session_store import (SessionConfig, SessionEnded, SessionError, SessionNotFound,
+                                            StaleWriteError, StoreUnavailable, TurnRecord)
 from vitaserve.gateway.answer import AnswerProgress, AnswerSinks, first_leaf
 from vitaserve.gateway.codecs import AudioFormatError, OutputFormat, decode_audio
 from vitaserve.gateway.convert import CallError, generation_options, output_format, turn_status, wire_format
 from vitaserve.gateway.deps import GatewayDeps
 from vitaserve.gateway.outbox import Outbox
 from vitaserve.gateway.pipeline import AnswerPipeline
-from vitaserve.gateway.playback import heard_ids, report_error, tokens_heard
+from vitaserve.gateway.playback import FinishedAnswer, heard_ids, report_error, tokens_heard
 from vitaserve.gateway.vad import SpeechEnded, SpeechStarted, VadConfig, VoiceActivityDetector
 from vitaserve.lmtext.prompt import LUKE_SYSTEM, Turn
 
@@ -69,6 +69,7 @@ class Call:
         self.answers: asyncio.TaskGroup | None = None
         self.answer_task: asyncio.Task | None = None
         self.answering: tuple[int, AnswerProgress] | None = None  # the begun turn being answered now
+        self.finished: FinishedAnswer | None = None  # the last answer stored whole, maybe still playing
         self.session_id = ""
         self.turns_done = 0
         # the call's limits (ARCHITECTURE.md "Limits and admission"); perf_counter, AnswerProgress's clock
@@ -312,10 +313,13 @@ class Call:
         return False
 
     async def _on_playback(self, report: pb.PlaybackProgress) -> None:
-        """Keep the caller's latest playback report of the answer being sent (the cut on barge-in).
-        A report of an earlier turn is late and harmless: dropped. One that cannot be true is
-        answered with Error{INVALID_ARGUMENT} and dropped; the call and the last good report stand."""
+        """Keep the caller's latest playback report of the answer being sent, or of the last one
+        finished while it may still play (the cut on barge-in). A report of an earlier turn is late
+        and harmless: dropped. One that cannot be true is answered with Error{INVALID_ARGUMENT} and
+        dropped; the call and the last good report stand."""
         current_turn, progress = self.answering or (0, None)
+        if progress is None and self.finished is not None and report.turn == self.finished.turn:
+            current_turn, progress = self.finished.turn, self.finished.progress
         if progress is None or report.turn != current_turn:
             if 1 <= report.turn <= self.turns_done:
                 return
@@ -325,7 +329,7 @@ class Call:
             await self.outbox.put(pb.ConverseResponse(error=pb.Error(
                 code=grpc.StatusCode.INVALID_ARGUMENT.value[0], message=problem, turn=report.turn)))
             return
-        progress.played_s = report.played_s
+        progress.played_s, progress.played_at = report.played_s, time.perf_counter()
 
     def _loggable(self, exc: BaseException) -> str:
         """An error for the log: the store's messages name the session, which logs show only as a hash."""
@@ -334,9 +338,32 @@ class Call:
 
     # ---- turns ---------------------------------------------------------------------------------
     async def _barge_in(self) -> None:
+        """The caller talks over the answer (speech, CANCEL, HANG_UP, its next utterance): stop the
+        one being generated (stored as heard), or cut the finished one it is still playing."""
         if self.answer_task is not None and not self.answer_task.done():
             self.answer_task.cancel()
             await asyncio.gather(self.answer_task, return_exceptions=True)
+        await self._cut_finished()
+
+    async def _cut_finished(self) -> None:
+        """The last answer finished generating and was stored whole, but the caller's latest report
+        shows it had not played all of it: store what it heard instead (common/session_store.py
+        cut_turn), and say so with Interrupted{turn}, which then follows that turn's TurnFinished.
+        A cut that does not land (the store down, the call taken over) leaves the turn whole."""
+        finished, self.finished = self.finished, None
+        if finished is None or not finished.unheard_at(time.perf_counter()):
+            return
+        progress = finished.progress
+        ids, text = self._heard_part(progress)
+        record = TurnRecord(turn=finished.turn, user_audio=finished.user_audio, assistant_ids=ids, text=text,
+                            interrupted=True)
+        try:
+            await asyncio.shield(self.deps.store.cut_turn(self.session_id, record, self.owner))
+        except SessionError as exc:
+            log.warning("finished turn not cut to what was heard", error=self._loggable(exc))
+            return
+        await self.outbox.put(pb.ConverseResponse(interrupted=pb.Interrupted(
+            turn=finished.turn, audio_chunks_sent=progress.chunks_sent, audio_sent_s=progress.audio_sent_s)))
 
     async def _start_answer(self, audio: np.ndarray) -> None:
         await self._barge_in()  # one answer at a time
@@ -374,6 +401,7 @@ class Call:
             finally:
                 if outcome != "failed":
                     await asyncio.shield(self._commit(turn, user_tokens, progress, interrupted=outcome == "interrupted"))
+            self.finished = FinishedAnswer(turn, user_tokens, progress)  # stored whole; it may play on
             timings = turn_timings(progress, t_end, t, encode_ms)
             if progress.first_audio_at is not None:
                 metrics.GATEWAY_FIRST_AUDIO_MS.labels(self.opts.mode).observe(timings.first_audio_ms)
@@ -428,13 +456,18 @@ class Call:
         what it heard (gateway/playback.py)."""
         ids, text = progress.generated[: progress.delivered_upto], progress.text
         if interrupted and progress.played_s is not None:
-            ids = heard_ids(ids, self.deps.vocab.is_audio, tokens_heard(progress.played_s))
-            text_ids = [i for i in ids if i < self.deps.vocab.endoftext_id]
-            text = self.deps.text_tokenizer.decode(text_ids, skip_special_tokens=False) if text_ids else ""
+            ids, text = self._heard_part(progress)
         await self.deps.store.commit_turn(self.session_id, turn, TurnRecord(
             turn=turn, user_audio=user_tokens, assistant_ids=ids, text=text, interrupted=interrupted),
             self.owner)
         self.turns_done = turn
+
+    def _heard_part(self, progress: AnswerProgress) -> tuple[list[int], str]:
+        """The ids and text of an answer as far as the caller reported playing it (played_s set)."""
+        ids = heard_ids(progress.generated[: progress.delivered_upto], self.deps.vocab.is_audio,
+                        tokens_heard(progress.played_s))
+        text_ids = [i for i in ids if i < self.deps.vocab.endoftext_id]
+        return ids, self.deps.text_tokenizer.decode(text_ids, skip_special_tokens=False) if text_ids else ""
 
     async def _settle_failed(self, turn: int, user_tokens: list[int], progress: AnswerProgress) -> None:
         """A begun turn failed: keep what the caller heard (as an interrupted turn), or give the

@@ -11,8 +11,13 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from vitaserve.common.audio_facts import TOKENS_PER_SECOND
+
+if TYPE_CHECKING:
+    from vitaserve.gateway.answer import AnswerProgress
 
 # A client sums AudioChunk.duration_s itself (doubles, in whatever order and rounding it likes), so a
 # report of exactly all the audio sent may exceed the server's own sum by float rounding: ~1e-15 s per
@@ -68,3 +73,25 @@ def report_error(turn: int, seq: int, played_s: float, current_turn: int, chunks
         return (f"playback.played_s {played_s:.3f} s of turn {turn} exceeds the {audio_sent_s:.3f} s of audio "
                 "sent so far")
     return None
+
+
+@dataclass
+class FinishedAnswer:
+    """The call's last answer that finished generating and was stored whole, while the caller may
+    still be playing it (generation runs faster than real time): its playback reports are still
+    taken, and a barge-in on it cuts the stored turn to what the caller heard."""
+
+    turn: int
+    user_audio: list[int]
+    progress: AnswerProgress  # played_s, played_at: the latest good report, during or after generation
+
+    def unheard_at(self, now: float) -> bool:
+        """True when a barge-in at `now` cuts the answer short: the latest report shows less played
+        than was sent, and the rest could not have been played since that report at real-time pace.
+        A caller that stopped reporting is taken to have played on (its audio kept whole once its
+        time ran out); one whose playback stalled is then stored whole as well, as without reports."""
+        played, reported_at = self.progress.played_s, self.progress.played_at
+        if played is None or reported_at is None:
+            return False
+        unplayed = self.progress.audio_sent_s - played
+        return unplayed > PLAYED_SLACK_S and now < reported_at + unplayed
