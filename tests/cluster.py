@@ -64,7 +64,8 @@ class InProcessCluster:
         await runner.start()
         return runner
 
-    async def start_gateway(self, decoder_target: str, replica_id: str = "gw-extra", *flags: str):
+    async def start_gateway(self, decoder_target: str, replica_id: str = "gw-extra", *flags: str,
+                            environ: dict[str, str] | None = None):
         """One more gateway replica talking to `decoder_target`, started the way a pod starts one: flags
         and the Redis URL in the environment -> GatewaySettings -> Gateway.start (serve() without the
         signal handling). (gateway, servicer); gateway.stop() stops it and closes its clients."""
@@ -81,7 +82,7 @@ class InProcessCluster:
             "--triton", self.triton_grpc, "--host", "127.0.0.1", "--port", "0", "--replica-id", replica_id,
             "--mode", "boost", "--max-utterance-s", "8", "--context-tokens", str(TRITON_MAX_LEN), "--plaintext",
             "--allow-anonymous", *flags])
-        gateway = await Gateway.start(GatewaySettings.from_args(args, {REDIS_URL_ENV: self.redis_url}))
+        gateway = await Gateway.start(GatewaySettings.from_args(args, {REDIS_URL_ENV: self.redis_url, **(environ or {})}))
         return gateway, gateway.servicer
 
     def gateway(self, i: int = 0) -> str:

@@ -105,15 +105,20 @@ class ConversationServicer(conversation_pb2_grpc.ConversationServicer):
         self.calls -= 1
         metrics.GATEWAY_CALLS.dec()
 
+    def _call_slot(self, context, rpc: str):
+        return self.call_slot(context.invocation_metadata(), rpc)
+
     @contextlib.asynccontextmanager
-    async def _call_slot(self, context, rpc: str):
-        """The caller of one call, holding its place on this replica and in its tenant's quota for
-        the block; Refused (before anything runs) when any of them says no."""
+    async def call_slot(self, metadata, rpc: str):
+        """The caller of one call (credentials from gRPC metadata, or an adapter's (name, value)
+        pairs), holding its place on this replica and in its tenant's quota for the block; Refused
+        (before anything runs) when any of them says no. Converse and the protocol adapters
+        (gateway/adapters/) pass the same gate."""
         if self.draining:
             raise Refused(grpc.StatusCode.UNAVAILABLE,
                           "this gateway replica is shutting down: reconnect (resume with your session_id)")
         try:
-            caller = self.deps.auth.authenticate(context.invocation_metadata(), rpc)
+            caller = self.deps.auth.authenticate(metadata, rpc)
         except AuthError as exc:
             raise Refused(exc.code, str(exc)) from None
         if not self._admit(rpc):
@@ -165,26 +170,33 @@ class ConversationServicer(conversation_pb2_grpc.ConversationServicer):
                 await asyncio.wait_for(anext(aiter(request_iterator), None), 1.0)
             await self._refuse(context, refused)
 
-    async def _converse(self, request_iterator, context, caller: Caller) -> None:
+    @contextlib.contextmanager
+    def live_call(self):
+        """One running call (Converse or an adapter's): drain waits until none is left."""
         self.active += 1
         self.idle.clear()
         metrics.GATEWAY_ACTIVE_STREAMS.inc()
         try:
-            async with aclosing(Call(self.deps, caller.tenant).run(request_iterator)) as messages:
-                async for message in messages:
-                    await self._write(context, message)
-        except grpc.aio.InternalError as exc:
-            # the core refused a write or read: the caller cancelled as we wrote (done() still False
-            # then). Nobody is left to tell, and it is not a failure of ours to count as INTERNAL.
-            log.info("caller gone mid-call", error=repr(exc))
-        except Exception as exc:
-            code, message = call_status(exc)
-            await self._abort(context, code, message)
+            yield
         finally:
             self.active -= 1
             metrics.GATEWAY_ACTIVE_STREAMS.dec()
             if self.active == 0:
                 self.idle.set()
+
+    async def _converse(self, request_iterator, context, caller: Caller) -> None:
+        with self.live_call():
+            try:
+                async with aclosing(Call(self.deps, caller.tenant).run(request_iterator)) as messages:
+                    async for message in messages:
+                        await self._write(context, message)
+            except grpc.aio.InternalError as exc:
+                # the core refused a write or read: the caller cancelled as we wrote (done() still False
+                # then). Nobody is left to tell, and it is not a failure of ours to count as INTERNAL.
+                log.info("caller gone mid-call", error=repr(exc))
+            except Exception as exc:
+                code, message = call_status(exc)
+                await self._abort(context, code, message)
 
     async def Synthesize(self, request, context):
         try:
@@ -273,6 +285,7 @@ class Gateway:
     def __init__(self, settings: GatewaySettings, deps: GatewayDeps, servicer: ConversationServicer,
                  runner: ServiceRunner):
         self.settings, self.deps, self.servicer, self.runner = settings, deps, servicer, runner
+        self.twilio = None  # gateway.adapters.twilio_server.TwilioServer, with --twilio-port
         self._closed = False
 
     @property
@@ -293,9 +306,19 @@ class Gateway:
         except BaseException:
             await deps.aclose()
             raise
+        gateway = cls(settings, deps, servicer, runner)
+        if settings.twilio_port:
+            from vitaserve.gateway.adapters.twilio_server import TwilioServer  # it imports this module
+
+            gateway.twilio = TwilioServer(servicer)
+            try:
+                await gateway.twilio.start(settings.twilio_port)
+            except BaseException:
+                await gateway.stop(0)
+                raise
         log.info("gateway serving", port=runner.port, encoder=settings.encoder, decoder=settings.decoder,
                  triton=settings.triton, replica_id=settings.replica_id)
-        return cls(settings, deps, servicer, runner)
+        return gateway
 
     async def serve_until_signal(self) -> None:
         """Until SIGTERM/SIGINT: then health NOT_SERVING, no new calls, running ones get grace_s."""
@@ -308,6 +331,8 @@ class Gateway:
             return
         self._closed = True
         try:
+            if self.twilio is not None:
+                await self.twilio.stop()
             await self.runner.stop(grace_s)
         finally:
             await self.deps.aclose()

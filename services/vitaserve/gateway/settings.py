@@ -14,13 +14,14 @@ from dataclasses import dataclass, field
 
 from vitaserve.common.settings import (REDIS_URL_ENV, SettingsError, add_internal_tls_arguments,
                                        add_redis_tls_arguments, add_server_arguments, add_tls_arguments,
-                                       internal_tls, redis_tls, redis_url, server_tls)
+                                       internal_tls, redis_tls, redis_url, secret, server_tls)
 from vitaserve.common import keys
 from vitaserve.common.tls import ClientTls, ServerTls
 from vitaserve.gateway.auth import API_KEYS_FILE_ENV
 from vitaserve.gateway.chunker import PRESETS, ChunkPlan, ChunkPlanError
 
 DEFAULT_PORT = 50051
+TWILIO_AUTH_TOKEN_ENV = "VITA_TWILIO_AUTH_TOKEN"  # or $VITA_TWILIO_AUTH_TOKEN_FILE: X-Twilio-Signature's key
 # (setting, lowest, highest) of the call limits, in seconds: tests use fractions of a second, a week
 # is longer than any call a telephony platform holds.
 LIMIT_RANGES_S = (("first_message_s", 0.1, 3600.0), ("idle_s", 0.1, 7 * 86400.0),
@@ -74,12 +75,17 @@ class GatewaySettings:
     # -- retention of stored history
     history_ttl_s: int = keys.SESSION_TTL_S  # an idle session and its history are deleted this long after use
     store_text: bool = True               # False: turns are stored without their transcript text
+    # -- protocol adapters (gateway/adapters/): each on its own port of this process, 0 = off
+    twilio_port: int = 0                  # Twilio Media Streams WebSocket (bidirectional <Connect><Stream>)
+    twilio_public_url: str = ""           # wss://host[:port] Twilio calls (signed URL); "": wss:// + the Host header
+    twilio_auth_token: str | None = field(default=None, repr=False)  # a secret: X-Twilio-Signature checked when set
 
     def __post_init__(self) -> None:
         for name in ("lm_dir", "encoder", "decoder", "triton", "redis_url", "host", "replica_id", "default_mode"):
             if not getattr(self, name):
                 raise SettingsError(f"{_where(name)} is empty")
-        for name, lo, hi in (("port", 0, 65535), ("metrics_port", 0, 65535), ("health_port", 0, 65535), ("max_new_tokens", 1, None),
+        for name, lo, hi in (("port", 0, 65535), ("metrics_port", 0, 65535), ("health_port", 0, 65535),
+                             ("twilio_port", 0, 65535), ("max_new_tokens", 1, None),
                              ("context_tokens", 1, None), ("max_frame_bytes", 1, None), ("max_calls", 1, None)):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < lo or (hi is not None and value > hi):
@@ -110,6 +116,8 @@ class GatewaySettings:
                                 "for another service must not be accepted")
         if not self.jwt_tenant_claim:
             raise SettingsError("--jwt-tenant-claim is empty")
+        if self.twilio_public_url and not self.twilio_public_url.startswith(("wss://", "ws://")):
+            raise SettingsError(f"--twilio-public-url must start with wss:// or ws://, got {self.twilio_public_url!r}")
         if not isinstance(self.chunk_plan, ChunkPlan):
             raise SettingsError(f"{_where('chunk_plan')} must be a ChunkPlan, got {self.chunk_plan!r}")
 
@@ -164,11 +172,14 @@ class GatewaySettings:
         add_internal_tls_arguments(parser)  # --internal-ca, --internal-cert, --internal-key
         add_redis_tls_arguments(parser)  # --redis-ca, --redis-cert, --redis-key
         _add_caller_arguments(parser)
+        _add_adapter_arguments(parser)
         parser.add_argument_group(
             "secrets (read from the environment, never from flags)",
             f"${REDIS_URL_ENV}: the Redis URL for sessions (redis://[:password@]host:port/db, rediss://..., "
             f"redis+sentinel://...), or ${REDIS_URL_ENV}_FILE naming a file that holds it; "
-            f"${API_KEYS_FILE_ENV}: the API keys file (JSON, keys stored as sha256; see `vita-audio apikey`)")
+            f"${API_KEYS_FILE_ENV}: the API keys file (JSON, keys stored as sha256; see `vita-audio apikey`); "
+            f"${TWILIO_AUTH_TOKEN_ENV} (or ${TWILIO_AUTH_TOKEN_ENV}_FILE): the Twilio account's auth token, to "
+            "verify X-Twilio-Signature on --twilio-port")
 
     @classmethod
     def from_args(cls, args: argparse.Namespace, environ: Mapping[str, str]) -> "GatewaySettings":
@@ -194,7 +205,9 @@ class GatewaySettings:
                    allow_anonymous=args.allow_anonymous, tenant_max_calls=args.tenant_max_calls,
                    tenant_calls_per_minute=args.tenant_calls_per_minute, tenant_limits_file=args.tenant_limits_file,
                    quota_lease_s=args.quota_lease_s, history_ttl_s=args.history_ttl_s,
-                   store_text=not args.no_store_text)
+                   store_text=not args.no_store_text, twilio_port=args.twilio_port,
+                   twilio_public_url=args.twilio_public_url,
+                   twilio_auth_token=secret(TWILIO_AUTH_TOKEN_ENV, environ, required=False))
 
 
 def _add_caller_arguments(parser: argparse.ArgumentParser) -> None:
@@ -236,6 +249,20 @@ def _add_caller_arguments(parser: argparse.ArgumentParser) -> None:
                         "them at once")
     r.add_argument("--no-store-text", action="store_true",
                    help="store turns without their transcript text (the token ids a resumed call needs are kept)")
+
+
+def _add_adapter_arguments(parser: argparse.ArgumentParser) -> None:
+    """Telephony protocol adapters: each drives the same call engine as Converse, on its own port."""
+    g = parser.add_argument_group(
+        "telephony adapters", "each on its own port of this process, with Converse's VAD, barge-in, history, "
+        "limits, credentials and quotas")
+    g.add_argument("--twilio-port", type=int, default=0,
+                   help="port of the Twilio Media Streams WebSocket (bidirectional <Connect><Stream>); "
+                        "TLS (wss) with --tls-cert; 0 = off (default)")
+    g.add_argument("--twilio-public-url", default="",
+                   help="wss://host[:port] as Twilio calls it (behind a proxy or ingress): the URL "
+                        "X-Twilio-Signature signs is this plus the request's path; default wss:// and the Host "
+                        f"header. The signature is checked when ${TWILIO_AUTH_TOKEN_ENV} is set")
 
 
 def _where(name: str) -> str:

@@ -1,0 +1,212 @@
+"""The Twilio Media Streams WebSocket endpoint: a thin edge that drives `gateway.call.Call`, the
+engine of Converse, in this process (no extra hop), through the servicer's own gate (credentials,
+the replica's --max-calls, the tenant's quotas, drain).
+
+One connection is one call: the upgrade (X-Twilio-Signature checked when an auth token is set),
+`connected`, `start` within --first-message-s (its customParameters become the CallConfig, its or
+the upgrade's credential passes the gate), then `media` as AudioFrames, echoed `mark`s as
+PlaybackProgress, `stop` as CANCEL and the end of the caller's messages (the session stays
+resumable). The call's audio goes out as `media` + `mark` per chunk, `clear` on barge-in
+(gateway/adapters/twilio.py). A call ends with a close frame: 1000 when it ended well, otherwise a
+code and reason (gateway/adapters/ws_close.py); nothing else is touched.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ssl
+from contextlib import aclosing
+from http import HTTPStatus
+
+import grpc
+import structlog
+from websockets.asyncio.server import Server, ServerConnection, serve
+from websockets.exceptions import ConnectionClosed
+
+from vitaserve.api import conversation_pb2 as pb
+from vitaserve.common import metrics
+from vitaserve.common.tls import ServerTls
+from vitaserve.gateway.adapters import twilio
+from vitaserve.gateway.adapters.ws_close import (NORMAL, POLICY, ProtocolViolation, close_code, close_reason)
+from vitaserve.gateway.call import Call
+from vitaserve.gateway.convert import CallError, call_status
+from vitaserve.gateway.service import Refused
+
+log = structlog.get_logger(__name__)
+
+SIGNATURE_HEADER = "X-Twilio-Signature"
+CREDENTIAL_HEADERS = ("x-api-key", "authorization")  # the names gateway/auth.py reads in gRPC metadata
+# The largest message the protocol needs: `start` with a system prompt of at most 4 characters per
+# context token (gateway/call.py; 16 Ki characters at 4096 tokens), each up to 6 bytes as a JSON
+# \\uXXXX escape, and a credential of <= 8 KiB: 96 KiB + 8 KiB; a `media` of a whole 64 KiB frame is
+# 88 KiB of base64. 128 KiB holds either with room for the envelope; larger closes with 1009.
+MAX_MESSAGE_BYTES = 128 * 1024
+
+
+class PeerGone(Exception):
+    """The platform closed the socket: the call ends as if cancelled (what was heard is kept)."""
+
+
+def server_ssl(tls: ServerTls | None) -> ssl.SSLContext | None:
+    """wss with the public port's certificate (and its client CA, when it asks for mutual TLS),
+    loaded once at start-up."""
+    if tls is None:
+        return None
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(tls.cert_file, tls.key_file)
+    if tls.client_ca_file:
+        context.load_verify_locations(tls.client_ca_file)
+        context.verify_mode = ssl.CERT_REQUIRED
+    return context
+
+
+class TwilioServer:
+    def __init__(self, servicer):
+        self.servicer = servicer  # gateway.service.ConversationServicer: its gate and its live-call count
+        self.deps, self.settings = servicer.deps, servicer.deps.settings
+        self.server: Server | None = None
+
+    @property
+    def port(self) -> int:
+        return self.server.sockets[0].getsockname()[1]
+
+    async def start(self, port: int) -> None:
+        self.server = await serve(self._handle, self.settings.host, port, process_request=self._check_signature,
+                                  max_size=MAX_MESSAGE_BYTES, ssl=server_ssl(self.settings.tls),
+                                  open_timeout=self.settings.first_message_s)
+        log.info("twilio media streams serving", port=self.port,
+                 signature_checked=self.settings.twilio_auth_token is not None)
+
+    async def stop(self) -> None:
+        """Close the listener and every call's socket (1001); their calls end as cancelled."""
+        if self.server is not None:
+            self.server.close()
+            await self.server.wait_closed()
+
+    # ---- the upgrade ------------------------------------------------------------------------------
+    def _check_signature(self, connection: ServerConnection, request):
+        token = self.settings.twilio_auth_token
+        if token is None:
+            return None
+        base = self.settings.twilio_public_url or f"wss://{request.headers.get('Host', '')}"
+        signature = request.headers.get(SIGNATURE_HEADER)
+        if signature and twilio.signature_valid(token, base + request.path, signature):
+            return None
+        log.info("twilio upgrade refused: bad signature", signed=bool(signature))
+        metrics.GATEWAY_ERRORS.labels(grpc.StatusCode.UNAUTHENTICATED.name).inc()
+        return connection.respond(HTTPStatus.FORBIDDEN, f"{SIGNATURE_HEADER} missing or not valid for this URL\n")
+
+    # ---- one call ---------------------------------------------------------------------------------
+    async def _handle(self, ws: ServerConnection) -> None:
+        code, reason = NORMAL, "call ended"
+        try:
+            start = await self._until_start(ws)
+            if start is None:
+                return await ws.close(NORMAL, "stop before start")
+            headers = tuple((name, value) for name in CREDENTIAL_HEADERS for value in ws.request.headers.get_all(name))
+            async with self.servicer.call_slot(headers + start.credentials, "converse") as caller:
+                with self.servicer.live_call():
+                    log.info("twilio stream started", stream_sid=start.stream_sid, call_sid=start.call_sid,
+                             tenant=caller.tenant)
+                    await self._converse(ws, start, caller.tenant)
+        except PeerGone:
+            return
+        except ProtocolViolation as exc:
+            metrics.GATEWAY_ERRORS.labels(grpc.StatusCode.INVALID_ARGUMENT.name).inc()
+            code, reason = exc.code, str(exc)
+        except Exception as exc:
+            status, reason = _status(exc)
+            metrics.GATEWAY_ERRORS.labels(status.name).inc()
+            code, reason = close_code(status), f"{status.name}: {reason}"
+        if code != NORMAL:
+            log.info("twilio stream closed", code=code, reason=reason)
+        await ws.close(code, close_reason(reason))
+
+    async def _until_start(self, ws: ServerConnection) -> twilio.StreamStart | None:
+        """The `start` event (after an optional `connected`); None when `stop` came first."""
+        try:
+            async with asyncio.timeout(self.settings.first_message_s):
+                while True:
+                    event, message = twilio.parse_event(await _recv(ws))
+                    if event == "start":
+                        return twilio.parse_start(message)
+                    if event == "stop":
+                        return None
+                    if event != "connected":
+                        raise ProtocolViolation(POLICY, f"`{event}` before `start`" if event in _EVENTS
+                                                else f"unknown event {event[:40]!r}")
+        except TimeoutError:
+            metrics.GATEWAY_CALL_LIMITS.labels("first_message").inc()
+            raise ProtocolViolation(POLICY, f"no `start` within {self.settings.first_message_s:g} s") from None
+
+    async def _converse(self, ws: ServerConnection, start: twilio.StreamStart, tenant: str) -> None:
+        playback = twilio.Playback()
+        sid = start.stream_sid
+
+        async def requests():
+            yield start.config
+            while True:
+                event, message = twilio.parse_event(await _recv(ws))
+                if event == "media":
+                    yield pb.ConverseRequest(audio=pb.AudioFrame(data=twilio.media_payload(message)))
+                elif event == "mark":
+                    report = playback.echoed(twilio.mark_name(message))
+                    if report is not None:
+                        yield report
+                elif event == "dtmf":  # no call control rides on digits yet
+                    log.info("twilio dtmf ignored", digit=twilio.dtmf_digit(message)[:1])
+                elif event == "stop":  # the call is over: cut the answer at what was heard, keep the session
+                    yield pb.ConverseRequest(control=pb.Control(action=pb.Control.CANCEL))
+                    return
+                elif event in _EVENTS:
+                    raise ProtocolViolation(POLICY, f"`{event}` after `start`")
+                else:
+                    raise ProtocolViolation(POLICY, f"unknown event {event[:40]!r}")
+
+        async with aclosing(Call(self.deps, tenant).run(requests())) as messages:
+            async for message in messages:
+                for out in _events(message, sid, playback):
+                    await self._send(ws, out)
+
+    async def _send(self, ws: ServerConnection, text: str) -> None:
+        """One event out; a platform that takes nothing for --max-reader-stall-s ends its call, as
+        on Converse (the socket's write buffer and the call's Outbox hold the answer back till then)."""
+        stall_s = self.settings.max_reader_stall_s
+        try:
+            await asyncio.wait_for(ws.send(text), stall_s)
+        except asyncio.TimeoutError:
+            metrics.GATEWAY_CALL_LIMITS.labels("reader_stall").inc()
+            raise CallError(grpc.StatusCode.DEADLINE_EXCEEDED,
+                            f"the platform read nothing for {stall_s:g} s") from None
+        except ConnectionClosed:
+            raise PeerGone() from None
+
+
+_EVENTS = frozenset({"connected", "start", "media", "dtmf", "mark", "stop"})
+
+
+async def _recv(ws: ServerConnection) -> str | bytes:
+    try:
+        return await ws.recv()
+    except ConnectionClosed:
+        raise PeerGone() from None
+
+
+def _status(exc: Exception) -> tuple[grpc.StatusCode, str]:
+    if isinstance(exc, Refused):  # the gate said no: credentials, the replica, the tenant's quota, drain
+        retry = exc.retry_after_s
+        return exc.code, str(exc) + (f" (retry in {retry:.0f} s)" if retry else "")
+    return call_status(exc)
+
+
+def _events(message: pb.ConverseResponse, sid: str, playback: twilio.Playback) -> list[str]:
+    """The Twilio events one message of the call becomes (most become none: Twilio carries audio only)."""
+    kind = message.WhichOneof("message")
+    if kind == "audio":
+        return [twilio.media_event(sid, message.audio.data), twilio.mark_event(sid, playback.sent(message.audio))]
+    if kind == "interrupted" or (kind == "speech_started" and playback.playing):
+        playback.cleared()  # barge-in, or the caller talks over audio still playing at the platform
+        return [twilio.clear_event(sid)]
+    if kind == "error":
+        log.warning("turn failed", turn=message.error.turn, code=message.error.code, error=message.error.message)
+    return []
