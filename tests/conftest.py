@@ -79,3 +79,40 @@ def utterance(tmp_path_factory) -> np.ndarray:
         x = np.frombuffer(w.readframes(w.getnframes()), dtype="<i2").astype(np.float32) / 32768
         rate = w.getframerate()
     return resample(x, rate, 8000)
+
+
+# -- a gateway on the secure edge (the Node caller and `vita-audio call` tests) ---------------------
+@pytest.fixture(scope="module")
+def tls_gateway(cluster, tmp_path_factory):
+    """One more gateway of the cluster, started as a pod starts it: TLS on its port (a test CA), API
+    keys from the file named by $VITA_API_KEYS_FILE (stored hashed, tenant "acme"), no anonymous
+    callers. (address, CA file, the key)."""
+    import argparse
+    import json
+    import secrets
+
+    from tls_certs import TestCA
+    from vitaserve.common.settings import REDIS_URL_ENV
+    from vitaserve.gateway.auth import API_KEYS_FILE_ENV, hash_key
+    from vitaserve.gateway.service import Gateway
+    from vitaserve.gateway.settings import GatewaySettings
+
+    directory = tmp_path_factory.mktemp("node-gateway")
+    ca = TestCA(directory)
+    server = ca.issue("gateway")  # localhost and 127.0.0.1
+    key = secrets.token_urlsafe(32)
+    keys_file = directory / "api-keys.json"
+    keys_file.write_text(json.dumps({"keys": [{"id": "node", "tenant": "acme", "sha256": hash_key(key)}]}))
+    parser = argparse.ArgumentParser()
+    GatewaySettings.add_arguments(parser)
+    args = parser.parse_args([
+        "--lm", str(cluster.ckpt / "lm"), "--encoder", f"127.0.0.1:{cluster.encoder.port}",
+        "--decoder", cluster.decoder_target, "--triton", cluster.triton_grpc, "--host", "127.0.0.1", "--port", "0",
+        "--replica-id", "gw-node", "--max-utterance-s", "8", "--context-tokens", "1024",
+        "--tls-cert", str(server.cert), "--tls-key", str(server.key)])
+    settings = GatewaySettings.from_args(args, {REDIS_URL_ENV: cluster.redis_url, API_KEYS_FILE_ENV: str(keys_file)})
+    gateway = cluster.run(Gateway.start(settings))
+    try:
+        yield f"localhost:{gateway.port}", ca.file, key
+    finally:
+        cluster.run(gateway.stop(0))

@@ -9,7 +9,6 @@ import sys
 
 import pytest
 
-from test_node_client import tls_gateway  # noqa: F401  (the TLS + API-key gateway fixture, shared)
 from vitaserve.client.file_call import CallSetupError, FileCall, caller_metadata, prepare
 from vitaserve.common.wav import write_wav
 

@@ -5,19 +5,14 @@ back in that format; without the key, or with a wrong one, it gets UNAUTHENTICAT
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
-import secrets
 import shutil
 import subprocess
 from pathlib import Path
 
 import pytest
 
-from tls_certs import TestCA
-from vitaserve.common.settings import REDIS_URL_ENV
-from vitaserve.gateway.auth import API_KEYS_FILE_ENV, hash_key
 from vitaserve.gateway.codecs import encode_audio
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -41,35 +36,6 @@ def run_node_client(tmp_path: Path, target: str, utterance, *flags: str, env: di
     lines = proc.stdout.strip().splitlines()
     assert lines, f"client.js printed nothing (exit {proc.returncode}): {proc.stderr}"
     return proc.returncode, json.loads(lines[-1])
-
-
-@pytest.fixture(scope="module")
-def tls_gateway(cluster, tmp_path_factory):
-    """One more gateway of the cluster, started as a pod starts it: TLS on its port (a test CA), API
-    keys from the file named by $VITA_API_KEYS_FILE (stored hashed, tenant "acme"), no anonymous
-    callers. (address, CA file, the key)."""
-    from vitaserve.gateway.service import Gateway
-    from vitaserve.gateway.settings import GatewaySettings
-
-    directory = tmp_path_factory.mktemp("node-gateway")
-    ca = TestCA(directory)
-    server = ca.issue("gateway")  # localhost and 127.0.0.1
-    key = secrets.token_urlsafe(32)
-    keys_file = directory / "api-keys.json"
-    keys_file.write_text(json.dumps({"keys": [{"id": "node", "tenant": "acme", "sha256": hash_key(key)}]}))
-    parser = argparse.ArgumentParser()
-    GatewaySettings.add_arguments(parser)
-    args = parser.parse_args([
-        "--lm", str(cluster.ckpt / "lm"), "--encoder", f"127.0.0.1:{cluster.encoder.port}",
-        "--decoder", cluster.decoder_target, "--triton", cluster.triton_grpc, "--host", "127.0.0.1", "--port", "0",
-        "--replica-id", "gw-node", "--max-utterance-s", "8", "--context-tokens", "1024",
-        "--tls-cert", str(server.cert), "--tls-key", str(server.key)])
-    settings = GatewaySettings.from_args(args, {REDIS_URL_ENV: cluster.redis_url, API_KEYS_FILE_ENV: str(keys_file)})
-    gateway = cluster.run(Gateway.start(settings))
-    try:
-        yield f"localhost:{gateway.port}", ca.file, key
-    finally:
-        cluster.run(gateway.stop(0))
 
 
 def test_node_client_over_tls_with_an_api_key_gets_mulaw_audio_back(tls_gateway, utterance, tmp_path):

@@ -23,7 +23,6 @@ import websockets
 from websockets.asyncio.client import connect
 
 from test_gateway_e2e import config, history, wait
-from vitaserve.api import conversation_pb2 as pb
 from vitaserve.client.scripted_phone import ScriptedPhone as Phone
 from vitaserve.common import metrics
 from vitaserve.common.audio_facts import TOKENS_PER_SECOND

@@ -15,10 +15,10 @@ import numpy as np
 
 from vitaserve.client.phone import CallResult, TurnResult
 from vitaserve.common.tls import ClientTls, TlsError
+from vitaserve.gateway.auth import API_KEY_HEADER
 
 
 API_KEY_ENV = "VITA_API_KEY"  # the caller's API key comes from the environment, never argv (ps shows argv)
-API_KEY_HEADER = "x-api-key"  # the metadata the gateway reads it from (gateway/auth.py)
 
 
 class FileCallError(Exception):

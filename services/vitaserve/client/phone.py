@@ -70,6 +70,7 @@ async def run_call(target: str, utterances: list[np.ndarray], rate: int, codec: 
     outbox: asyncio.Queue = asyncio.Queue()
     turn_done = asyncio.Event()
     first_audio = asyncio.Event()
+    started = asyncio.Event()  # SessionStarted arrived: the gateway took the call
     state = {"turn": None, "t_end": None}
     by_turn: dict[int, TurnResult] = {}
     barge_in = barge_in or [False] * len(utterances)
@@ -92,6 +93,9 @@ async def run_call(target: str, utterances: list[np.ndarray], rate: int, codec: 
             await asyncio.sleep(max(0.0, start + (i + 1) * FRAME_S - loop.time()))
 
     async def speak() -> None:
+        # Audio only once the call is accepted: a refused call (credentials, limits) then ends with the
+        # gateway's status, not with INTERNAL from our own gRPC core writing into a closed stream.
+        await asyncio.wait_for(started.wait(), turn_timeout_s)
         for n, utterance in enumerate(utterances, start=1):
             turn_done.clear()
             first_audio.clear()
@@ -122,6 +126,7 @@ async def run_call(target: str, utterances: list[np.ndarray], rate: int, codec: 
             if kind == "session_started":
                 result.session_id = msg.session_started.session_id
                 result.resumed, result.turns_before = msg.session_started.resumed, msg.session_started.turns_so_far
+                started.set()
             elif turn is None:
                 continue
             elif kind == "audio":

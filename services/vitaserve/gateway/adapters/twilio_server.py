@@ -27,6 +27,7 @@ from vitaserve.api import conversation_pb2 as pb
 from vitaserve.common import metrics
 from vitaserve.common.tls import ServerTls
 from vitaserve.gateway.adapters import twilio
+from vitaserve.gateway.auth import API_KEY_HEADER, AUTHORIZATION_HEADER
 from vitaserve.gateway.adapters.ws_close import (NORMAL, POLICY, ProtocolViolation, close_code, close_reason)
 from vitaserve.gateway.call import Call
 from vitaserve.gateway.convert import CallError, call_status
@@ -35,7 +36,7 @@ from vitaserve.gateway.service import Refused
 log = structlog.get_logger(__name__)
 
 SIGNATURE_HEADER = "X-Twilio-Signature"
-CREDENTIAL_HEADERS = ("x-api-key", "authorization")  # the names gateway/auth.py reads in gRPC metadata
+CREDENTIAL_HEADERS = (API_KEY_HEADER, AUTHORIZATION_HEADER)  # the names gateway/auth.py reads in gRPC metadata
 # The largest message the protocol needs: `start` with a system prompt of at most 4 characters per
 # context token (gateway/call.py; 16 Ki characters at 4096 tokens), each up to 6 bytes as a JSON
 # \\uXXXX escape, and a credential of <= 8 KiB: 96 KiB + 8 KiB; a `media` of a whole 64 KiB frame is
