@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import ctypes.util
 import json
 import os
 import signal
@@ -68,6 +69,10 @@ def test_encoder_and_decoder_processes_serve_then_stop_cleanly(ckpt, tmp_path):
         pids = {pid for s in cluster.services for pid in group_pids(s.proc.pid)}
         assert {s.proc.pid for s in cluster.services} <= pids
         assert not [s.name for s in cluster.services if "redis://" in " ".join(s.proc.args)]  # env, not argv
+        if ctypes.util.find_library("jemalloc"):  # torch services run on jemalloc where it is installed
+            for name in ("encoder", "decoder"):
+                maps = Path(f"/proc/{cluster.service(name).proc.pid}/maps").read_text()
+                assert "libjemalloc" in maps, name
     finally:
         cluster.stop()
     assert cluster.services == []

@@ -57,3 +57,15 @@ def test_malloc_is_tuned_where_glibc_runs_the_process():
         assert tune_malloc() is True
     with pytest.raises(ValueError):
         tune_malloc(arenas=0)
+
+
+def test_jemalloc_is_preloaded_only_where_installed_and_never_over_an_operators_choice():
+    import ctypes.util
+
+    from vitaserve.common.malloc_tuning import JEMALLOC, jemalloc_preload
+
+    env = {"PATH": "/usr/bin"}
+    got = jemalloc_preload(env)
+    assert got == ({**env, "LD_PRELOAD": JEMALLOC} if ctypes.util.find_library("jemalloc") else env)
+    assert env == {"PATH": "/usr/bin"}  # a new mapping; the caller's is untouched
+    assert jemalloc_preload({"LD_PRELOAD": "libtcmalloc.so"}) == {"LD_PRELOAD": "libtcmalloc.so"}

@@ -47,6 +47,8 @@ import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
+from vitaserve.cli.serve import TORCH_SERVICES
+from vitaserve.common.malloc_tuning import jemalloc_preload
 from vitaserve.common.settings import REDIS_URL_ENV
 from vitaserve.common.threads import cpu_budget
 from vitaserve.common.tls import ClientTls, ServerTls
@@ -185,6 +187,8 @@ class LocalCluster:
         """Start `cmd`; `secrets` go into its environment (as a pod's come from a Secret), never argv."""
         env = {k: v for k, v in os.environ.items() if k not in INHERITED_SECRETS}
         env.update(OMP_WAIT_POLICY="PASSIVE", **(secrets or {}))
+        if name in TORCH_SERVICES:
+            env = jemalloc_preload(env)  # their memory levels off (common/malloc_tuning.py)
         log = self.workdir / f"{name}.log"
         with open(log, "ab") as out:  # the child keeps its own copy of the descriptor
             proc = subprocess.Popen([*self.pdeathsig, *cmd], stdout=out, stderr=subprocess.STDOUT,
