@@ -15,7 +15,8 @@ import time
 from collections import Counter
 from dataclasses import asdict, dataclass, replace
 
-from vitaserve.loadtest.report import TurnMeasurement, _png, _pyplot, percentiles, plots, summarize, text_table
+from vitaserve.loadtest.report import (TurnMeasurement, _ms, _png, _pyplot, percentiles, plots, summarize,
+                                       text_table)
 from vitaserve.loadtest.runner import LevelResult, LoadConfig, run_level
 
 SIDES = ("plain", "tls")  # the order within a round: plaintext first, then TLS
@@ -134,10 +135,6 @@ def to_json(config: dict, runs: list[SideRun]) -> str:
                   for side, rows in side_rows(runs).items()},
         "errors_by_code": errors(runs),
     }, indent=2)
-
-
-def _ms(v) -> str:
-    return "-" if v is None else f"{v:.0f}"
 
 
 def comparison_text(diffs: list[dict]) -> str:
