@@ -5,8 +5,9 @@ PyTorch's CPU convolutions run through oneDNN, which JIT-compiles a primitive fo
 default). The decoder's shapes change with every block (its tokens, the stream's position, the batch
 size) and the encoder's with every utterance's length, so the cache fills for many minutes: one
 cause of the soak's decoder growth (issue 12; the soaks are in loadtest/README.md). Measured on the
-tiny decoder, one thread, random turns of 10-80 tokens: RSS grew 357 -> 482 MiB over 180 turns with the default, 355 -> 395 MiB with 8 entries
-(ONEDNN_VERBOSE: one decode block creates 20-65 primitives, a repeated block none). 256 entries hold
+tiny decoder, one thread, random turns of 10-80 tokens: RSS grew 357 -> 482 MiB over 180 turns
+with the default, 355 -> 395 MiB with 8 entries (ONEDNN_VERBOSE: one decode block creates 20-65
+primitives, a repeated block none). 256 entries hold
 the primitives of about four block shapes, a turn's worth, for ~30 MiB at the ~120 KiB an entry cost
 here; CPU time per turn stayed within run-to-run noise of the default's, where 8 entries cost ~25 %.
 
