@@ -7,9 +7,9 @@ size) and the encoder's with every utterance's length, so the cache fills for ma
 cause of the soak's decoder growth (issue 12; the soaks are in loadtest/README.md). Measured on the
 tiny decoder, one thread, random turns of 10-80 tokens: RSS grew 357 -> 482 MiB over 180 turns
 with the default, 355 -> 395 MiB with 8 entries (ONEDNN_VERBOSE: one decode block creates 20-65
-primitives, a repeated block none). 256 entries hold
-the primitives of about four block shapes, a turn's worth, for ~30 MiB at the ~120 KiB an entry cost
-here; CPU time per turn stayed within run-to-run noise of the default's, where 8 entries cost ~25 %.
+primitives, a repeated block none). 256 entries hold the primitives of about four block shapes, a
+turn's worth, for ~30 MiB at the ~120 KiB an entry cost here; CPU time per turn stayed within
+run-to-run noise of the default's, where 8 entries cost ~25 %.
 
 oneDNN reads the variable when it creates its first primitive, so this runs at start-up, before any
 convolution; an operator's own ONEDNN_PRIMITIVE_CACHE_CAPACITY wins.
