@@ -213,3 +213,30 @@ def test_external_redis_over_tls():
         assert _egress_components(by_kind(docs, "NetworkPolicy")[component])[6379] == {"<other>"}
     assert "--redis-ca" not in flags(container(render("--set", "redis.enabled=false", "--set",
                                                       "externalRedis.existingSecret=r"), "gateway"))
+
+
+def test_twilio_port_is_served_published_and_admitted_with_its_token_from_a_secret():
+    """gateway.twilio (issue 14): the gateway's args name the port (accepted by the real CLI), the
+    container and the public Service publish it, the NetworkPolicy admits it beside gRPC, and the
+    account's auth token comes from a Secret, never args."""
+    import argparse
+
+    from vitaserve.cli import serve
+
+    docs = render("--set", "gateway.twilio.port=8443", "--set", "gateway.twilio.authTokenSecret=twilio",
+                  "--set", "gateway.twilio.publicUrl=wss://voice.example.com")
+    c = container(docs, "gateway")
+    parser = argparse.ArgumentParser(exit_on_error=False)
+    serve.subparser_init(parser.add_subparsers(dest="command"))
+    args = parser.parse_args(c["args"])
+    assert (args.twilio_port, args.twilio_public_url) == (8443, "wss://voice.example.com")
+    assert {"name": "twilio", "containerPort": 8443, "protocol": "TCP"} in c["ports"]
+    env = {e["name"]: e for e in c["env"]}
+    assert env["VITA_TWILIO_AUTH_TOKEN"]["valueFrom"]["secretKeyRef"] == {"name": "twilio", "key": "token"}
+    service = next(d for d in docs if d["kind"] == "Service" and d["metadata"]["name"].endswith("gateway"))
+    assert {p["name"]: p["port"] for p in service["spec"]["ports"]} == {"grpc": 50051, "twilio": 8443}
+    ingress = by_kind(docs, "NetworkPolicy")["gateway"]["spec"]["ingress"]
+    assert {p["port"] for rule in ingress for p in rule["ports"]} >= {50051, 8443}
+    # off by default: no port, no arg
+    plain = container(render(), "gateway")
+    assert not [a for a in plain["args"] if a.startswith("--twilio")] and "twilio" not in str(plain["ports"])

@@ -116,6 +116,14 @@ from mounted Secrets (`vita-audio.securityVolumes`), the API-key file named by $
 {{- if not .ctx.Values.gateway.storeText }}
 - --no-store-text
 {{- end }}
+{{- with .ctx.Values.gateway.twilio }}
+{{- if .port }}
+- --twilio-port={{ .port }}
+{{- with .publicUrl }}
+- --twilio-public-url={{ . }}
+{{- end }}
+{{- end }}
+{{- end }}
 {{- end }}
 {{- end }}
 
@@ -228,12 +236,19 @@ spec:
             {{- if ne .component "encoder" }}
             {{- include "vita-audio.redisEnv" $ctx | trim | nindent 12 }}
             {{- end }}
+            {{- if and (eq .component "gateway") $v.gateway.twilio.port $v.gateway.twilio.authTokenSecret }}
+            - name: VITA_TWILIO_AUTH_TOKEN
+              valueFrom: {secretKeyRef: {name: {{ $v.gateway.twilio.authTokenSecret }}, key: {{ $v.gateway.twilio.authTokenKey }}}}
+            {{- end }}
             {{- if and (eq .component "gateway") $v.auth.apiKeys.existingSecret }}
             - {name: VITA_API_KEYS_FILE, value: {{ printf "%s/api-keys/%s" (include "vita-audio.authDir" $ctx) $v.auth.apiKeys.key | quote }}}
             {{- end }}
           ports:
             - {name: grpc, containerPort: {{ $c.port }}, protocol: TCP}
             - {name: metrics, containerPort: {{ $v.metrics.port }}, protocol: TCP}
+            {{- if and (eq .component "gateway") $v.gateway.twilio.port }}
+            - {name: twilio, containerPort: {{ $v.gateway.twilio.port }}, protocol: TCP}
+            {{- end }}
             {{- if $v.tls.enabled }}
             - {name: health, containerPort: {{ $v.tls.healthPort }}, protocol: TCP}
             {{- end }}
