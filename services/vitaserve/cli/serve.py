@@ -9,6 +9,8 @@ from __future__ import annotations
 import argparse
 import importlib
 
+from vitaserve.common.threads import TORCH_SERVICES
+
 # service -> (settings class as "module:name", help, description)
 SERVICES = {
     "encoder": ("vitaserve.encoder.settings:EncoderSettings",
@@ -24,7 +26,6 @@ SERVICES = {
                 "vita.audio.v1.Conversation: phone-like calls (codec, VAD, barge-in), encoder -> Triton "
                 "generator -> decoder per turn, sessions in Redis."),
 }
-TORCH_SERVICES = ("encoder", "decoder")  # their processes set torch's CPU threads
 
 
 def settings_class(service: str):

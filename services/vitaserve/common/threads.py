@@ -12,6 +12,7 @@ import math
 import os
 from pathlib import Path
 
+TORCH_SERVICES = ("encoder", "decoder")  # the services whose processes run torch (threads, allocator)
 CGROUP = Path("/sys/fs/cgroup")
 
 

@@ -47,10 +47,9 @@ import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
-from vitaserve.cli.serve import TORCH_SERVICES
 from vitaserve.common.malloc_tuning import jemalloc_preload
 from vitaserve.common.settings import REDIS_URL_ENV
-from vitaserve.common.threads import cpu_budget
+from vitaserve.common.threads import TORCH_SERVICES, cpu_budget
 from vitaserve.common.tls import ClientTls, ServerTls
 from vitaserve.devcluster.processes import (ClusterError, Service, free_port, signal_group, wait_grpc_serving,
                                             wait_tcp)
