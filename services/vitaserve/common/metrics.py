@@ -35,6 +35,12 @@ GATEWAY_OUTBOX_MESSAGES = Gauge("vita_gateway_outbox_messages",
                                 "answer messages waiting for their callers to read them (at most 64 per call)")
 GATEWAY_CALL_LIMITS = Counter("vita_gateway_call_limits_total", "Converse calls ended by a limit",
                               ["limit"])  # first_message|idle|max_call|reader_stall
+# telephony adapters (gateway/adapters/): what each protocol edge adds on top of the call engine,
+# from server-side timestamps: "out" = a call message -> its protocol frames written to the socket,
+# "in" = a frame read -> its call message handed to the engine
+GATEWAY_ADAPTER_MS = Histogram("vita_gateway_adapter_ms", "time a telephony adapter adds per message",
+                               ["protocol", "direction"], buckets=(0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 25, 50, 100))
+GATEWAY_ADAPTER_CALLS = Gauge("vita_gateway_adapter_calls", "calls open on a telephony adapter", ["protocol"])
 
 # -- encoder ------------------------------------------------------------------------------------
 ENCODER_REQUESTS = Counter("vita_encoder_requests_total", "Encode calls, by gRPC status", ["code"])
