@@ -23,14 +23,23 @@ def subparser_init(subparsers) -> None:
     _common(lm)
     lm.set_defaults(func=cmd_lm)
 
-    eng = sub.add_parser("engine", help="the batching engine: N calls together",
-                         description="N calls submitted together to the continuous-batching engine, each with its "
-                                     "own random prompt, greedy: aggregate tokens/s and first-chunk p50/p95.")
+    eng = sub.add_parser("engine", help="the batching engine: N calls together, or calls joining N-1 running",
+                         description="The continuous-batching engine under N calls, each with its own random prompt, "
+                                     "greedy, beside a lone call's first chunk (11th new token) in the same run. "
+                                     "together: N calls submitted at once; tokens/s of all, first chunk p50/p95/max. "
+                                     "staggered: N-1 calls run, and --joiners calls join them one after another at "
+                                     "random (seeded) engine steps; the joiners' first chunk apart from the running "
+                                     "calls', and each running call's tokens/s against real time (12.5/s).")
     LMOptions.add_arguments(eng)
-    eng.add_argument("--concurrency", type=int, default=16)
+    eng.add_argument("--concurrency", type=int, default=16, help="calls in the batch (a joiner included)")
     eng.add_argument("--mode", default="boost")
     eng.add_argument("--prompt-len", type=int, default=32)
     eng.add_argument("--max-new-tokens", type=int, default=64)
+    eng.add_argument("--arrival", choices=["together", "staggered"], default="together")
+    eng.add_argument("--joiners", type=int, default=4, help="staggered: calls that join, one after another")
+    eng.add_argument("--max-gap-steps", type=int, default=8,
+                     help="staggered: a joiner arrives 0..this many engine steps after the previous one ended")
+    eng.add_argument("--seed", type=int, default=0, help="prompts and arrival steps")
     _common(eng)
     eng.set_defaults(func=cmd_engine)
 
@@ -51,6 +60,11 @@ def _common(p: argparse.ArgumentParser) -> None:
 
 
 def _print_table(table: list[dict]) -> None:
+    if len(table) == 1 and len(table[0]) > 6:  # one wide row reads better as one figure per line
+        width = max(len(k) for k in table[0])
+        for k, v in table[0].items():
+            print(f"{k:<{width}}  {v}")
+        return
     if table:
         cols = list(table[0])
         print("  ".join(f"{c:>16}" for c in cols))
@@ -59,14 +73,17 @@ def _print_table(table: list[dict]) -> None:
 
 
 def _emit(args, result: dict, table: list[dict]) -> int:
+    """Print the table (or the JSON) and write the JSON; both carry the machine and the commit."""
     import json
 
-    from vitaserve.common.provenance import git_commit
+    from vitaserve.common.provenance import provenance
 
-    result = {**result, "commit": git_commit()}
+    result = {**result, **provenance(getattr(args, "device", "cpu"))}
     if args.json:
         print(json.dumps(result))
     else:
+        print(f"# {result.get('gpu') or result['cpu_model']}, {result['torch_threads']} torch threads, "
+              f"torch {result['torch']}, commit {result['commit']}")
         _print_table(table)
     if args.out:
         with open(args.out, "w") as f:
@@ -83,38 +100,32 @@ def _load(opts: LMOptions, num_slots: int = 1):
         raise CLIError(str(exc)) from exc
 
 
-def _device_info(args) -> dict:
-    import platform
-
-    import torch
-
-    if args.device.startswith("cuda"):
-        return {"device": torch.cuda.get_device_name(), "torch": torch.__version__}
-    return {"device": f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)",
-            "torch": torch.__version__}
-
-
 def cmd_lm(args) -> int:
     from vitaserve.generator.benchmark import bench_modes, modes_summary
 
     opts = LMOptions.from_args(args)
     lm = _load(opts)
     rows = bench_modes(lm, args.modes.split(","), args.prompt_len, args.max_new_tokens, args.repeats)
-    result = {"bench": "lm", **_device_info(args), "dtype": opts.resolved_dtype, "checkpoint": str(args.lm),
+    result = {"bench": "lm", "dtype": opts.resolved_dtype, "checkpoint": str(args.lm),
               "prompt_len": args.prompt_len, "max_new_tokens": args.max_new_tokens, "modes": rows,
               **modes_summary(lm, rows)}
     return _emit(args, result, rows)
 
 
 def cmd_engine(args) -> int:
+    from vitaserve.cli.main import CLIError
     from vitaserve.generator.benchmark import bench_engine
 
     opts = LMOptions.from_args(args)
     lm = _load(opts, num_slots=args.concurrency)
-    row = bench_engine(lm, args.concurrency, args.mode, args.prompt_len, args.max_new_tokens)
-    result = {"bench": "engine", **_device_info(args), "dtype": opts.resolved_dtype, "checkpoint": str(args.lm),
+    try:
+        row = bench_engine(lm, args.concurrency, args.mode, args.prompt_len, args.max_new_tokens, seed=args.seed,
+                           arrival=args.arrival, joiners=args.joiners, max_gap_steps=args.max_gap_steps)
+    except ValueError as exc:
+        raise CLIError(str(exc)) from exc
+    result = {"bench": "engine", "dtype": opts.resolved_dtype, "checkpoint": str(args.lm),
               "prompt_len": args.prompt_len, "max_new_tokens": args.max_new_tokens, **row}
-    return _emit(args, result, [row])
+    return _emit(args, result, [{k: v for k, v in row.items() if not isinstance(v, list)}])
 
 
 def cmd_codec(args) -> int:
@@ -124,4 +135,4 @@ def cmd_codec(args) -> int:
     if not args.json:  # one table of the scalar figures, then one of cross-stream batching
         _print_table([{k: v for k, v in row.items() if k != "decoder_batch"}])
         print()
-    return _emit(args, {"bench": "codec", **_device_info(args), **row}, row["decoder_batch"])
+    return _emit(args, {"bench": "codec", **row}, row["decoder_batch"])

@@ -1,7 +1,10 @@
-"""Which code produced a benchmark figure: the short git commit of this checkout."""
+"""Which code, on which machine, produced a benchmark figure: written beside every figure, because a
+ratio is only a result when both sides ran on the same machine in the same run (DESIGN.md)."""
 
 from __future__ import annotations
 
+import os
+import platform
 import subprocess
 from pathlib import Path
 
@@ -13,3 +16,27 @@ def git_commit() -> str | None:
                               cwd=Path(__file__).parent, timeout=5).stdout.strip() or None
     except (OSError, subprocess.SubprocessError):
         return None
+
+
+def cpu_model() -> str:
+    """The CPU's marketing name ("AMD EPYC 7B13"): /proc/cpuinfo on Linux, where platform.processor()
+    is often empty; the architecture elsewhere."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.lower().startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def provenance(device: str = "cpu") -> dict:
+    """CPU model, cores, torch threads, torch version, git commit and, on cuda, the GPU's name."""
+    import torch
+
+    out = {"cpu_model": cpu_model(), "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+           "torch": torch.__version__, "python": platform.python_version(), "commit": git_commit(),
+           "device": device}
+    if str(device).startswith("cuda"):
+        out["gpu"] = torch.cuda.get_device_name(torch.device(device))
+    return out
