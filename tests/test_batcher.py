@@ -120,3 +120,27 @@ def test_the_request_due_soonest_goes_first_with_its_key_in_due_order():
     queued = [(("a", 1), 5.0), (("b", 2), 0.0), (("c", 3), 1.0), (("a", 4), 0.5)]
     batches = asyncio.run(_batches_after_a_held_forward(4, queued))
     assert batches == [[("z", 0)], [("b", 2)], [("a", 4), ("a", 1)], [("c", 3)]]
+
+
+def test_every_forward_runs_on_the_batchers_one_thread_while_other_work_uses_the_shared_executor():
+    """Each thread calling torch keeps its own allocator arena and OpenMP pool: forwards spread over
+    asyncio's executor grew the decoder's memory in steps (issue 12's soak). With busy default-executor
+    threads around it (the decoder serialises states there), the model still sees one thread."""
+    seen: set[int] = set()
+
+    def record(xs):
+        seen.add(threading.get_ident())
+        return list(xs)
+
+    async def main():
+        batcher = MicroBatcher(record, max_batch=2, max_wait_ms=0, key=lambda x: x % 3)
+        batcher.start()
+        try:
+            for _ in range(5):
+                busy = [asyncio.to_thread(threading.Event().wait, 0.05) for _ in range(4)]
+                await asyncio.gather(*busy, *[batcher.submit(x) for x in range(12)])
+        finally:
+            await batcher.stop()
+
+    asyncio.run(main())
+    assert len(seen) == 1 and threading.get_ident() not in seen

@@ -31,6 +31,13 @@ def subparser_init(subparsers) -> None:
     p.add_argument("--turn-timeout-s", type=float, default=120.0)
     p.add_argument("--level-timeout-s", type=float, default=600.0, help="cut a level's calls after this")
     p.add_argument("--duration-s", type=float, default=3600.0, help="the whole run: later levels are skipped")
+    p.add_argument("--protocol", default="grpc",
+                   help="how calls are placed: grpc (Converse), twilio (Media Streams WebSocket), realtime (OpenAI "
+                        "Realtime WebSocket) or audiosocket (Asterisk, TCP). One protocol: --target is its address "
+                        "(ws://host:port/path for the WebSocket ones). Several, comma-separated, with --local: one "
+                        "gateway serves them all and each level runs on every protocol back to back for --repeats "
+                        "rounds; reports each adapter's added first-audio latency against gRPC at the caller and its "
+                        "own time from the gateway's timestamps (protocol-compare.json, protocol-compare.html)")
     p.add_argument("--out", default="loadtest-report", help="output folder")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--calls", type=int, default=4, help="soak and chaos: callers at once (--concurrency is for latency)")
@@ -44,7 +51,8 @@ def subparser_init(subparsers) -> None:
                           "hop, as --tls) side by side and runs each level on one then the other for --repeats "
                           "rounds; reports p50/p95 per side and TLS - plain with its per-round range "
                           "(tls-compare.json, tls-compare.html)")
-    tls.add_argument("--repeats", type=int, default=3, help="--compare-tls: rounds of (plain, TLS) per level")
+    tls.add_argument("--repeats", type=int, default=3,
+                     help="--compare-tls and several --protocol: rounds of every side per level")
     soak = p.add_argument_group("soak (needs --local)")
     soak.add_argument("--soak-minutes", type=float,
                       help="callers place call after call for this long while the RSS of every cluster process is "
@@ -83,6 +91,7 @@ def cmd(args) -> int:
     if args.tls_ca and args.local:
         raise CLIError("--tls-ca is for --target; with --local use --tls")
     check_compare_tls(args)
+    protocols = check_protocols(args)
     args.concurrency = args.concurrency or ("1,16" if args.compare_tls else "1,4")
     try:
         concurrency = tuple(int(c) for c in args.concurrency.split(","))
@@ -95,7 +104,7 @@ def cmd(args) -> int:
                          max_new_tokens=args.max_new_tokens, turn_timeout_s=args.turn_timeout_s,
                          level_timeout_s=args.level_timeout_s, duration_s=args.duration_s,
                          ramp_slo_ms=args.ramp_slo_ms, max_concurrency=args.max_concurrency, seed=args.seed,
-                         tls_ca=args.tls_ca)
+                         tls_ca=args.tls_ca, protocol=protocols[0])
     except LoadConfigError as exc:
         raise CLIError(str(exc)) from None
     special = settings_of(args, cfg)  # soak or chaos settings, checked before anything starts
@@ -108,11 +117,14 @@ def cmd(args) -> int:
             raise CLIError(f"--calls: {exc}") from None
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    if len(protocols) > 1:
+        return run_compare_protocols(cfg, protocols, args.repeats, out)
     speech = utterances(cfg.rate, out / "speech")
     if args.compare_tls:
         return run_compare_tls(cfg, speech, args.repeats, out)
-    cluster = start_local(max(16, max(levels(cfg))), tls=args.tls) if args.local else None
-    target = args.target or f"127.0.0.1:{cluster.port}"
+    adapters = [p for p in protocols if p != "grpc"]
+    cluster = start_local(max(16, max(levels(cfg))), tls=args.tls, adapters=adapters) if args.local else None
+    target = args.target or address(cluster, protocols[0])
     if cluster is not None and cluster.pki is not None:
         cfg = replace(cfg, tls_ca=str(cluster.pki.ca))
     if special is not None:
@@ -158,6 +170,98 @@ def check_compare_tls(args) -> None:
         raise CLIError(f"--repeats must be >= 1, got {args.repeats}")
 
 
+def check_protocols(args) -> list[str]:
+    """The --protocol list, gRPC first when several are compared; a clear error for what cannot run."""
+    from vitaserve.cli.main import CLIError
+    from vitaserve.loadtest.protocols import PROTOCOLS, audio_of
+
+    names = [p.strip() for p in args.protocol.split(",") if p.strip()]
+    unknown = [p for p in names if p not in PROTOCOLS]
+    if not names or unknown:
+        raise CLIError(f"--protocol takes {', '.join(PROTOCOLS)} (comma-separated), got {args.protocol!r}")
+    names = list(dict.fromkeys(names))
+    if names != ["grpc"]:
+        clash = [flag for flag, on in (("--tls", args.tls), ("--tls-ca", args.tls_ca), ("--compare-tls", args.compare_tls),
+                                       ("--soak-minutes", args.soak_minutes is not None), ("--chaos", args.chaos))
+                 if on]
+        if clash:
+            raise CLIError(f"--protocol {args.protocol} runs plaintext latency levels; drop {', '.join(clash)}")
+    if len(names) > 1:
+        if not args.local:
+            raise CLIError("several --protocol values are compared on one local gateway serving them all: add --local")
+        if args.ramp_slo_ms is not None or "," in args.modes:
+            raise CLIError("a protocol comparison runs fixed levels of one mode: drop --ramp-slo-ms / extra --modes")
+        if args.repeats < 1:
+            raise CLIError(f"--repeats must be >= 1, got {args.repeats}")
+        names = ["grpc"] + [p for p in names if p != "grpc"]  # the baseline
+    if len(names) == 1 and names[0] != "grpc":
+        args.codec, args.rate = audio_of(names[0], args.codec, args.rate)  # the adapter's fixed audio
+    return names
+
+
+def address(cluster, protocol: str) -> str:
+    """Where `protocol`'s calls go on the local cluster's gateway."""
+    if protocol == "grpc":
+        return f"127.0.0.1:{cluster.port}"
+    port = cluster.adapter_port(protocol)
+    return f"127.0.0.1:{port}" if protocol == "audiosocket" else f"ws://127.0.0.1:{port}/{protocol}"
+
+
+def run_compare_protocols(cfg, protocols: list[str], repeats: int, out) -> int:
+    """One local gateway serving every adapter; each level on every protocol back to back, `repeats`
+    rounds; the caller-side difference against gRPC and each adapter's own time from the gateway's
+    metrics; exit 1 when a call or turn failed on any side."""
+    import asyncio
+    import os
+    from dataclasses import asdict, replace
+
+    from tqdm import tqdm
+
+    from vitaserve.loadtest import adapter_time
+    from vitaserve.loadtest.compare import comparison_html, comparison_text, differences, errors, run_comparison, to_json
+    from vitaserve.loadtest.protocols import audio_of
+    from vitaserve.loadtest.runner import levels
+    from vitaserve.loadtest.speech import utterances
+
+    configs, speech = {}, {}
+    for protocol in protocols:
+        codec, rate = audio_of(protocol, cfg.codec, cfg.rate)
+        configs[protocol] = replace(cfg, protocol=protocol, codec=codec, rate=rate)
+        speech[protocol] = utterances(rate, out / "speech")
+    load_before = os.getloadavg()
+    cluster = start_local(max(16, max(levels(cfg))), adapters=[p for p in protocols if p != "grpc"])
+    try:
+        configs = {p: replace(c, target=address(cluster, p)) for p, c in configs.items()}
+        total = len(protocols) * repeats * sum(cfg.concurrency) * cfg.turns
+        with tqdm(total=total, desc="turns", unit="turn") as bar:
+            runs = asyncio.run(run_comparison(configs, speech, repeats, cfg.modes[0], on_turn=lambda: bar.update(1)))
+        server = adapter_time.scrape(cluster.service("gateway").metrics)
+    finally:
+        cluster.stop()
+    config = {**asdict(cfg), "target": "local", "mode": cfg.modes[0], "repeats": repeats, "protocols": protocols,
+              "targets": {p: c.target for p, c in configs.items()},
+              "loadavg_1_5_15_before": load_before, "loadavg_1_5_15_after": os.getloadavg(), "cpus": os.cpu_count()}
+    server_rows = [{"protocol": p, "direction": d, **f} for (p, d), f in sorted(server.items())]
+    (out / "protocol-compare.json").write_text(to_json(config, runs, extra={"adapter_server_ms": server_rows}))
+    about = ("One local gateway serving gRPC and the telephony adapters; each adapter's caller speaks its protocol "
+             "(Twilio: mu-law 8 kHz, marks echoed as a phone plays them; Realtime: PCM16 24 kHz; AudioSocket: "
+             "signed linear 8 kHz; gRPC: " + f"{cfg.codec} {cfg.rate} Hz).")
+    extra = ("<h2>Each adapter's own time, from the gateway's timestamps</h2><pre>"
+             + _escape(adapter_time.table(server)) + "</pre>")
+    (out / "protocol-compare.html").write_text(comparison_html(
+        config, runs, "First-audio latency: each telephony adapter vs gRPC (same run, same gateway)", about, extra))
+    print(comparison_text(differences(runs)))
+    print("\neach adapter's own time per message (gateway metrics):\n" + adapter_time.table(server))
+    print(f"\nwrote {out / 'protocol-compare.json'} and {out / 'protocol-compare.html'}")
+    return 1 if any(errors(runs).values()) else 0
+
+
+def _escape(text: str) -> str:
+    from html import escape
+
+    return escape(text)
+
+
 def run_compare_tls(cfg, speech, repeats: int, out) -> int:
     """Both clusters up (one after the other: start-up is heavy), the alternating levels, the report;
     exit 1 when a call or turn failed on either side."""
@@ -168,8 +272,8 @@ def run_compare_tls(cfg, speech, repeats: int, out) -> int:
     from tqdm import tqdm
 
     from vitaserve.loadtest.runner import levels
-    from vitaserve.loadtest.tls_compare import (comparison_html, comparison_text, differences, errors,
-                                                run_comparison, to_json)
+    from vitaserve.loadtest.compare import (comparison_html, comparison_text, differences, errors,
+                                            run_comparison, to_json)
 
     clusters = {}
     load_before = os.getloadavg()  # the machine's load: a busy machine's figures say so
@@ -181,7 +285,8 @@ def run_compare_tls(cfg, speech, repeats: int, out) -> int:
                    for side, c in clusters.items()}
         total = 2 * repeats * sum(cfg.concurrency) * cfg.turns
         with tqdm(total=total, desc="turns", unit="turn") as bar:
-            runs = asyncio.run(run_comparison(configs, speech, repeats, cfg.modes[0], on_turn=lambda: bar.update(1)))
+            runs = asyncio.run(run_comparison(configs, {side: speech for side in configs}, repeats, cfg.modes[0],
+                                              on_turn=lambda: bar.update(1)))
     finally:
         for c in clusters.values():
             c.stop()
@@ -189,7 +294,9 @@ def run_compare_tls(cfg, speech, repeats: int, out) -> int:
               "targets": {side: c.target for side, c in configs.items()},
               "loadavg_1_5_15_before": load_before, "loadavg_1_5_15_after": os.getloadavg(), "cpus": os.cpu_count()}
     (out / "tls-compare.json").write_text(to_json(config, runs))
-    (out / "tls-compare.html").write_text(comparison_html(config, runs))
+    (out / "tls-compare.html").write_text(comparison_html(
+        config, runs, "First-audio latency: TLS on every hop vs plaintext (same run)",
+        f"Two local clusters side by side, plaintext and TLS on every hop; codec {cfg.codec} {cfg.rate} Hz."))
     print(comparison_text(differences(runs)))
     print(f"\nwrote {out / 'tls-compare.json'} and {out / 'tls-compare.html'}")
     return 1 if any(errors(runs).values()) else 0
@@ -222,8 +329,9 @@ def settings_of(args, cfg):
         raise CLIError(str(exc)) from None
 
 
-def start_local(slots: int, tls: bool = False):
-    """The local cluster on tiny checkpoints (made on first use), started and ready; `tls`: on every hop."""
+def start_local(slots: int, tls: bool = False, adapters=()):
+    """The local cluster on tiny checkpoints (made on first use), started and ready; `tls`: on every hop;
+    `adapters`: the telephony adapters its gateway serves (loadtest/protocols.py)."""
     from pathlib import Path
 
     from vitaserve.cli.main import CLIError
@@ -236,7 +344,7 @@ def start_local(slots: int, tls: bool = False):
     except CheckpointWriteError as exc:
         raise CLIError(str(exc)) from None
     return LocalCluster(ckpt.lm, ckpt.tokenizer, ckpt.decoder, port=free_port(), num_slots=slots, max_len=2048,
-                        progress=lambda m: print(f"  {m}", flush=True), tls=tls).start()
+                        progress=lambda m: print(f"  {m}", flush=True), tls=tls, adapters=adapters).start()
 
 
 def run_special(cluster, cfg, speech, settings, out) -> int:

@@ -1,7 +1,11 @@
 """Micro-batching for model calls: concurrent requests share one forward.
 
 Requests wait at most `max_wait_ms` for company (or until `max_batch` are queued); the batch runs on
-a worker thread so the event loop never runs torch. One batch at a time per model.
+a worker thread so the event loop never runs torch. One batch at a time per model, always on the
+same thread (the batcher's own): each thread that calls torch gets its own allocator arena (glibc and
+jemalloc both) and its own OpenMP thread pool, so forwards spread over asyncio's shared executor
+(6 threads on 2 cores) made the decoder's memory climb in steps for minutes of a soak, each time a
+new executor thread met the largest shapes (issue 12).
 
 With a `key` function only requests with equal keys share a forward (the decoder batches blocks of
 equal shapes). Each request may say when its result is due (`deadline_s` from now; default 0, as
@@ -22,6 +26,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from concurrent.futures import ThreadPoolExecutor
 from collections import deque
 from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass
@@ -88,8 +93,10 @@ class MicroBatcher(Generic[In, Out]):
         self._arrived = asyncio.Event()
         self._task: asyncio.Task | None = None
         self._running: list[_Item] = []
+        self._thread: ThreadPoolExecutor | None = None  # the one thread that runs `fn`
 
     def start(self) -> None:
+        self._thread = ThreadPoolExecutor(1, thread_name_prefix=f"batcher-{getattr(self.fn, '__name__', 'model')}")
         self._task = asyncio.get_running_loop().create_task(self._run())
 
     async def stop(self) -> None:
@@ -103,6 +110,9 @@ class MicroBatcher(Generic[In, Out]):
             if not item.future.done():
                 item.future.set_exception(BatcherStopped("the service is shutting down; retry on another replica"))
         self._running = []
+        if self._thread is not None:
+            self._thread.shutdown(wait=False)  # a forward in progress finishes; its result goes nowhere
+            self._thread = None
 
     @property
     def waiting(self) -> int:
@@ -167,7 +177,8 @@ class MicroBatcher(Generic[In, Out]):
         """Compute `items` in one call; on an error, each item alone (the error is one input's)."""
         start = time.perf_counter()
         try:
-            outs = await asyncio.to_thread(self.fn, [i.value for i in items])
+            values = [i.value for i in items]
+            outs = await asyncio.get_running_loop().run_in_executor(self._thread, self.fn, values)
             if len(outs) != len(items):
                 raise RuntimeError(f"batched function returned {len(outs)} results for {len(items)} inputs")
         except Exception as exc:

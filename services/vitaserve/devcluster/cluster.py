@@ -71,10 +71,12 @@ class LocalCluster:
     def __init__(self, lm: Path, tokenizer: Path, decoder: Path, port: int = 50051, mode: str = "boost",
                  workdir: Path | None = None, num_slots: int = 16, max_len: int = 4096, grace_s: float = 10.0,
                  die_with_parent: bool = True, progress: Callable[[str], None] = lambda msg: None,
-                 threads: int = 0, tls: bool = False):
+                 threads: int = 0, tls: bool = False, adapters: Iterable[str] = ()):
         self.lm, self.tokenizer, self.decoder = Path(lm), Path(tokenizer), Path(decoder)
         self.port, self.mode, self.num_slots, self.max_len = port, mode, num_slots, max_len
         self.grace_s = grace_s  # the services' drain on SIGTERM; stop() waits a little longer
+        # telephony adapters the gateway serves, each on its own port (--<name>-port): twilio, realtime, audiosocket
+        self.adapters = tuple(adapters)
         # torch threads of each model process: they share this machine, so split its CPUs between
         # them rather than let each take every core (oversubscribed threads cost latency)
         if threads < 0:
@@ -250,9 +252,16 @@ class LocalCluster:
         return self._spawn_grpc("decoder", "--decoder", str(self.decoder), "--threads", str(self.threads),
                                 *self._tls_args(), *self._client_args("redis"), secrets={REDIS_URL_ENV: self.redis_url})
 
+    def adapter_port(self, name: str) -> int:
+        """The gateway's port for telephony adapter `name` (one of `adapters`)."""
+        if name not in self.adapters:
+            raise ValueError(f"the gateway of this cluster serves no {name} adapter (adapters: {self.adapters})")
+        return self._ports("gateway", name)[name]
+
     def spawn_gateway(self) -> Service:
+        adapter_args = [arg for name in self.adapters for arg in (f"--{name}-port", str(self.adapter_port(name)))]
         return self._spawn_grpc(
-            "gateway", "--lm", str(self.lm), "--encoder", self.service("encoder").address,
+            "gateway", *adapter_args, "--lm", str(self.lm), "--encoder", self.service("encoder").address,
             "--decoder", self.service("decoder").address, "--triton", self.service("triton").address,
             "--mode", self.mode, "--context-tokens", str(self.max_len), "--allow-anonymous",  # local: no API keys
             *self._tls_args(mutual=False), *self._client_args("internal"), *self._client_args("redis"),

@@ -16,9 +16,10 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from vitaserve.client.phone import CallResult, run_call
+from vitaserve.client.phone import CallResult
 from vitaserve.common.tls import ClientTls
 from vitaserve.gateway.codecs import check_format
+from vitaserve.loadtest.protocols import PROTOCOLS, place_call
 from vitaserve.loadtest.report import TurnMeasurement, percentiles, playout_starvation
 
 
@@ -44,6 +45,7 @@ class LoadConfig:
     max_concurrency: int = 64
     seed: int = 0
     tls_ca: str | None = None  # the gateway serves TLS; callers trust this CA (PEM file)
+    protocol: str = "grpc"  # how calls are placed (loadtest/protocols.py); target is that protocol's address
 
     def caller_tls(self) -> ClientTls | None:
         return ClientTls(self.tls_ca) if self.tls_ca else None
@@ -65,6 +67,10 @@ class LoadConfig:
             check_format(self.codec, self.rate)
         except ValueError as exc:
             raise LoadConfigError(str(exc)) from None
+        if self.protocol not in PROTOCOLS:
+            raise LoadConfigError(f"protocol must be one of {', '.join(PROTOCOLS)}, got {self.protocol!r}")
+        if self.protocol != "grpc" and self.tls_ca:
+            raise LoadConfigError(f"--tls-ca is for gRPC calls; {self.protocol} calls here are plaintext")
         if self.max_concurrency < 1:
             raise LoadConfigError(f"max concurrency must be >= 1, got {self.max_concurrency}")
 
@@ -115,9 +121,7 @@ async def run_level(cfg: LoadConfig, mode: str, concurrency: int, speech: list[n
         await asyncio.sleep(rng.random() * min(1.0, 0.05 * concurrency))  # staggered arrivals
         picks = [speech[(i + k) % len(speech)] for k in range(cfg.turns)]
         barge = [rng.random() < cfg.barge_in_prob for _ in picks]
-        result = await run_call(cfg.target, picks, cfg.rate, cfg.codec, mode=mode, push_to_talk=cfg.push_to_talk,
-                                max_new_tokens=cfg.max_new_tokens, greedy=True, turn_timeout_s=cfg.turn_timeout_s,
-                                barge_in=barge, tls=cfg.caller_tls())
+        result = await place_call(cfg, picks, mode, barge)
         level.turns.extend(measurements(result, mode, concurrency, i))
         for _ in result.turns:
             on_turn()

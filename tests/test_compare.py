@@ -16,14 +16,15 @@ from tls_certs import TestCA
 from vitaserve.devcluster.processes import free_port
 from vitaserve.loadtest.report import TurnMeasurement
 from vitaserve.loadtest.runner import LevelResult, LoadConfig
-from vitaserve.loadtest.tls_compare import (SideRun, alternation, comparison_html, comparison_text, differences,
+from vitaserve.loadtest.compare import (SideRun, alternation, comparison_html, comparison_text, differences,
                                             run_comparison, to_json)
 
 
 def test_alternation_runs_each_level_on_both_sides_back_to_back_every_round():
-    assert alternation((1, 16), 2) == [(1, 1, "plain"), (1, 1, "tls"), (1, 16, "plain"), (1, 16, "tls"),
+    assert alternation((1, 16), 2, ("plain", "tls")) == [(1, 1, "plain"), (1, 1, "tls"), (1, 16, "plain"), (1, 16, "tls"),
                                        (2, 1, "plain"), (2, 1, "tls"), (2, 16, "plain"), (2, 16, "tls")]
-    assert alternation((4,), 1) == [(1, 4, "plain"), (1, 4, "tls")]
+    assert alternation((4,), 1, ("grpc", "twilio", "realtime")) == [(1, 4, "grpc"), (1, 4, "twilio"),
+                                                                    (1, 4, "realtime")]
 
 
 def level(n: int, first_ms: list[float | None], error: str = "", failed: Counter | None = None) -> LevelResult:
@@ -47,13 +48,14 @@ def test_difference_is_tls_minus_plain_pooled_and_per_round_with_a_verdict():
     one, sixteen = differences(runs)
     assert one["concurrency"] == 1 and sixteen["concurrency"] == 16
     p50 = one["p50"]
-    assert (p50["plain_ms"], p50["tls_ms"], p50["tls_minus_plain_ms"]) == (850.0, 870.0, 20.0)
+    assert (one["side"], one["baseline"]) == ("tls", "plain")
+    assert (p50["baseline_ms"], p50["side_ms"], p50["minus_baseline_ms"]) == (850.0, 870.0, 20.0)
     assert p50["per_round_ms"] == [20.0, 20.0, 20.0] and p50["round_range_ms"] == [20.0, 20.0]
-    assert p50["plain_round_range_ms"] == [800.0, 900.0] and p50["verdict"] == "above noise"
+    assert p50["baseline_round_range_ms"] == [800.0, 900.0] and p50["verdict"] == "above noise"
     assert sixteen["p50"]["per_round_ms"] == [100.0, -50.0] and sixteen["p50"]["round_range_ms"] == [-50.0, 100.0]
     assert sixteen["p50"]["verdict"] == "within noise"
-    assert sixteen["p95"]["tls_minus_plain_ms"] == pytest.approx(
-        sixteen["p95"]["tls_ms"] - sixteen["p95"]["plain_ms"], abs=0.1)
+    assert sixteen["p95"]["minus_baseline_ms"] == pytest.approx(
+        sixteen["p95"]["side_ms"] - sixteen["p95"]["baseline_ms"], abs=0.1)
     text = comparison_text([one, sixteen])
     assert "above noise" in text and "within noise" in text and "-50..100" in text
 
@@ -61,10 +63,10 @@ def test_difference_is_tls_minus_plain_pooled_and_per_round_with_a_verdict():
 def test_one_round_has_no_spread_and_failed_turns_are_left_out():
     runs = [SideRun(1, "plain", level(1, [500.0, None], error="14: unavailable")), SideRun(1, "tls", level(1, [530.0]))]
     (row,) = differences(runs)
-    assert row["p50"]["tls_minus_plain_ms"] == 30.0 and row["p50"]["verdict"] == "one round: no spread"
+    assert row["p50"]["minus_baseline_ms"] == 30.0 and row["p50"]["verdict"] == "one round: no spread"
     # a side with no answered turn has no difference, not a zero one
     (empty,) = differences([SideRun(1, "plain", level(1, [None], error="14: x")), SideRun(1, "tls", level(1, [5.0]))])
-    assert empty["p50"]["tls_minus_plain_ms"] is None and empty["p50"]["verdict"] == "no data"
+    assert empty["p50"]["minus_baseline_ms"] is None and empty["p50"]["verdict"] == "no data"
 
 
 def test_report_has_both_sides_every_round_the_difference_and_two_plots():
@@ -73,12 +75,12 @@ def test_report_has_both_sides_every_round_the_difference_and_two_plots():
     runs.append(SideRun(2, "tls", level(4, [900.0], failed=Counter({"UNAVAILABLE": 1}))))
     config = {"concurrency": [1], "repeats": 2, "mode": "boost", "codec": "mulaw", "rate": 8000, "turns": 1}
     report = json.loads(to_json(config, runs))
-    assert set(report["sides"]) == {"plain", "tls"} and report["difference"][0]["p50"]["tls_minus_plain_ms"] == 35.0
+    assert set(report["sides"]) == {"plain", "tls"} and report["difference"][0]["p50"]["minus_baseline_ms"] == 35.0
     assert report["order"][:2] == [[1, 1, "plain"], [1, 1, "tls"]]
     assert [r["round"] for r in report["sides"]["tls"]["rounds"]] == [1, 2, 2]
     assert len(report["sides"]["plain"]["turns"]) == 2 and report["errors_by_code"]["tls"] == {"UNAVAILABLE": 1}
     assert {r["concurrency"] for r in report["sides"]["tls"]["summary"]} == {1, 4}
-    html = comparison_html(config, runs)
+    html = comparison_html(config, runs, "TLS vs plain", "Two clusters.")
     assert html.count("data:image/png;base64,") == 2 and "UNAVAILABLE 1" in html
 
 
@@ -89,8 +91,9 @@ def test_comparison_alternates_real_calls_and_counts_what_failed(tmp_path):
     base = LoadConfig(target="x", concurrency=(1, 2), turns=1, turn_timeout_s=5, level_timeout_s=30)
     configs = {"plain": replace(base, target=f"127.0.0.1:{free_port()}"),
                "tls": replace(base, target=f"127.0.0.1:{free_port()}", tls_ca=str(ca.file))}
-    runs = asyncio.run(run_comparison(configs, [np.zeros(800, np.float32)], repeats=2, mode="boost"))
-    assert [(r.round, r.level.concurrency, r.side) for r in runs] == alternation((1, 2), 2)
+    runs = asyncio.run(run_comparison(configs, {side: [np.zeros(800, np.float32)] for side in configs}, repeats=2,
+                                      mode="boost"))
+    assert [(r.round, r.level.concurrency, r.side) for r in runs] == alternation((1, 2), 2, ("plain", "tls"))
     assert all(r.level.failed == Counter({"UNAVAILABLE": r.level.concurrency}) for r in runs)
 
 
