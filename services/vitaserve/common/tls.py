@@ -15,6 +15,7 @@ of the target's host when given. A client's certificate is read once, when its c
 
 from __future__ import annotations
 
+import ssl
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -108,6 +109,39 @@ class ServerTls:
             return configuration
 
         return grpc.dynamic_ssl_server_credentials(initial, fetch, require_client_authentication=self.mutual)
+
+    def _ssl_context(self) -> ssl.SSLContext:
+        cert, key = _read(self.cert_file, "certificate"), _read(self.key_file, "key")
+        check_pair(cert, key, self.cert_file, self.key_file)
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        context.minimum_version = ssl.TLSVersion.TLSv1_2
+        context.load_cert_chain(self.cert_file, self.key_file)
+        if self.client_ca_file:
+            context.load_verify_locations(cadata=_read(self.client_ca_file, "client CA").decode())
+            context.verify_mode = ssl.CERT_REQUIRED
+        return context
+
+    def ssl_context(self) -> ssl.SSLContext:
+        """The same certificate for a non-gRPC listener (the telephony adapters' wss:// and TLS
+        ports), renewed the same way: at each handshake the files are compared with the ones in use,
+        and a new, complete pair is swapped in for that connection and the next (the handshake's
+        servername callback, which OpenSSL calls with or without SNI, sets the connection's context)."""
+        state = {"signature": self._signature(), "context": self._ssl_context()}  # a broken start fails here
+
+        def pick(connection: ssl.SSLObject, server_name: str | None, outer: ssl.SSLContext) -> None:
+            signature = self._signature()
+            if signature != state["signature"]:
+                try:
+                    state["context"] = self._ssl_context()
+                    log.info("TLS certificate reloaded", cert_file=self.cert_file)
+                except (TlsError, ssl.SSLError, OSError) as exc:
+                    log.warning("new TLS files not taken yet, serving the previous certificate", reason=str(exc))
+                state["signature"] = signature  # a broken pair is tried again only once the files change
+            connection.context = state["context"]
+
+        outer = self._ssl_context()
+        outer.sni_callback = pick
+        return outer
 
 
 @dataclass(frozen=True)
