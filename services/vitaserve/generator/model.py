@@ -67,8 +67,13 @@ class KVCache(nn.Module):
     def max_len(self) -> int:
         return self.k_cache.shape[2]
 
-    def update(self, batch: "BatchIndex", k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def update(self, batch: "BatchIndex | StaticRows", k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Write k/v [B, kvh, T, D] at the valid (slot, index) pairs; return [B, kvh, kv_len, D] to attend."""
+        if isinstance(batch, StaticRows):  # padding entries write to the scratch slot
+            self.k_cache[batch.write_slots, :, batch.write_index] = k.transpose(1, 2)  # [B, T, kvh, D]
+            self.v_cache[batch.write_slots, :, batch.write_index] = v.transpose(1, 2)
+            return (self.k_cache[:, :, : batch.kv_len].index_select(0, batch.slots),
+                    self.v_cache[:, :, : batch.kv_len].index_select(0, batch.slots))
         if batch.single:
             slot, start, n = batch.slot_range[0], batch.starts[0], batch.lengths[0]
             self.k_cache[slot, :, start : start + n] = k[0]
@@ -111,6 +116,24 @@ class BatchIndex:
             ks = torch.arange(self.kv_len, device=device)
             # [B, 1, T, kv_len]: key k visible to query (b, t) iff k <= its cache index; padding sees key 0
             self.mask = (ks[None, None, :] <= cache_index.clamp(min=0)[:, :, None])[:, None]
+
+
+class StaticRows:
+    """Where a static-shape forward's rows live: [B, T] entries whose shapes are fixed by the batch
+    bucket, the rows bucket and `kv_len`, built from device tensors only, so the forward can be
+    captured in a CUDA graph and replayed with new values (generator/cuda_graphs.py).
+
+    An entry with cache index -1 is padding, as in BatchIndex: it writes its k/v to the cache's
+    scratch slot (`num_slots`, which no real row attends) at index 0, and attends key 0 only. A row
+    whose entries are all padding has slot `num_slots` too. Keys at or past `kv_len` are not read."""
+
+    def __init__(self, slots: torch.Tensor, cache_index: torch.Tensor, scratch_slot: int, kv_len: int):
+        self.kv_len = kv_len
+        self.slots = slots  # [B]
+        self.write_slots = torch.where(cache_index >= 0, slots[:, None], scratch_slot)  # [B, T]
+        self.write_index = cache_index.clamp(min=0)  # [B, T]
+        ks = torch.arange(kv_len, device=slots.device)
+        self.mask = (ks[None, None, :] <= self.write_index[:, :, None])[:, None]  # [B, 1, T, kv_len]
 
 
 class Attention(nn.Module):
@@ -189,6 +212,9 @@ class VitaAudioLM(nn.Module):
         # Optional speed-up that changes results (off by default): MCTP steps score only these
         # lm_head rows (the 16384 audio ids), about 10x cheaper than the full 168072-row head.
         self.mtp_audio_rows: slice | None = None
+        # One-row steps at static shapes, replayed as CUDA graphs on cuda (generator/cuda_graphs.py);
+        # None: every step runs the eager BatchIndex path.
+        self.decode_graphs = None
 
     # -- caches -------------------------------------------------------------------------------
     def setup_caches(self, num_slots: int, max_len: int) -> None:
@@ -197,8 +223,8 @@ class VitaAudioLM(nn.Module):
         if max_len > cfg.max_position_embeddings:
             raise ValueError(f"max_len {max_len} exceeds max_position_embeddings {cfg.max_position_embeddings}")
         w = self.lm_head.weight
-        for layer in self.model.layers:
-            layer.self_attn.kv_cache = KVCache(num_slots, cfg.num_key_value_heads, max_len, cfg.dim_per_head, w.dtype, w.device)
+        for layer in self.model.layers:  # one more slot: the scratch slot of StaticRows' padding rows
+            layer.self_attn.kv_cache = KVCache(num_slots + 1, cfg.num_key_value_heads, max_len, cfg.dim_per_head, w.dtype, w.device)
         self.num_slots, self.max_len = num_slots, max_len
 
     # -- forwards -----------------------------------------------------------------------------
@@ -230,6 +256,35 @@ class VitaAudioLM(nn.Module):
         x = torch.cat((self.mtp_embed_norms[module](e), self.mtp_hidden_norms[module](hidden)), dim=-1)
         x = self.mtp_projs[module](x)
         return self._run_layers(x, [self.config.mtp_layer_index(module)], rope_pos, batch)
+
+    def rope_table_for_static(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The rope table for every position a step can use (cache length + one per MCTP module),
+        built once so a static forward never asks the device how long it must be."""
+        need = self.max_len + self.config.num_nextn_predict_layers + 1
+        if self._rope_cache is None or self._rope_cache[0].shape[0] < need:
+            self._rope_cache = rope_table(need, self.config.dim_per_head, self.config.rope_theta,
+                                          self.lm_head.weight.device)
+        return self._rope_cache
+
+    def forward_static(self, module: int, ids: torch.Tensor, rope_pos: torch.Tensor, slots: torch.Tensor,
+                       cache_index: torch.Tensor, hidden: torch.Tensor | None, kv_len: int) -> torch.Tensor:
+        """forward_backbone (module -1) or forward_mtp at static shapes: ids / rope_pos / cache_index
+        [B, T] (cache index -1: a padding entry), slots [B], hidden [B, T, H] for MCTP; attends keys
+        0..kv_len-1. Same result as with a BatchIndex of the same rows, and no host-side work, so it
+        can be captured in a CUDA graph."""
+        cos, sin = self.rope_table_for_static()
+        x = self.model.embed_tokens(ids)
+        if module >= 0:
+            x = torch.cat((self.mtp_embed_norms[module](x), self.mtp_hidden_norms[module](hidden)), dim=-1)
+            x = self.mtp_projs[module](x)
+            layer_ids = [self.config.mtp_layer_index(module)]
+        else:
+            layer_ids = range(self.config.num_backbone_layers)
+        batch = StaticRows(slots, cache_index, self.num_slots, kv_len)
+        cos, sin = cos[rope_pos].to(x.dtype), sin[rope_pos].to(x.dtype)
+        for i in layer_ids:
+            x = self.model.layers[i](x, cos, sin, batch)
+        return self.model.norm(x)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.lm_head(hidden)
