@@ -38,7 +38,9 @@ def tune_malloc(arenas: int = 2, mmap_threshold: int = MMAP_THRESHOLD_BYTES) -> 
 # The encoder and decoder run on jemalloc where it is installed (LD_PRELOAD: the allocator must be in
 # place before the process starts; deploy/Dockerfile installs libjemalloc2). Soak, 10 min, 8 callers
 # (loadtest/README.md): the decoder on glibc, tuned as above, still grew in steps to the end (second
-# half +7.5 %); on jemalloc it levelled off after its first minutes (second half +0.5 %).
+# half +7.5 %); on jemalloc it levelled off after its first minutes (second half +0.5 %). What made
+# it climb was forwards spread over several threads, each with its own arena (common/batcher.py now
+# runs them on one): with that, +1.65 % from minute 2 to minute 10.
 JEMALLOC = "libjemalloc.so.2"
 
 
