@@ -95,21 +95,23 @@ class BatchIndex:
     takes a fast path: plain slice writes, and no mask when it is a single token.
     """
 
-    def __init__(self, slots: list[int], starts: list[int], lengths: list[int], device):
+    def __init__(self, slots: list[int], starts: list[int], lengths: list[int], device,
+                 cache_index: torch.Tensor | None = None):
+        """cache_index: the [B, width] indices (-1: padding) already on `device`, when the caller
+        packed them with its other inputs (runner.forward_plans: one host-to-device copy)."""
         width = max(lengths)
         self.kv_len = max(s + n for s, n in zip(starts, lengths))
         self.single = len(slots) == 1
         self.slot_range = (slots[0], slots[0] + len(slots)) if slots == list(range(slots[0], slots[0] + len(slots))) else None
-        self.slots = torch.tensor(slots, device=device)
         self.starts, self.lengths = starts, lengths
-        cache_index = torch.full((len(slots), width), -1, dtype=torch.long)
-        for b, (s, n) in enumerate(zip(starts, lengths)):
-            cache_index[b, :n] = torch.arange(s, s + n)
-        cache_index = cache_index.to(device)
+        if cache_index is None:
+            cache_index = torch.tensor([list(range(s, s + n)) + [-1] * (width - n) for s, n in zip(starts, lengths)],
+                                       device=device)
+        # slots and the valid (slot, index) pairs from the host lists: no boolean indexing (a device sync)
+        flat = [s for s, n in zip(slots, lengths) for _ in range(n)] + [i for s, n in zip(starts, lengths) for i in range(s, s + n)]
+        packed = torch.tensor(list(slots) + flat, device=device)
+        self.slots, self.flat_slots, self.flat_index = packed.split([len(slots), len(flat) // 2, len(flat) // 2])
         self.valid = cache_index >= 0
-        b_idx = torch.arange(len(slots), device=device)[:, None].expand_as(cache_index)
-        self.flat_slots = self.slots[b_idx[self.valid]]
-        self.flat_index = cache_index[self.valid]
         if self.single and width == 1:
             self.mask = None  # one query at the end of the cache sees every key
         else:

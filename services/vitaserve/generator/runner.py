@@ -13,7 +13,7 @@ from collections import defaultdict
 import torch
 
 from vitaserve.generator.model import BatchIndex, VitaAudioLM
-from vitaserve.generator.sampling import select_token
+from vitaserve.generator.sampling import BatchSampler, SamplingFailed
 from vitaserve.generator.sequence import StepPlan
 
 
@@ -23,21 +23,25 @@ def forward_plans(model: VitaAudioLM, plans: list[StepPlan]) -> list[torch.Tenso
     device = model.lm_head.weight.device
     lengths = [len(p.ids) for p in plans]
     width = max(lengths)
-    ids = torch.zeros(len(plans), width, dtype=torch.long)
-    rope = torch.zeros(len(plans), width, dtype=torch.long)
-    for b, p in enumerate(plans):
-        ids[b, : lengths[b]] = torch.tensor(p.ids)
-        rope[b, : lengths[b]] = torch.arange(p.rope_start, p.rope_start + lengths[b])
     if max(p.cache_start + n for p, n in zip(plans, lengths)) > model.max_len:
         raise ValueError(f"sequence longer than the KV cache ({model.max_len} tokens)")
-    batch = BatchIndex([p.seq.slot for p in plans], [p.cache_start for p in plans], lengths, device)
-    ids, rope = ids.to(device), rope.to(device)
+    # ids, rope positions and cache indices of every row, padded to the width: one host-to-device copy
+    packed = []
+    for p, n in zip(plans, lengths):
+        pad = [0] * (width - n)
+        packed += [p.ids + pad, list(range(p.rope_start, p.rope_start + n)) + pad,
+                   list(range(p.cache_start, p.cache_start + n)) + [-1] * (width - n)]
+    ids, rope, cache_index = torch.tensor(packed, device=device).view(len(plans), 3, width).unbind(1)
+    batch = BatchIndex([p.seq.slot for p in plans], [p.cache_start for p in plans], lengths, device, cache_index)
     if kind == "M":
         out = model.forward_backbone(ids, rope, batch)
     else:
-        hidden = torch.zeros(len(plans), width, model.config.hidden_size, dtype=out_dtype(model), device=device)
-        for b, p in enumerate(plans):
-            hidden[b, : len(p.ids)] = p.hidden
+        if min(lengths) == width:  # no padding (e.g. every plan one row): one stack
+            hidden = torch.stack([p.hidden for p in plans])
+        else:
+            hidden = torch.zeros(len(plans), width, model.config.hidden_size, dtype=out_dtype(model), device=device)
+            for b, p in enumerate(plans):
+                hidden[b, : len(p.ids)] = p.hidden
         out = model.forward_mtp(module, ids, hidden, rope, batch)
     return [out[b, : len(p.ids)] for b, p in enumerate(plans)]
 
@@ -47,13 +51,14 @@ def out_dtype(model: VitaAudioLM) -> torch.dtype:
 
 
 @torch.inference_mode()
-def run_step(model: VitaAudioLM, plans: list[StepPlan]) -> list[int | Exception]:
-    """One forward per (kind, module) group, one lm_head product, one token per plan; commits them.
+def run_step(model: VitaAudioLM, plans: list[StepPlan], sampler: BatchSampler) -> list[int | Exception | None]:
+    """One forward per (kind, module) group, one lm_head product, one token per final plan; commits.
 
-    A plan that fails (a forward or a sampling error) gets its exception in place of a token and
-    is not committed; the other plans go on as if it had not been there. A group whose forward
-    fails is re-run one plan at a time, so only the plans that fail alone fail: a failed forward
-    wrote only cache rows its sequences had not committed, which the re-run writes again."""
+    A final plan gets its token, a chunk that is not final gets None (its rows are committed). A plan
+    that fails (a forward or a sampling error) gets its exception in place of a token and is not
+    committed; the other plans go on as if it had not been there. A group whose forward fails is
+    re-run one plan at a time, so only the plans that fail alone fail: a failed forward wrote only
+    cache rows its sequences had not committed, which the re-run writes again."""
     # prefills (many rows) run apart from one-row steps, so short rows are not padded to a prompt
     groups: dict[tuple[str, int, bool], list[int]] = defaultdict(list)
     for i, p in enumerate(plans):
@@ -62,7 +67,7 @@ def run_step(model: VitaAudioLM, plans: list[StepPlan]) -> list[int | Exception]
     results: list[int | Exception | None] = [None] * len(plans)
     for members in groups.values():
         try:
-            rows = forward_plans(model, [plans[i] for i in members])
+            rows = forward_group(model, [plans[i] for i in members])
         except Exception as exc:
             rows = [exc] if len(members) == 1 else [_forward_alone(model, plans[i]) for i in members]
         for i, h in zip(members, rows):
@@ -70,25 +75,42 @@ def run_step(model: VitaAudioLM, plans: list[StepPlan]) -> list[int | Exception]
                 results[i] = h
             else:
                 hidden[i] = h
-    alive = [i for i, h in enumerate(hidden) if h is not None]
+    for i, h in enumerate(hidden):
+        if h is not None and not plans[i].final:
+            plans[i].seq.commit(plans[i], h)
+    alive = [i for i, h in enumerate(hidden) if h is not None and plans[i].final]
     if alive:
         last = torch.stack([hidden[i][-1] for i in alive])
         logits = head_logits(model, last, [plans[i].kind == "m" for i in alive])
-        for i, row in zip(alive, logits):
-            seq = plans[i].seq
-            try:
-                token = select_token(row, seen_ids_of(seq, row.device), seq.sampling, seq.generator)
-            except Exception as exc:  # e.g. NaN probabilities: this call fails, its neighbours go on
-                results[i] = exc
+        slots = [plans[i].seq.slot for i in alive]
+        tokens, failed = sampler.select(logits, slots)
+        done_slots, done_tokens = [], []
+        for i, slot, token, bad in zip(alive, slots, tokens, failed):
+            if bad:  # e.g. NaN scores: this call fails, its neighbours go on
+                results[i] = SamplingFailed(f"the scores of step {plans[i].seq.num_new} are not a distribution "
+                                            "(NaN or nothing left to draw)")
                 continue
-            seq.commit(plans[i], hidden[i], token)
+            plans[i].seq.commit(plans[i], hidden[i], token)
             results[i] = token
+            done_slots.append(slot)
+            done_tokens.append(token)
+        sampler.commit(done_slots, done_tokens)
     return results
+
+
+def forward_group(model: VitaAudioLM, plans: list[StepPlan]) -> list[torch.Tensor]:
+    """A group at static shapes through the model's decode graphs when it has them and the group
+    fits (generator/cuda_graphs.py: preallocated inputs per batch bucket, replayed graphs on cuda);
+    otherwise, e.g. a prefill, the eager forward."""
+    graphs = getattr(model, "decode_graphs", None)
+    if graphs is not None and graphs.fits(plans):
+        return graphs.forward_plans(plans)
+    return forward_plans(model, plans)
 
 
 def _forward_alone(model: VitaAudioLM, plan: StepPlan) -> torch.Tensor | Exception:
     try:
-        return forward_plans(model, [plan])[0]
+        return forward_group(model, [plan])[0]
     except Exception as exc:
         return exc
 
@@ -106,12 +128,3 @@ def head_logits(model: VitaAudioLM, last: torch.Tensor, is_mtp: list[bool]) -> t
         out[full] = model.logits(last[full]).float()
     out[mtp, rows] = model.logits_rows(last[mtp], rows).float()
     return out
-
-
-def seen_ids_of(seq, device) -> torch.Tensor:
-    """Every id of the sequence, as the repetition penalty needs (cached, grows with the sequence)."""
-    if seq.sampling.repetition_penalty == 1.0:
-        return torch.empty(0, dtype=torch.long, device=device)
-    if seq.seen_ids is None or seq.seen_ids.numel() != len(seq.ids):
-        seq.seen_ids = torch.tensor(seq.ids, dtype=torch.long, device=device)
-    return seq.seen_ids

@@ -1,17 +1,28 @@
-"""Token selection with the semantics of HF `generate` (the official code path).
+"""Token selection with the semantics of HF `generate` (the official code path), for a whole batch.
 
 Order as in transformers: repetition penalty over every id of the sequence (prompt included; it also
 applies to greedy decoding, and the released generation_config.json sets 1.05), then, only when
 sampling, temperature, top-k and top-p. Logits are processed in fp32. Each sequence draws from its
 own `torch.Generator`, so a seed reproduces a call without touching the process-wide RNG.
+
+`BatchSampler` does this for every row of a step with tensor ops: the penalty reads a per-slot
+presence mask (updated in place with each committed token, never rebuilt from the id list), greedy
+rows are one argmax for the batch, and the step's tokens and failure flags reach the host in ONE
+transfer. Only the draw of sampled rows runs per row (torch.multinomial with the row's own
+generator, as a kernel launch with no host sync), because a single batched draw cannot take one
+generator per row; greedy rows never loop. The single-row functions below are the reference the
+tests compare the batch path against.
 """
 
 from __future__ import annotations
 
-
 import torch
 
 from vitaserve.lmtext.sampling_params import SamplingParams
+
+
+class SamplingFailed(Exception):
+    """This row's scores are not a distribution (NaN, or nothing left to draw): the call fails alone."""
 
 
 def make_generator(params: SamplingParams, device) -> torch.Generator | None:
@@ -24,6 +35,7 @@ def make_generator(params: SamplingParams, device) -> torch.Generator | None:
     return gen
 
 
+# -- one row (reference semantics) ------------------------------------------------------------------
 def apply_repetition_penalty(logits: torch.Tensor, seen_ids: torch.Tensor, penalty: float) -> torch.Tensor:
     """logits [V] fp32; seen_ids [N]: every id so far. Divide positive, multiply negative scores."""
     if penalty == 1.0 or seen_ids.numel() == 0:
@@ -59,3 +71,90 @@ def select_token(
         return int(torch.argmax(logits))
     probs = warp(logits, params).softmax(-1)
     return int(torch.multinomial(probs, 1, generator=generator))
+
+
+# -- the whole batch ----------------------------------------------------------------------------------
+def penalize(logits: torch.Tensor, seen: torch.Tensor, penalty: torch.Tensor) -> torch.Tensor:
+    """logits [B, V] fp32, seen [B, V] bool, penalty [B] fp32: HF's penalty on every seen id.
+
+    The same two fp32 operations per element as the one-row path (x * p or x / p, each one rounding),
+    applied where `seen`; a penalty of 1.0 leaves the row unchanged bit for bit (x * 1 = x / 1 = x)."""
+    p = penalty[:, None]
+    return torch.where(seen, torch.where(logits < 0, logits * p, logits / p), logits)
+
+
+def warp_batch(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor,
+               top_p: torch.Tensor) -> torch.Tensor:
+    """HF's temperature, top-k and top-p warpers with per-row values: logits [B, V], temperature [B]
+    fp32, top_k [B] int64 (0 = off), top_p [B] fp32 (1 = off)."""
+    vocab = logits.shape[-1]
+    logits = logits / temperature[:, None]
+    sorted_desc = torch.sort(logits, dim=-1, descending=True).values
+    k = torch.where(top_k > 0, top_k.clamp(max=vocab), vocab)
+    kth = sorted_desc.gather(1, (k - 1)[:, None])  # the k-th largest, as topk(...).values[-1]
+    logits = logits.masked_fill(logits < kth, float("-inf"))
+    sorted_asc, order = torch.sort(logits, dim=-1, descending=False)
+    cum = sorted_asc.softmax(-1).cumsum(-1)
+    remove = cum <= (1 - top_p)[:, None]
+    remove[:, -1] = False  # always keep the most likely token
+    remove &= (top_p < 1.0)[:, None]
+    return logits.masked_fill(remove.scatter(1, order, remove), float("-inf"))
+
+
+class BatchSampler:
+    """Per-slot sampling state on the model's device, and the batched selection of a step's tokens.
+
+    `seen[slot, id]` is True once `id` is in that slot's sequence: set from the prompt when a call
+    takes the slot (`start`) and for each committed token (`commit`), so the penalty never rebuilds
+    the id set. Per-slot settings live in small tensors filled at `start`, so a step gathers them
+    with one index instead of building tensors from Python lists."""
+
+    def __init__(self, num_slots: int, vocab_size: int, device):
+        self.device = device
+        self.seen = torch.zeros(num_slots, vocab_size, dtype=torch.bool, device=device)
+        self.penalty = torch.ones(num_slots, dtype=torch.float32, device=device)
+        self.temperature = torch.ones(num_slots, dtype=torch.float32, device=device)
+        self.top_k = torch.zeros(num_slots, dtype=torch.long, device=device)
+        self.top_p = torch.ones(num_slots, dtype=torch.float32, device=device)
+        self.params: list[SamplingParams | None] = [None] * num_slots
+        self.generators: list[torch.Generator | None] = [None] * num_slots
+
+    def start(self, slot: int, prompt_ids: list[int], params: SamplingParams,
+              generator: torch.Generator | None) -> None:
+        self.seen[slot] = False
+        self.seen[slot, torch.tensor(prompt_ids, dtype=torch.long, device=self.device)] = True
+        self.penalty[slot] = params.repetition_penalty
+        self.temperature[slot] = params.temperature if params.do_sample else 1.0
+        self.top_k[slot] = params.top_k if params.do_sample else 0
+        self.top_p[slot] = params.top_p if params.do_sample else 1.0
+        self.params[slot], self.generators[slot] = params, generator
+
+    @torch.inference_mode()
+    def select(self, logits: torch.Tensor, slots: list[int]) -> tuple[list[int], list[bool]]:
+        """Tokens for rows `slots` of logits [B, V], and whether each row failed (NaN scores, or a
+        sampled row whose probabilities are not a distribution). One host transfer."""
+        index = torch.tensor(slots, dtype=torch.long, device=logits.device)
+        scores = penalize(logits.float(), self.seen[index], self.penalty[index])
+        failed = torch.isnan(scores).any(-1)
+        tokens = torch.argmax(scores, dim=-1)
+        sampled = [b for b, s in enumerate(slots) if self.params[s].do_sample]
+        if sampled:
+            rows = torch.tensor(sampled, dtype=torch.long, device=logits.device)
+            picked = index[rows]
+            probs = warp_batch(scores[rows], self.temperature[picked], self.top_k[picked],
+                               self.top_p[picked]).softmax(-1)
+            bad = ~torch.isfinite(probs).all(-1) | ~(probs.sum(-1) > 0)
+            # a bad row draws from a harmless stand-in, so multinomial never raises mid-batch; it
+            # fails through `failed` after the single transfer below
+            probs = torch.where(bad[:, None], torch.ones_like(probs), probs)
+            draws = torch.cat([torch.multinomial(probs[j], 1, generator=self.generators[slots[b]])
+                               for j, b in enumerate(sampled)])
+            tokens = tokens.index_copy(0, rows, draws)
+            failed = failed.index_copy(0, rows, failed[rows] | bad)
+        host = torch.stack((tokens, failed.long())).tolist()  # the step's one device-to-host transfer
+        return host[0], [bool(f) for f in host[1]]
+
+    def commit(self, slots: list[int], tokens: list[int]) -> None:
+        """Mark each slot's new token as seen (in place)."""
+        if slots:
+            self.seen[torch.tensor(slots, device=self.device), torch.tensor(tokens, device=self.device)] = True
