@@ -49,10 +49,15 @@ from vitaserve.common.session_types import (
 
 log = structlog.get_logger(__name__)
 
+
+class SessionExists(SessionError):
+    """create() with a chosen session id that is already taken."""
+
+
 __all__ = [
     "SessionStore", "connect_redis", "SessionConfig", "SessionRecord", "TurnRecord",
     "SessionError", "SessionNotFound", "SessionEnded", "StaleWriteError", "StoreUnavailable",
-    "StoreFull", "SessionInputError", "RecordTooLarge", "UnknownSchema",
+    "StoreFull", "SessionInputError", "RecordTooLarge", "UnknownSchema", "SessionExists",
 ]
 
 
@@ -243,10 +248,13 @@ class SessionStore:
         except keys.InvalidKeyPart as e:
             raise SessionInputError(str(e)) from None
 
-    async def create(self, config: SessionConfig, owner: str = "", tenant: str = keys.ANONYMOUS_TENANT) -> str:
+    async def create(self, config: SessionConfig, owner: str = "", tenant: str = keys.ANONYMOUS_TENANT,
+                     session_id: str = "") -> str:
         """Start a session of `tenant`; returns its id: 128 random bits from `secrets` (32 hex
         digits), so ids cannot be guessed. `owner` may be set now or by claim().
-        StoreFull when Redis is near its memory limit (the rest is for the calls running)."""
+        `session_id`: an id the caller's protocol names instead (an AudioSocket stream's UUID);
+        SessionExists if it is taken. StoreFull when Redis is near its memory limit (the rest is for
+        the calls running)."""
         if not isinstance(config, SessionConfig):
             raise SessionInputError(f"config must be a SessionConfig, got {type(config).__name__}")
         if owner != "":
@@ -257,7 +265,9 @@ class SessionStore:
                 f"system prompt is {n} bytes, over the limit of {self.max_system_prompt_bytes}"
             )
         tenant = self._tenant(tenant)
-        session_id = secrets.token_hex(16)
+        chosen = bool(session_id)
+        session_id = session_id or secrets.token_hex(16)
+        self._keys(session_id)  # a chosen id is checked like any other
         fields = ["mode", config.mode, "codec", config.codec, "sample_rate", config.sample_rate,
                   "system_prompt", config.system_prompt]
         script, args = self._scripts["create"], [uuid.uuid4().hex, self.session_ttl_ms, owner, tenant, *fields]
@@ -267,8 +277,8 @@ class SessionStore:
             return await script(keys=self._keys(session_id), args=args)
 
         reply = await self._retrying("create a session", attempt)
-        if _word(reply) == "exists":  # a collision of 128 random bits: cannot happen in practice
-            raise SessionError(f"session id {session_id} already exists")
+        if _word(reply) == "exists":  # a chosen id in use, or a collision of 128 random bits
+            raise (SessionExists if chosen else SessionError)(f"session id {session_id} already exists")
         return session_id
 
     async def get(self, session_id: str) -> SessionRecord | None:

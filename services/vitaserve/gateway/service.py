@@ -286,6 +286,7 @@ class Gateway:
                  runner: ServiceRunner):
         self.settings, self.deps, self.servicer, self.runner = settings, deps, servicer, runner
         self.twilio = None  # gateway.adapters.twilio_server.TwilioServer, with --twilio-port
+        self.audiosocket = None  # gateway.adapters.audiosocket_server.AudioSocketServer, with --audiosocket-port
         self._closed = False
 
     @property
@@ -316,6 +317,15 @@ class Gateway:
             except BaseException:
                 await gateway.stop(0)
                 raise
+        if settings.audiosocket_port:
+            from vitaserve.gateway.adapters.audiosocket_server import AudioSocketServer  # it imports this module
+
+            gateway.audiosocket = AudioSocketServer(servicer)
+            try:
+                await gateway.audiosocket.start(settings.audiosocket_port)
+            except BaseException:
+                await gateway.stop(0)
+                raise
         log.info("gateway serving", port=runner.port, encoder=settings.encoder, decoder=settings.decoder,
                  triton=settings.triton, replica_id=settings.replica_id)
         return gateway
@@ -333,6 +343,8 @@ class Gateway:
         try:
             if self.twilio is not None:
                 await self.twilio.stop()
+            if self.audiosocket is not None:
+                await self.audiosocket.stop()
             await self.runner.stop(grace_s)
         finally:
             await self.deps.aclose()

@@ -22,6 +22,8 @@ from vitaserve.gateway.chunker import PRESETS, ChunkPlan, ChunkPlanError
 
 DEFAULT_PORT = 50051
 TWILIO_AUTH_TOKEN_ENV = "VITA_TWILIO_AUTH_TOKEN"  # or $VITA_TWILIO_AUTH_TOKEN_FILE: X-Twilio-Signature's key
+AUDIOSOCKET_API_KEY_ENV = "VITA_AUDIOSOCKET_API_KEY"  # or ..._FILE: the API key every AudioSocket call presents
+TWILIO_PRESETS = ("twilio", "telnyx")  # the dialect of Media Streams --twilio-port speaks
 # (setting, lowest, highest) of the call limits, in seconds: tests use fractions of a second, a week
 # is longer than any call a telephony platform holds.
 LIMIT_RANGES_S = (("first_message_s", 0.1, 3600.0), ("idle_s", 0.1, 7 * 86400.0),
@@ -79,13 +81,16 @@ class GatewaySettings:
     twilio_port: int = 0                  # Twilio Media Streams WebSocket (bidirectional <Connect><Stream>)
     twilio_public_url: str = ""           # wss://host[:port] Twilio calls (signed URL); "": wss:// + the Host header
     twilio_auth_token: str | None = field(default=None, repr=False)  # a secret: X-Twilio-Signature checked when set
+    twilio_preset: str = "twilio"         # "telnyx": Telnyx's variant of the events (PCMU and PCMA)
+    audiosocket_port: int = 0             # Asterisk AudioSocket TCP (plaintext: internal to the PBX's network)
+    audiosocket_api_key: str | None = field(default=None, repr=False)  # a secret: the credential of its calls
 
     def __post_init__(self) -> None:
         for name in ("lm_dir", "encoder", "decoder", "triton", "redis_url", "host", "replica_id", "default_mode"):
             if not getattr(self, name):
                 raise SettingsError(f"{_where(name)} is empty")
         for name, lo, hi in (("port", 0, 65535), ("metrics_port", 0, 65535), ("health_port", 0, 65535),
-                             ("twilio_port", 0, 65535), ("max_new_tokens", 1, None),
+                             ("twilio_port", 0, 65535), ("audiosocket_port", 0, 65535), ("max_new_tokens", 1, None),
                              ("context_tokens", 1, None), ("max_frame_bytes", 1, None), ("max_calls", 1, None)):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < lo or (hi is not None and value > hi):
@@ -118,6 +123,9 @@ class GatewaySettings:
             raise SettingsError("--jwt-tenant-claim is empty")
         if self.twilio_public_url and not self.twilio_public_url.startswith(("wss://", "ws://")):
             raise SettingsError(f"--twilio-public-url must start with wss:// or ws://, got {self.twilio_public_url!r}")
+        if self.twilio_preset not in TWILIO_PRESETS:
+            raise SettingsError(f"--twilio-preset must be one of {', '.join(TWILIO_PRESETS)}, "
+                                f"got {self.twilio_preset!r}")
         if not isinstance(self.chunk_plan, ChunkPlan):
             raise SettingsError(f"{_where('chunk_plan')} must be a ChunkPlan, got {self.chunk_plan!r}")
 
@@ -179,7 +187,9 @@ class GatewaySettings:
             f"redis+sentinel://...), or ${REDIS_URL_ENV}_FILE naming a file that holds it; "
             f"${API_KEYS_FILE_ENV}: the API keys file (JSON, keys stored as sha256; see `vita-audio apikey`); "
             f"${TWILIO_AUTH_TOKEN_ENV} (or ${TWILIO_AUTH_TOKEN_ENV}_FILE): the Twilio account's auth token, to "
-            "verify X-Twilio-Signature on --twilio-port")
+            "verify X-Twilio-Signature on --twilio-port; "
+            f"${AUDIOSOCKET_API_KEY_ENV} (or ${AUDIOSOCKET_API_KEY_ENV}_FILE): the API key every call on "
+            "--audiosocket-port presents (AudioSocket carries no credential)")
 
     @classmethod
     def from_args(cls, args: argparse.Namespace, environ: Mapping[str, str]) -> "GatewaySettings":
@@ -207,7 +217,9 @@ class GatewaySettings:
                    quota_lease_s=args.quota_lease_s, history_ttl_s=args.history_ttl_s,
                    store_text=not args.no_store_text, twilio_port=args.twilio_port,
                    twilio_public_url=args.twilio_public_url,
-                   twilio_auth_token=secret(TWILIO_AUTH_TOKEN_ENV, environ, required=False))
+                   twilio_auth_token=secret(TWILIO_AUTH_TOKEN_ENV, environ, required=False),
+                   twilio_preset=args.twilio_preset, audiosocket_port=args.audiosocket_port,
+                   audiosocket_api_key=secret(AUDIOSOCKET_API_KEY_ENV, environ, required=False))
 
 
 def _add_caller_arguments(parser: argparse.ArgumentParser) -> None:
@@ -263,6 +275,15 @@ def _add_adapter_arguments(parser: argparse.ArgumentParser) -> None:
                    help="wss://host[:port] as Twilio calls it (behind a proxy or ingress): the URL "
                         "X-Twilio-Signature signs is this plus the request's path; default wss:// and the Host "
                         f"header. The signature is checked when ${TWILIO_AUTH_TOKEN_ENV} is set")
+    g.add_argument("--twilio-preset", choices=TWILIO_PRESETS, default="twilio",
+                   help="the Media Streams dialect --twilio-port speaks: twilio (audio/x-mulaw, streamSid, "
+                        "customParameters; X-Twilio-Signature) or telnyx (PCMU or PCMA, stream_id, "
+                        "custom_parameters; the credential may come as Telnyx's x-telnyx-streaming-auth-token "
+                        "header). Default twilio")
+    g.add_argument("--audiosocket-port", type=int, default=0,
+                   help="port of the Asterisk AudioSocket TCP endpoint (8 kHz slin; the stream's UUID names the "
+                        "session). Plaintext TCP: keep it internal to the PBX's network. Its calls present "
+                        f"${AUDIOSOCKET_API_KEY_ENV} as their API key (anonymous without it). 0 = off (default)")
 
 
 def _where(name: str) -> str:

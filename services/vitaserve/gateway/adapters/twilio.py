@@ -12,6 +12,13 @@ dropped, unplayed: once `clear` went out, the echoes of that turn are ignored.
 
 A message that breaks the protocol raises ProtocolViolation with the WebSocket close code (RFC 6455
 section 7.4.1) and a reason; the server closes the socket with them.
+
+Telnyx's media streaming speaks the same events with its own names (the `telnyx` preset,
+--twilio-preset telnyx): the stream is the top-level `stream_id`, `start` carries `call_control_id`,
+`client_state`, `custom_parameters` and `media_format` {encoding PCMU or PCMA, sample_rate 8000,
+channels 1}; `media` carries a `track` (inbound or outbound with both_tracks: only inbound is the
+caller); it also sends `error` events. Our `media` / `mark` / `clear` go back without a stream id
+(bidirectional RTP mode: the stream's codec must be set as Telnyx's bidirectional codec too).
 """
 
 from __future__ import annotations
@@ -27,7 +34,10 @@ from vitaserve.api import audio_pb2, conversation_pb2 as pb
 from vitaserve.gateway.adapters.ws_close import INVALID_PAYLOAD, POLICY, UNSUPPORTED_DATA, ProtocolViolation
 
 MULAW_8K = audio_pb2.AudioFormat(codec=audio_pb2.AUDIO_CODEC_MULAW, sample_rate=8000)
+ALAW_8K = audio_pb2.AudioFormat(codec=audio_pb2.AUDIO_CODEC_ALAW, sample_rate=8000)
 MEDIA_ENCODING, MEDIA_RATE, MEDIA_CHANNELS = "audio/x-mulaw", 8000, 1
+TWILIO, TELNYX = "twilio", "telnyx"  # the presets (--twilio-preset)
+TELNYX_ENCODINGS = {"PCMU": MULAW_8K, "PCMA": ALAW_8K}
 # customParameters (<Parameter name=... value=...> of the <Stream>) the adapter reads; others are
 # the application's own and are ignored.
 PARAM_MODE, PARAM_SYSTEM_PROMPT, PARAM_SESSION_ID = "mode", "system_prompt", "session_id"
@@ -77,7 +87,9 @@ class StreamStart:
     credentials: tuple[tuple[str, str], ...]
 
 
-def parse_start(message: dict) -> StreamStart:
+def parse_start(message: dict, preset: str = TWILIO) -> StreamStart:
+    if preset == TELNYX:
+        return _parse_telnyx_start(message)
     start = _object(message, "start")
     stream_sid = _string(start, "streamSid", "start")
     call_sid = start.get("callSid", "")
@@ -86,15 +98,35 @@ def parse_start(message: dict) -> StreamStart:
     if (encoding, rate, channels) != (MEDIA_ENCODING, MEDIA_RATE, MEDIA_CHANNELS):
         raise ProtocolViolation(UNSUPPORTED_DATA, f"mediaFormat must be {MEDIA_ENCODING} {MEDIA_RATE} Hz "
                                 f"{MEDIA_CHANNELS} channel, got {encoding} {rate} Hz {channels}")
-    params = start.get("customParameters", {})
+    return _stream_start(stream_sid, call_sid, MULAW_8K, start.get("customParameters", {}), "customParameters")
+
+
+def _parse_telnyx_start(message: dict) -> StreamStart:
+    start = _object(message, "start")
+    stream_id = message.get("stream_id", start.get("stream_id"))
+    if not isinstance(stream_id, str):
+        raise ProtocolViolation(INVALID_PAYLOAD, 'start: "stream_id" must be a string')
+    fmt = _object(start, "media_format")
+    encoding, rate, channels = fmt.get("encoding"), fmt.get("sample_rate"), fmt.get("channels", 1)
+    if (not isinstance(encoding, str) or encoding not in TELNYX_ENCODINGS or str(rate) != str(MEDIA_RATE)
+            or str(channels) != str(MEDIA_CHANNELS)):
+        raise ProtocolViolation(UNSUPPORTED_DATA, f"media_format must be PCMU or PCMA at {MEDIA_RATE} Hz, "
+                                f"{MEDIA_CHANNELS} channel, got {str(encoding)[:20]} {str(rate)[:10]} Hz "
+                                f"{str(channels)[:4]}")
+    return _stream_start(stream_id, start.get("call_control_id", ""), TELNYX_ENCODINGS[encoding],
+                         start.get("custom_parameters", {}), "custom_parameters")
+
+
+def _stream_start(stream_sid: str, call_sid, fmt: audio_pb2.AudioFormat, params, where: str) -> StreamStart:
+    """The call's config and credential from the stream's parameters (the same names on both presets)."""
     if not isinstance(params, dict) or not all(isinstance(v, str) for v in params.values()):
-        raise ProtocolViolation(INVALID_PAYLOAD, 'start: "customParameters" must map names to strings')
-    config = pb.CallConfig(input_format=MULAW_8K, output_format=MULAW_8K, mode=params.get(PARAM_MODE, ""),
+        raise ProtocolViolation(INVALID_PAYLOAD, f'start: "{where}" must map names to strings')
+    config = pb.CallConfig(input_format=fmt, output_format=fmt, mode=params.get(PARAM_MODE, ""),
                            session_id=params.get(PARAM_SESSION_ID, ""))
     if PARAM_MAX_NEW_TOKENS in params:
         digits = params[PARAM_MAX_NEW_TOKENS]
         if not (digits.isascii() and digits.isdigit() and len(digits) <= 9):
-            raise ProtocolViolation(POLICY, f"customParameters.{PARAM_MAX_NEW_TOKENS} must be a whole number, "
+            raise ProtocolViolation(POLICY, f"{where}.{PARAM_MAX_NEW_TOKENS} must be a whole number, "
                                     f"got {digits[:20]!r}")
         config.max_new_tokens = int(digits)
     if PARAM_SYSTEM_PROMPT in params:
@@ -105,9 +137,12 @@ def parse_start(message: dict) -> StreamStart:
                        pb.ConverseRequest(config=config), credentials)
 
 
-def media_payload(message: dict) -> bytes:
-    """The mu-law bytes of a `media` event (inbound track; Twilio sends no other on <Connect>)."""
+def media_payload(message: dict) -> bytes | None:
+    """The audio bytes of a `media` event; None for Telnyx's outbound track (both_tracks), which is
+    the call's other side, not the caller (Twilio sends only inbound on <Connect>)."""
     media = _object(message, "media")
+    if media.get("track") == "outbound":
+        return None
     payload = _string(media, "payload", "media")
     try:
         return base64.b64decode(payload, validate=True)
@@ -130,18 +165,27 @@ def signature_valid(auth_token: str, url: str, signature: str) -> bool:
     return hmac.compare_digest(expected.encode(), signature.encode())
 
 
-# ---- out ------------------------------------------------------------------------------------------
-def media_event(stream_sid: str, audio: bytes) -> str:
-    return json.dumps({"event": "media", "streamSid": stream_sid,
-                       "media": {"payload": base64.b64encode(audio).decode()}})
+# ---- out: Twilio names the stream in every event; Telnyx takes them on the stream's own socket --------
+def _out(event: dict, stream_sid: str, preset: str) -> str:
+    return json.dumps(event if preset == TELNYX else {"event": event["event"], "streamSid": stream_sid, **event})
 
 
-def mark_event(stream_sid: str, name: str) -> str:
-    return json.dumps({"event": "mark", "streamSid": stream_sid, "mark": {"name": name}})
+def media_event(stream_sid: str, audio: bytes, preset: str = TWILIO) -> str:
+    return _out({"event": "media", "media": {"payload": base64.b64encode(audio).decode()}}, stream_sid, preset)
 
 
-def clear_event(stream_sid: str) -> str:
-    return json.dumps({"event": "clear", "streamSid": stream_sid})
+def mark_event(stream_sid: str, name: str, preset: str = TWILIO) -> str:
+    return _out({"event": "mark", "mark": {"name": name}}, stream_sid, preset)
+
+
+def clear_event(stream_sid: str, preset: str = TWILIO) -> str:
+    return _out({"event": "clear"}, stream_sid, preset)
+
+
+def error_description(message: dict) -> str:
+    """What a Telnyx `error` event says, for the log (its fields are not relied on)."""
+    payload = message.get("payload", message.get("error", {}))
+    return json.dumps(payload)[:200] if payload else "no details"
 
 
 @dataclass

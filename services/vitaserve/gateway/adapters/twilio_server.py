@@ -9,6 +9,11 @@ PlaybackProgress, `stop` as CANCEL and the end of the caller's messages (the ses
 resumable). The call's audio goes out as `media` + `mark` per chunk, `clear` on barge-in
 (gateway/adapters/twilio.py). A call ends with a close frame: 1000 when it ended well, otherwise a
 code and reason (gateway/adapters/ws_close.py); nothing else is touched.
+
+With --twilio-preset telnyx the port speaks Telnyx's variant (gateway/adapters/twilio.py): PCMU or
+PCMA, no X-Twilio-Signature (Twilio's alone), and the credential may also come as the
+x-telnyx-streaming-auth-token header Telnyx sends on the upgrade (set it to one of our API keys);
+Telnyx's `error` events are logged and the call goes on.
 """
 
 from __future__ import annotations
@@ -36,6 +41,7 @@ from vitaserve.gateway.service import Refused
 log = structlog.get_logger(__name__)
 
 SIGNATURE_HEADER = "X-Twilio-Signature"
+TELNYX_TOKEN_HEADER = "x-telnyx-streaming-auth-token"  # Telnyx's streaming auth token: taken as an API key
 CREDENTIAL_HEADERS = (API_KEY_HEADER, AUTHORIZATION_HEADER)  # the names gateway/auth.py reads in gRPC metadata
 # The largest message the protocol needs: `start` with a system prompt of at most 4 characters per
 # context token (gateway/call.py; 16 Ki characters at 4096 tokens), each up to 6 bytes as a JSON
@@ -66,6 +72,8 @@ class TwilioServer:
         self.servicer = servicer  # gateway.service.ConversationServicer: its gate and its live-call count
         self.deps, self.settings = servicer.deps, servicer.deps.settings
         self.server: Server | None = None
+        self.preset = self.settings.twilio_preset
+        self.events = _EVENTS | ({"error"} if self.preset == twilio.TELNYX else set())
 
     @property
     def port(self) -> int:
@@ -75,8 +83,12 @@ class TwilioServer:
         self.server = await serve(self._handle, self.settings.host, port, process_request=self._check_signature,
                                   max_size=MAX_MESSAGE_BYTES, ssl=server_ssl(self.settings.tls),
                                   open_timeout=self.settings.first_message_s)
-        log.info("twilio media streams serving", port=self.port,
-                 signature_checked=self.settings.twilio_auth_token is not None)
+        log.info("twilio media streams serving", port=self.port, preset=self.preset,
+                 signature_checked=self._signed)
+
+    @property
+    def _signed(self) -> bool:
+        return self.settings.twilio_auth_token is not None and self.preset == twilio.TWILIO
 
     async def stop(self) -> None:
         """Close the listener and every call's socket (1001); their calls end as cancelled."""
@@ -87,7 +99,7 @@ class TwilioServer:
     # ---- the upgrade ------------------------------------------------------------------------------
     def _check_signature(self, connection: ServerConnection, request):
         token = self.settings.twilio_auth_token
-        if token is None:
+        if not self._signed:
             return None
         base = self.settings.twilio_public_url or f"wss://{request.headers.get('Host', '')}"
         signature = request.headers.get(SIGNATURE_HEADER)
@@ -105,6 +117,8 @@ class TwilioServer:
             if start is None:
                 return await ws.close(NORMAL, "stop before start")
             headers = tuple((name, value) for name in CREDENTIAL_HEADERS for value in ws.request.headers.get_all(name))
+            if self.preset == twilio.TELNYX:
+                headers += tuple((API_KEY_HEADER, v) for v in ws.request.headers.get_all(TELNYX_TOKEN_HEADER))
             async with self.servicer.call_slot(headers + start.credentials, "converse") as caller:
                 with self.servicer.live_call():
                     log.info("twilio stream started", stream_sid=start.stream_sid, call_sid=start.call_sid,
@@ -130,11 +144,14 @@ class TwilioServer:
                 while True:
                     event, message = twilio.parse_event(await _recv(ws))
                     if event == "start":
-                        return twilio.parse_start(message)
+                        return twilio.parse_start(message, self.preset)
                     if event == "stop":
                         return None
+                    if event == "error" and event in self.events:
+                        log.warning("telnyx error event", error=twilio.error_description(message))
+                        continue
                     if event != "connected":
-                        raise ProtocolViolation(POLICY, f"`{event}` before `start`" if event in _EVENTS
+                        raise ProtocolViolation(POLICY, f"`{event}` before `start`" if event in self.events
                                                 else f"unknown event {event[:40]!r}")
         except TimeoutError:
             metrics.GATEWAY_CALL_LIMITS.labels("first_message").inc()
@@ -149,7 +166,9 @@ class TwilioServer:
             while True:
                 event, message = twilio.parse_event(await _recv(ws))
                 if event == "media":
-                    yield pb.ConverseRequest(audio=pb.AudioFrame(data=twilio.media_payload(message)))
+                    audio = twilio.media_payload(message)
+                    if audio is not None:
+                        yield pb.ConverseRequest(audio=pb.AudioFrame(data=audio))
                 elif event == "mark":
                     report = playback.echoed(twilio.mark_name(message))
                     if report is not None:
@@ -159,14 +178,16 @@ class TwilioServer:
                 elif event == "stop":  # the call is over: cut the answer at what was heard, keep the session
                     yield pb.ConverseRequest(control=pb.Control(action=pb.Control.CANCEL))
                     return
-                elif event in _EVENTS:
+                elif event == "error" and event in self.events:  # Telnyx's: logged, the call goes on
+                    log.warning("telnyx error event", error=twilio.error_description(message))
+                elif event in self.events:
                     raise ProtocolViolation(POLICY, f"`{event}` after `start`")
                 else:
                     raise ProtocolViolation(POLICY, f"unknown event {event[:40]!r}")
 
         async with aclosing(Call(self.deps, tenant).run(requests())) as messages:
             async for message in messages:
-                for out in _events(message, sid, playback):
+                for out in _events(message, sid, playback, self.preset):
                     await self._send(ws, out)
 
     async def _send(self, ws: ServerConnection, text: str) -> None:
@@ -200,14 +221,16 @@ def _status(exc: Exception) -> tuple[grpc.StatusCode, str]:
     return call_status(exc)
 
 
-def _events(message: pb.ConverseResponse, sid: str, playback: twilio.Playback) -> list[str]:
+def _events(message: pb.ConverseResponse, sid: str, playback: twilio.Playback,
+            preset: str = twilio.TWILIO) -> list[str]:
     """The Twilio events one message of the call becomes (most become none: Twilio carries audio only)."""
     kind = message.WhichOneof("message")
     if kind == "audio":
-        return [twilio.media_event(sid, message.audio.data), twilio.mark_event(sid, playback.sent(message.audio))]
+        return [twilio.media_event(sid, message.audio.data, preset),
+                twilio.mark_event(sid, playback.sent(message.audio), preset)]
     if kind == "interrupted" or (kind == "speech_started" and playback.playing):
         playback.cleared()  # barge-in, or the caller talks over audio still playing at the platform
-        return [twilio.clear_event(sid)]
+        return [twilio.clear_event(sid, preset)]
     if kind == "error":
         log.warning("turn failed", turn=message.error.turn, code=message.error.code, error=message.error.message)
     return []
