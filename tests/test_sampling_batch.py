@@ -54,16 +54,20 @@ def _hf_warp(row: torch.Tensor, p: SamplingParams) -> torch.Tensor:
     return row
 
 
+def _padded(ids):
+    """Rows of ids [B, L], each padded with its own first id (what BatchSampler keeps)."""
+    width = max(len(r) for r in ids)
+    return torch.stack([torch.cat((r, r[:1].expand(width - len(r)))) for r in ids])
+
+
 @pytest.mark.parametrize("seed", range(5))
 def test_penalty_equals_transformers_per_row(seed):
     logits, ids = _case(seed)
-    seen = torch.zeros(len(ROWS), V, dtype=torch.bool)
-    for b, row_ids in enumerate(ids):
-        seen[b, row_ids] = True
-    got = penalize(logits, seen, torch.tensor([p.repetition_penalty for p in ROWS]))
+    got = penalize(logits.clone(), _padded(ids), torch.tensor([p.repetition_penalty for p in ROWS]))
     for b, p in enumerate(ROWS):
         want = RepetitionPenaltyLogitsProcessor(p.repetition_penalty)(ids[b][None], logits[b : b + 1])[0]
         assert torch.equal(got[b], want), b
+    assert not torch.equal(got[0], logits[0])  # the penalty did something
 
 
 @pytest.mark.parametrize("seed", range(5))
@@ -80,7 +84,7 @@ def test_warpers_equal_transformers_per_row(seed):
 
 
 def _sampler(ids):
-    sampler = BatchSampler(len(ROWS), V, "cpu")
+    sampler = BatchSampler(len(ROWS), V, "cpu", max_len=512)
     gens = []
     for slot, (p, row_ids) in enumerate(zip(ROWS, ids)):
         gen = torch.Generator().manual_seed(p.seed) if p.do_sample else None
@@ -92,7 +96,7 @@ def _sampler(ids):
 @pytest.mark.parametrize("seed", range(5))
 def test_batch_select_equals_the_one_row_path(seed):
     logits, ids = _case(seed)
-    tokens, failed = _sampler(ids).select(logits, list(range(len(ROWS))))
+    tokens, failed = _sampler(ids).select(logits.clone(), list(range(len(ROWS))))
     want = [select_token(logits[b], ids[b], p, torch.Generator().manual_seed(p.seed) if p.do_sample else None)
             for b, p in enumerate(ROWS)]
     assert tokens == want and not any(failed)
@@ -102,38 +106,39 @@ def test_slots_in_any_order_and_a_subset():
     logits, ids = _case(7)
     sampler = _sampler(ids)
     order = [5, 0, 2]
-    tokens, _ = sampler.select(logits[order], order)
+    tokens, _ = sampler.select(logits[order].clone(), order)
     want = [select_token(logits[b], ids[b], ROWS[b],
                          torch.Generator().manual_seed(ROWS[b].seed) if ROWS[b].do_sample else None) for b in order]
     assert tokens == want
 
 
-def test_commit_marks_the_token_seen_in_place():
+def test_commit_appends_the_token_in_place_and_the_penalty_then_applies_to_it():
     logits, ids = _case(8)
     sampler = _sampler(ids)
-    seen = sampler.seen
+    buffer = sampler.ids
     token = next(t for t in range(V) if t not in set(ids[0].tolist()))
-    assert not sampler.seen[0, token]
     sampler.commit([0], [token])
-    assert sampler.seen is seen and sampler.seen[0, token] and not sampler.seen[1, token]
-    # the penalty now applies to it, as to an id of the prompt
+    assert sampler.ids is buffer and sampler.lengths[0] == len(ids[0]) + 1
+    assert sampler.ids[0, : len(ids[0]) + 1].tolist() == ids[0].tolist() + [token]
+    width = max(sampler.lengths)
+    got = penalize(logits.clone(), sampler.ids[:, :width], sampler.penalty)
     before = logits[0, token].item()
-    after = penalize(logits[:1], sampler.seen[:1], torch.tensor([1.05]))[0, token].item()
-    assert after == pytest.approx(before * 1.05 if before < 0 else before / 1.05, rel=1e-6)
+    assert got[0, token].item() == pytest.approx(before * 1.05 if before < 0 else before / 1.05, rel=1e-6)
+    assert torch.equal(got[1], logits[1])  # penalty 1.0 row untouched
 
 
 def test_start_resets_a_reused_slot():
     logits, ids = _case(9)
     sampler = _sampler(ids)
     sampler.start(0, [3], SamplingParams(repetition_penalty=1.05), None)
-    assert sampler.seen[0].nonzero().flatten().tolist() == [3]
+    assert sampler.lengths[0] == 1 and set(sampler.ids[0].tolist()) == {3}
 
 
 @pytest.mark.parametrize("bad_row", [0, 2])  # a greedy row and a sampled row
 def test_a_nan_row_fails_alone(bad_row):
     logits, ids = _case(10)
     logits[bad_row, 17] = float("nan")
-    tokens, failed = _sampler(ids).select(logits, list(range(len(ROWS))))
+    tokens, failed = _sampler(ids).select(logits.clone(), list(range(len(ROWS))))
     assert failed == [b == bad_row for b in range(len(ROWS))]
     clean, _ = _sampler(ids).select(_case(10)[0], list(range(len(ROWS))))
     assert [t for b, t in enumerate(tokens) if b != bad_row] == [t for b, t in enumerate(clean) if b != bad_row]

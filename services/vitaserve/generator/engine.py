@@ -72,7 +72,8 @@ class Engine:
         scheduler: the step policy's settings (scheduler.py)."""
         self.lm = lm
         self.scheduler = scheduler or SchedulerConfig()
-        self.sampler = BatchSampler(lm.model.num_slots, lm.config.vocab_size, lm.model.lm_head.weight.device)
+        self.sampler = BatchSampler(lm.model.num_slots, lm.config.vocab_size, lm.model.lm_head.weight.device,
+                                    lm.model.max_len)
         self.max_waiting = max_waiting or lm.model.num_slots
         if self.max_waiting < 0:
             raise ValueError(f"max_waiting must be >= 0, got {max_waiting}")

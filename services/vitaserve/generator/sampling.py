@@ -6,8 +6,9 @@ sampling, temperature, top-k and top-p. Logits are processed in fp32. Each seque
 own `torch.Generator`, so a seed reproduces a call without touching the process-wide RNG.
 
 `BatchSampler` does this for every row of a step with tensor ops: the penalty reads a per-slot
-presence mask (updated in place with each committed token, never rebuilt from the id list), greedy
-rows are one argmax for the batch, and the step's tokens and failure flags reach the host in ONE
+buffer of the sequence's ids (appended in place with each committed token, never rebuilt from the id
+list) and gathers/scatters only those ids, as transformers does for a batch, greedy rows are one
+argmax for the batch, and the step's tokens and failure flags reach the host in ONE
 transfer. Only the draw of sampled rows runs per row (torch.multinomial with the row's own
 generator, as a kernel launch with no host sync), because a single batched draw cannot take one
 generator per row; greedy rows never loop. The single-row functions below are the reference the
@@ -74,13 +75,16 @@ def select_token(
 
 
 # -- the whole batch ----------------------------------------------------------------------------------
-def penalize(logits: torch.Tensor, seen: torch.Tensor, penalty: torch.Tensor) -> torch.Tensor:
-    """logits [B, V] fp32, seen [B, V] bool, penalty [B] fp32: HF's penalty on every seen id.
+def penalize(logits: torch.Tensor, seen_ids: torch.Tensor, penalty: torch.Tensor) -> torch.Tensor:
+    """logits [B, V] fp32 (changed in place and returned), seen_ids [B, L] every id of each row
+    (repeats allowed: a row shorter than L is padded with one of its own ids), penalty [B] fp32.
 
-    The same two fp32 operations per element as the one-row path (x * p or x / p, each one rounding),
-    applied where `seen`; a penalty of 1.0 leaves the row unchanged bit for bit (x * 1 = x / 1 = x)."""
+    transformers' batched gather/scatter over the ids only, never the whole vocabulary: the same fp32
+    operations per element as the one-row path (x * p or x / p, one rounding each), and a repeated
+    id scatters the same value twice. A penalty of 1.0 leaves the row unchanged (x * 1 = x / 1 = x)."""
     p = penalty[:, None]
-    return torch.where(seen, torch.where(logits < 0, logits * p, logits / p), logits)
+    score = logits.gather(1, seen_ids)
+    return logits.scatter_(1, seen_ids, torch.where(score < 0, score * p, score / p))
 
 
 def warp_batch(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor,
@@ -104,14 +108,16 @@ def warp_batch(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Ten
 class BatchSampler:
     """Per-slot sampling state on the model's device, and the batched selection of a step's tokens.
 
-    `seen[slot, id]` is True once `id` is in that slot's sequence: set from the prompt when a call
-    takes the slot (`start`) and for each committed token (`commit`), so the penalty never rebuilds
-    the id set. Per-slot settings live in small tensors filled at `start`, so a step gathers them
-    with one index instead of building tensors from Python lists."""
+    `ids[slot, :lengths[slot]]` are the ids of that slot's sequence: the prompt when a call takes the
+    slot (`start`), then each committed token written in place (`commit`), so the penalty never
+    rebuilds the id list; the rest of the row repeats the prompt's first id (a harmless repeat for
+    the penalty's gather/scatter). Per-slot settings live in small tensors filled at `start`, so a
+    step gathers them with one index instead of building tensors from Python lists."""
 
-    def __init__(self, num_slots: int, vocab_size: int, device):
+    def __init__(self, num_slots: int, vocab_size: int, device, max_len: int):
         self.device = device
-        self.seen = torch.zeros(num_slots, vocab_size, dtype=torch.bool, device=device)
+        self.ids = torch.zeros(num_slots, max_len, dtype=torch.long, device=device)
+        self.lengths = [0] * num_slots
         self.penalty = torch.ones(num_slots, dtype=torch.float32, device=device)
         self.temperature = torch.ones(num_slots, dtype=torch.float32, device=device)
         self.top_k = torch.zeros(num_slots, dtype=torch.long, device=device)
@@ -121,8 +127,11 @@ class BatchSampler:
 
     def start(self, slot: int, prompt_ids: list[int], params: SamplingParams,
               generator: torch.Generator | None) -> None:
-        self.seen[slot] = False
-        self.seen[slot, torch.tensor(prompt_ids, dtype=torch.long, device=self.device)] = True
+        if len(prompt_ids) > self.ids.shape[1]:
+            raise ValueError(f"prompt of {len(prompt_ids)} ids exceeds the context ({self.ids.shape[1]})")
+        self.ids[slot] = prompt_ids[0]
+        self.ids[slot, : len(prompt_ids)] = torch.tensor(prompt_ids, dtype=torch.long, device=self.device)
+        self.lengths[slot] = len(prompt_ids)
         self.penalty[slot] = params.repetition_penalty
         self.temperature[slot] = params.temperature if params.do_sample else 1.0
         self.top_k[slot] = params.top_k if params.do_sample else 0
@@ -131,12 +140,15 @@ class BatchSampler:
 
     @torch.inference_mode()
     def select(self, logits: torch.Tensor, slots: list[int]) -> tuple[list[int], list[bool]]:
-        """Tokens for rows `slots` of logits [B, V], and whether each row failed (NaN scores, or a
-        sampled row whose probabilities are not a distribution). One host transfer."""
+        """Tokens for rows `slots` of logits [B, V] (changed in place), and whether each row failed
+        (NaN scores, or a sampled row whose probabilities are not a distribution). One host transfer."""
         index = torch.tensor(slots, dtype=torch.long, device=logits.device)
-        scores = penalize(logits.float(), self.seen[index], self.penalty[index])
-        failed = torch.isnan(scores).any(-1)
+        width = max(self.lengths[s] for s in slots)
+        scores = penalize(logits.float(), self.ids[index, :width], self.penalty[index])
         tokens = torch.argmax(scores, dim=-1)
+        # argmax propagates NaN (a NaN compares as the largest), so a row with any NaN picks one:
+        # checking the picked score finds every NaN row in O(B), not O(B * V)
+        failed = scores.gather(1, tokens[:, None])[:, 0].isnan()
         sampled = [b for b, s in enumerate(slots) if self.params[s].do_sample]
         if sampled:
             rows = torch.tensor(sampled, dtype=torch.long, device=logits.device)
@@ -155,6 +167,13 @@ class BatchSampler:
         return host[0], [bool(f) for f in host[1]]
 
     def commit(self, slots: list[int], tokens: list[int]) -> None:
-        """Mark each slot's new token as seen (in place)."""
-        if slots:
-            self.seen[torch.tensor(slots, device=self.device), torch.tensor(tokens, device=self.device)] = True
+        """Append each slot's new token to its ids (in place)."""
+        if not slots:
+            return
+        where = [self.lengths[s] for s in slots]
+        if max(where) >= self.ids.shape[1]:
+            raise ValueError("a sequence outgrew the sampler's id buffer (the context length)")
+        packed = torch.tensor([slots, where, tokens], dtype=torch.long, device=self.device)
+        self.ids[packed[0], packed[1]] = packed[2]
+        for s in slots:
+            self.lengths[s] += 1
