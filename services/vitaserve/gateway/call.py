@@ -11,6 +11,7 @@ reported with an Error message and the call goes on.
 from __future__ import annotations
 
 import asyncio
+import math
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -33,7 +34,7 @@ from vitaserve.gateway.convert import CallError, generation_options, output_form
 from vitaserve.gateway.deps import GatewayDeps
 from vitaserve.gateway.outbox import Outbox
 from vitaserve.gateway.pipeline import AnswerPipeline
-from vitaserve.gateway.playback import FinishedAnswer, heard_ids, report_error, tokens_heard
+from vitaserve.gateway.playback import PLAYED_SLACK_S, FinishedAnswer, heard_ids, report_error, tokens_heard
 from vitaserve.gateway.vad import SpeechEnded, SpeechStarted, VadConfig, VoiceActivityDetector
 from vitaserve.lmtext.prompt import LUKE_SYSTEM, Turn
 
@@ -70,6 +71,7 @@ class Call:
         self.answer_task: asyncio.Task | None = None
         self.answering: tuple[int, AnswerProgress] | None = None  # the begun turn being answered now
         self.finished: FinishedAnswer | None = None  # the last answer stored whole, maybe still playing
+        self.stored: FinishedAnswer | None = None  # the last answer stored, whole or cut (cut_to_heard)
         self.session_id = ""
         self.turns_done = 0
         # the call's limits (ARCHITECTURE.md "Limits and admission"); perf_counter, AnswerProgress's clock
@@ -331,6 +333,29 @@ class Call:
             return
         progress.played_s, progress.played_at = report.played_s, time.perf_counter()
 
+    async def cut_to_heard(self, turn: int, played_s: float) -> str | None:
+        """Cut the last stored answer to its first `played_s` seconds of audio, after the fact: for a
+        protocol whose client says what it played only once it stopped (OpenAI Realtime's
+        conversation.item.truncate, sent after a barge-in or a cancel). None when cut, else why not
+        (the stored turn then stays as it was)."""
+        stored = self.stored
+        if stored is None or stored.turn != turn or self.answering is not None:
+            return f"turn {turn} is not the last answer of this call, or another answer is under way: only " \
+                   "the last one can be cut, once it ended"
+        progress = stored.progress
+        if not math.isfinite(played_s) or not 0 <= played_s <= progress.audio_sent_s + PLAYED_SLACK_S:
+            return f"{played_s:.3f} s is not within the {progress.audio_sent_s:.3f} s of audio turn {turn} sent"
+        progress.played_s, progress.played_at = played_s, time.perf_counter()
+        ids, text = self._heard_part(progress)
+        record = TurnRecord(turn=turn, user_audio=stored.user_audio, assistant_ids=ids, text=text, interrupted=True)
+        try:
+            await asyncio.shield(self.deps.store.cut_turn(self.session_id, record, self.owner))
+        except SessionError as exc:
+            return f"turn {turn} not cut: {self._loggable(exc)}"
+        if self.finished is stored:
+            self.finished = None
+        return None
+
     def _loggable(self, exc: BaseException) -> str:
         """An error for the log: the store's messages name the session, which logs show only as a hash."""
         text = repr(exc)
@@ -401,6 +426,7 @@ class Call:
             finally:
                 if outcome != "failed":
                     await asyncio.shield(self._commit(turn, user_tokens, progress, interrupted=outcome == "interrupted"))
+                    self.stored = FinishedAnswer(turn, user_tokens, progress)
             self.finished = FinishedAnswer(turn, user_tokens, progress)  # stored whole; it may play on
             timings = turn_timings(progress, t_end, t, encode_ms)
             if progress.first_audio_at is not None:

@@ -286,6 +286,7 @@ class Gateway:
                  runner: ServiceRunner):
         self.settings, self.deps, self.servicer, self.runner = settings, deps, servicer, runner
         self.twilio = None  # gateway.adapters.twilio_server.TwilioServer, with --twilio-port
+        self.realtime = None  # gateway.adapters.realtime_server.RealtimeServer, with --realtime-port
         self.audiosocket = None  # gateway.adapters.audiosocket_server.AudioSocketServer, with --audiosocket-port
         self._closed = False
 
@@ -317,6 +318,15 @@ class Gateway:
             except BaseException:
                 await gateway.stop(0)
                 raise
+        if settings.realtime_port:
+            from vitaserve.gateway.adapters.realtime_server import RealtimeServer  # it imports this module
+
+            gateway.realtime = RealtimeServer(servicer)
+            try:
+                await gateway.realtime.start(settings.realtime_port)
+            except BaseException:
+                await gateway.stop(0)
+                raise
         if settings.audiosocket_port:
             from vitaserve.gateway.adapters.audiosocket_server import AudioSocketServer  # it imports this module
 
@@ -343,6 +353,8 @@ class Gateway:
         try:
             if self.twilio is not None:
                 await self.twilio.stop()
+            if self.realtime is not None:
+                await self.realtime.stop()
             if self.audiosocket is not None:
                 await self.audiosocket.stop()
             await self.runner.stop(grace_s)

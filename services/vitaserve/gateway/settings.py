@@ -81,6 +81,7 @@ class GatewaySettings:
     twilio_port: int = 0                  # Twilio Media Streams WebSocket (bidirectional <Connect><Stream>)
     twilio_public_url: str = ""           # wss://host[:port] Twilio calls (signed URL); "": wss:// + the Host header
     twilio_auth_token: str | None = field(default=None, repr=False)  # a secret: X-Twilio-Signature checked when set
+    realtime_port: int = 0                # OpenAI Realtime WebSocket (server side; GA schema, beta on request)
     twilio_preset: str = "twilio"         # "telnyx": Telnyx's variant of the events (PCMU and PCMA)
     audiosocket_port: int = 0             # Asterisk AudioSocket TCP (plaintext: internal to the PBX's network)
     audiosocket_api_key: str | None = field(default=None, repr=False)  # a secret: the credential of its calls
@@ -90,7 +91,8 @@ class GatewaySettings:
             if not getattr(self, name):
                 raise SettingsError(f"{_where(name)} is empty")
         for name, lo, hi in (("port", 0, 65535), ("metrics_port", 0, 65535), ("health_port", 0, 65535),
-                             ("twilio_port", 0, 65535), ("audiosocket_port", 0, 65535), ("max_new_tokens", 1, None),
+                             ("twilio_port", 0, 65535), ("audiosocket_port", 0, 65535), ("realtime_port", 0, 65535),
+                             ("max_new_tokens", 1, None),
                              ("context_tokens", 1, None), ("max_frame_bytes", 1, None), ("max_calls", 1, None)):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < lo or (hi is not None and value > hi):
@@ -218,6 +220,7 @@ class GatewaySettings:
                    store_text=not args.no_store_text, twilio_port=args.twilio_port,
                    twilio_public_url=args.twilio_public_url,
                    twilio_auth_token=secret(TWILIO_AUTH_TOKEN_ENV, environ, required=False),
+                   realtime_port=args.realtime_port,
                    twilio_preset=args.twilio_preset, audiosocket_port=args.audiosocket_port,
                    audiosocket_api_key=secret(AUDIOSOCKET_API_KEY_ENV, environ, required=False))
 
@@ -275,6 +278,10 @@ def _add_adapter_arguments(parser: argparse.ArgumentParser) -> None:
                    help="wss://host[:port] as Twilio calls it (behind a proxy or ingress): the URL "
                         "X-Twilio-Signature signs is this plus the request's path; default wss:// and the Host "
                         f"header. The signature is checked when ${TWILIO_AUTH_TOKEN_ENV} is set")
+    g.add_argument("--realtime-port", type=int, default=0,
+                   help="port of the OpenAI Realtime WebSocket (the server side: point the openai SDK's "
+                        "realtime client at it; GA schema, the beta one with `OpenAI-Beta: realtime=v1`); "
+                        "the SDK's api_key is the caller's API key; TLS (wss) with --tls-cert; 0 = off (default)")
     g.add_argument("--twilio-preset", choices=TWILIO_PRESETS, default="twilio",
                    help="the Media Streams dialect --twilio-port speaks: twilio (audio/x-mulaw, streamSid, "
                         "customParameters; X-Twilio-Signature) or telnyx (PCMU or PCMA, stream_id, "
