@@ -176,13 +176,21 @@ def install_hooks(off, impl: str, causal_fix: bool, trace: MaskTrace | None):
         off.Qwen2Model._update_causal_mask = no_mask
 
 
-def load_model(pkg, lm_dir: Path, impl: str):
+def load_model(pkg, lm_dir: Path, impl: str, device: str = "cpu", dtype: str = "float32", random_init: bool = False):
+    """From the folder's weights, or (random_init) with random weights created on `device`: then the
+    folder needs only config.json and generation_config.json (a 7B model never touches the disk)."""
     import torch
     from transformers import GenerationConfig
 
+    torch_dtype = getattr(torch, dtype)
     config = pkg.Qwen2MTPConfig.from_pretrained(lm_dir)
-    model = pkg.Qwen2MTPForCausalLM.from_pretrained(
-        lm_dir, config=config, torch_dtype=torch.float32, attn_implementation=impl).eval()
+    if random_init:
+        with torch.device(device):
+            model = pkg.Qwen2MTPForCausalLM._from_config(config, attn_implementation=impl, torch_dtype=torch_dtype)
+        model = model.eval()
+    else:
+        model = pkg.Qwen2MTPForCausalLM.from_pretrained(
+            lm_dir, config=config, torch_dtype=torch_dtype, attn_implementation=impl).eval().to(device)
     gc = GenerationConfig.from_pretrained(lm_dir)
     gc.do_sample = False
     gc.temperature, gc.top_k, gc.top_p = 1.0, 50, 1.0  # as inference_sts.py; unused when greedy
@@ -200,7 +208,7 @@ def run_mode(model, prompt: list[int], mode: list[int], max_new_tokens: int, thr
 
     model.generation_config.mtp_inference_mode = list(mode)
     model.generation_config.max_new_tokens = max_new_tokens
-    input_ids = torch.tensor([prompt], dtype=torch.long)
+    input_ids = torch.tensor([prompt], dtype=torch.long, device=model.device)
     streamer = StampStreamer(threaded)
     error = None
 
@@ -273,6 +281,10 @@ def main(argv=None) -> int:
     p.add_argument("--warmup-tokens", type=int, default=4, help="an untimed vanilla run of this many tokens first")
     p.add_argument("--stream-timing", choices=["put", "thread"], default="put")
     p.add_argument("--threads", type=int, default=0, help="torch.set_num_threads (0: leave the default)")
+    p.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--random-init", action="store_true",
+                   help="random weights created on --device (timing only; --lm then needs only the config files)")
     p.add_argument("--out", type=Path, help="also write the JSON here")
     args = p.parse_args(argv)
 
@@ -284,7 +296,7 @@ def main(argv=None) -> int:
     pkg, off = load_official(args.official_repo.resolve())
     trace = MaskTrace(0) if args.trace_masks else None
     t0 = time.perf_counter()
-    model = load_model(pkg, args.lm, args.attn)
+    model = load_model(pkg, args.lm, args.attn, args.device, args.dtype, args.random_init)
     load_s = time.perf_counter() - t0
     cfg = model.config
     if trace is not None:
@@ -307,6 +319,7 @@ def main(argv=None) -> int:
         "impl": "official", "attn": args.attn, "causal_fix": args.causal_fix,
         "stream_timing": args.stream_timing, "torch": torch.__version__, "transformers": transformers.__version__,
         "threads": torch.get_num_threads(), "lm": str(args.lm), "load_s": round(load_s, 2),
+        "device": args.device, "dtype": args.dtype, "random_init": args.random_init,
         "prompt": prompt, "max_new_tokens": args.max_new_tokens,
         "repetition_penalty": model.generation_config.repetition_penalty, "modes": {},
     }

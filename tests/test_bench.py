@@ -35,7 +35,8 @@ def test_bench_engine_together(tiny_lm_dir, tmp_path):
     result = _run(tmp_path, ["engine", "--lm", str(tiny_lm_dir), "--concurrency", "3", "--prompt-len", "8",
                              "--max-new-tokens", "16", "--max-len", "64"])
     for key in (*PROVENANCE, "tokens_per_s", "first_chunk_ms_p50", "first_chunk_ms_p95", "first_chunk_ms_max",
-                "lone_first_chunk_ms", "lone_tokens_per_s", "first_chunk_max_over_lone"):
+                "lone_first_chunk_ms", "lone_tokens_per_s", "first_chunk_max_over_lone", "per_call_tokens_per_s_min",
+                "every_call_real_time"):
         assert key in result, key
     assert result["arrival"] == "together" and result["concurrency"] == 3
     assert result["first_chunk_ms_p50"] <= result["first_chunk_ms_max"]

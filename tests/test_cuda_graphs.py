@@ -16,7 +16,6 @@ import random
 import pytest
 import torch
 
-from vitaserve.generator import runner
 from vitaserve.generator.cuda_graphs import DecodeGraphs, bucket_of, key_bucket
 from vitaserve.generator.engine import Engine, Request
 from vitaserve.generator.language_model import LanguageModel
@@ -124,21 +123,13 @@ def _tokens(lm, mode: str, prompts: list[list[int]], max_new_tokens: int = 24) -
 
 
 @pytest.mark.parametrize("mode", ["vanilla", "balance", "boost", "turbo"])
-def test_engine_through_static_steps_emits_the_same_tokens(lm, mode, monkeypatch):
-    """The integration the runner needs (one call site: a group that fits goes to
-    model.decode_graphs.forward_plans), simulated here by routing runner.forward_plans."""
+def test_engine_through_static_steps_emits_the_same_tokens(lm, mode):
+    """With decode graphs attached, the runner sends every group that fits through the static path
+    (runner.forward_group); the tokens are those of the eager path."""
     rng = random.Random(3)
     prompts = [[rng.randrange(lm.vocab.endoftext_id) for _ in range(n)] for n in (6, 11, 8)]
     expected = _tokens(lm, mode, prompts)
     graphs = DecodeGraphs.attach(lm.model, buckets=(1, 2, 4))
-    eager_forward = runner.forward_plans
-
-    def routed(model, plans):
-        if model.decode_graphs.fits(plans):
-            return model.decode_graphs.forward_plans(plans)
-        return eager_forward(model, plans)
-
-    monkeypatch.setattr(runner, "forward_plans", routed)
     try:
         got = _tokens(lm, mode, prompts)
     finally:

@@ -231,6 +231,9 @@ class VitaAudioLM(nn.Module):
 
     # -- forwards -----------------------------------------------------------------------------
     def _rope(self, rope_pos: torch.Tensor, dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.max_len:  # with caches, positions stay below the table's length: no device read (a sync)
+            cos, sin = self.rope_table_for_static()
+            return cos[rope_pos].to(dtype), sin[rope_pos].to(dtype)
         n = int(rope_pos.max()) + 1
         if self._rope_cache is None or self._rope_cache[0].shape[0] < n:
             size = max(n, self.max_len, 1)
@@ -260,8 +263,9 @@ class VitaAudioLM(nn.Module):
         return self._run_layers(x, [self.config.mtp_layer_index(module)], rope_pos, batch)
 
     def rope_table_for_static(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """The rope table for every position a step can use (cache length + one per MCTP module),
-        built once so a static forward never asks the device how long it must be."""
+        """The rope table for every position a step over the caches can use (cache length + one per
+        MCTP module: an MCTP row sits module + 1 positions past its cache index), built once so no
+        forward asks the device how long it must be."""
         need = self.max_len + self.config.num_nextn_predict_layers + 1
         if self._rope_cache is None or self._rope_cache[0].shape[0] < need:
             self._rope_cache = rope_table(need, self.config.dim_per_head, self.config.rope_theta,
