@@ -11,7 +11,8 @@ import json
 import kubernetes_validate
 import pytest
 
-from test_helm_chart import CHART, CRD_GROUPS, HELM, SERVICES, by_kind, declared_kube_version, helm, render
+from test_helm_chart import (CHART, CRD_GROUPS, HELM, SERVICES, by_kind, declared_kube_version, helm, render,
+                             values_of)
 
 pytestmark = pytest.mark.skipif(HELM is None, reason="helm is not installed (scripts/install_helm.sh)")
 
@@ -240,3 +241,48 @@ def test_twilio_port_is_served_published_and_admitted_with_its_token_from_a_secr
     # off by default: no port, no arg
     plain = container(render(), "gateway")
     assert not [a for a in plain["args"] if a.startswith("--twilio")] and "twilio" not in str(plain["ports"])
+
+
+def test_realtime_and_audiosocket_ports_their_services_policy_and_the_websocket_ingress():
+    """gateway.realtime, gateway.audiosocket and gateway.ingress (issue 14 item 5): the real CLI accepts
+    the args; Realtime is a port of the public Service, AudioSocket (no credential on the wire) has a
+    Service of its own, is admitted only from networkPolicy.audiosocketFrom and runs with an API key
+    from a Secret; the Ingress routes each WebSocket path to its port with timeouts beyond a call."""
+    import argparse
+
+    from vitaserve.cli import serve
+
+    pbx = [{"ipBlock": {"cidr": "10.20.0.0/16"}}]
+    docs = render("--set", "gateway.twilio.port=8443", "--set", "gateway.twilio.preset=telnyx",
+                  "--set", "gateway.realtime.port=8444", "--set", "gateway.audiosocket.port=9092",
+                  "--set", "gateway.audiosocket.apiKeySecret=pbx", "--set-json",
+                  f"networkPolicy.audiosocketFrom={json.dumps(pbx)}", "--set", "gateway.ingress.enabled=true",
+                  "--set", "gateway.ingress.tlsSecret=voice-tls")
+    c = container(docs, "gateway")
+    parser = argparse.ArgumentParser(exit_on_error=False)
+    serve.subparser_init(parser.add_subparsers(dest="command"))
+    args = parser.parse_args(c["args"])
+    assert (args.twilio_preset, args.realtime_port, args.audiosocket_port) == ("telnyx", 8444, 9092)
+    assert {(p["name"], p["containerPort"]) for p in c["ports"]} >= {("realtime", 8444), ("audiosocket", 9092)}
+    env = {e["name"]: e for e in c["env"]}
+    assert env["VITA_AUDIOSOCKET_API_KEY"]["valueFrom"]["secretKeyRef"] == {"name": "pbx", "key": "api-key"}
+    services = {d["metadata"]["name"]: d for d in docs if d["kind"] == "Service"}
+    public = next(s for n, s in services.items() if n.endswith("gateway"))
+    assert {p["name"] for p in public["spec"]["ports"]} == {"grpc", "twilio", "realtime"}
+    pbx_service = next(s for n, s in services.items() if n.endswith("gateway-audiosocket"))
+    assert pbx_service["spec"]["type"] == "ClusterIP" and pbx_service["spec"]["ports"][0]["port"] == 9092
+    rules = by_kind(docs, "NetworkPolicy")["gateway"]["spec"]["ingress"]
+    from_of = {p["port"]: rule.get("from") for rule in rules for p in rule["ports"]}
+    assert from_of[9092] == pbx and 8444 in from_of
+    (ingress,) = [d for d in docs if d["kind"] == "Ingress"]
+    paths = {p["path"]: p["backend"]["service"]["port"]["name"]
+             for p in ingress["spec"]["rules"][0]["http"]["paths"]}
+    assert paths == {"/twilio": "twilio", "/v1/realtime": "realtime"}
+    assert ingress["spec"]["tls"][0]["secretName"] == "voice-tls"
+    timeout = int(ingress["metadata"]["annotations"]["nginx.ingress.kubernetes.io/proxy-read-timeout"])
+    assert timeout >= values_of()["maxCallSeconds"]
+    # an AudioSocket port without its API key, or an Ingress without a WebSocket port, is refused
+    for bad, words in ((["--set", "gateway.audiosocket.port=9092"], "apiKeySecret"),
+                       (["--set", "gateway.ingress.enabled=true"], "needs gateway.twilio.port")):
+        result = helm("template", "vita", str(CHART), *bad, check=False)
+        assert result.returncode != 0 and words in result.stderr

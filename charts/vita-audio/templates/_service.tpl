@@ -119,9 +119,21 @@ from mounted Secrets (`vita-audio.securityVolumes`), the API-key file named by $
 {{- with .ctx.Values.gateway.twilio }}
 {{- if .port }}
 - --twilio-port={{ .port }}
+- --twilio-preset={{ .preset }}
 {{- with .publicUrl }}
 - --twilio-public-url={{ . }}
 {{- end }}
+{{- end }}
+{{- end }}
+{{- with .ctx.Values.gateway.realtime.port }}
+- --realtime-port={{ . }}
+{{- end }}
+{{- with .ctx.Values.gateway.audiosocket }}
+{{- if .port }}
+{{- if not (or .apiKeySecret $a.allowAnonymous) }}
+{{- fail "gateway.audiosocket.port needs gateway.audiosocket.apiKeySecret: AudioSocket carries no credential, its calls run with that API key" }}
+{{- end }}
+- --audiosocket-port={{ .port }}
 {{- end }}
 {{- end }}
 {{- end }}
@@ -240,14 +252,22 @@ spec:
             - name: VITA_TWILIO_AUTH_TOKEN
               valueFrom: {secretKeyRef: {name: {{ $v.gateway.twilio.authTokenSecret }}, key: {{ $v.gateway.twilio.authTokenKey }}}}
             {{- end }}
+            {{- if and (eq .component "gateway") $v.gateway.audiosocket.port $v.gateway.audiosocket.apiKeySecret }}
+            - name: VITA_AUDIOSOCKET_API_KEY
+              valueFrom: {secretKeyRef: {name: {{ $v.gateway.audiosocket.apiKeySecret }}, key: {{ $v.gateway.audiosocket.apiKeyKey }}}}
+            {{- end }}
             {{- if and (eq .component "gateway") $v.auth.apiKeys.existingSecret }}
             - {name: VITA_API_KEYS_FILE, value: {{ printf "%s/api-keys/%s" (include "vita-audio.authDir" $ctx) $v.auth.apiKeys.key | quote }}}
             {{- end }}
           ports:
             - {name: grpc, containerPort: {{ $c.port }}, protocol: TCP}
             - {name: metrics, containerPort: {{ $v.metrics.port }}, protocol: TCP}
-            {{- if and (eq .component "gateway") $v.gateway.twilio.port }}
-            - {name: twilio, containerPort: {{ $v.gateway.twilio.port }}, protocol: TCP}
+            {{- if eq .component "gateway" }}
+            {{- range $name := list "twilio" "realtime" "audiosocket" }}
+            {{- with (index $v.gateway $name).port }}
+            - {name: {{ $name }}, containerPort: {{ . }}, protocol: TCP}
+            {{- end }}
+            {{- end }}
             {{- end }}
             {{- if $v.tls.enabled }}
             - {name: health, containerPort: {{ $v.tls.healthPort }}, protocol: TCP}
