@@ -46,7 +46,7 @@ READ_BYTES = 16 * 1024
 # Messages to the call: caller audio (50 a second) and playback reports (12.5 a second). The reader
 # waits when the call is this far behind, so the socket's own buffer holds the rest.
 MAX_REQUESTS = 64
-RECENT_BARGE_INS = 64  # kept for logs and tests: (session id, perf_counter time) of each drop
+RECENT_BARGE_INS = 64  # kept for logs and tests: (session id, perf_counter time, seconds dropped) of each
 
 
 class PeerGone(Exception):
@@ -59,7 +59,9 @@ class AudioSocketServer:
         self.deps, self.settings = servicer.deps, servicer.deps.settings
         self.server: asyncio.Server | None = None
         self.connections: set[asyncio.Task] = set()
-        self.barge_ins: collections.deque[tuple[str, float]] = collections.deque(maxlen=RECENT_BARGE_INS)
+        self.pacers: dict[str, wire.Pacer] = {}  # each live call's outgoing audio, by session id
+        # barge-ins that dropped waiting audio, most recent last
+        self.barge_ins: collections.deque[tuple[str, float, float]] = collections.deque(maxlen=RECENT_BARGE_INS)
 
     @property
     def port(self) -> int:
@@ -90,6 +92,8 @@ class AudioSocketServer:
         metrics.GATEWAY_ADAPTER_CALLS.labels(PROTOCOL).inc()
         try:
             await self._handle(reader, writer)
+        except asyncio.CancelledError:  # the gateway stops: the call ends as if Asterisk hung up
+            pass
         finally:
             metrics.GATEWAY_ADAPTER_CALLS.labels(PROTOCOL).dec()
             self.connections.discard(task)
@@ -157,7 +161,7 @@ class AudioSocketServer:
 
     async def _converse(self, reader, writer, parser, frames, sid: str, tenant: str) -> None:
         requests_q: asyncio.Queue = asyncio.Queue(MAX_REQUESTS)
-        pacer = wire.Pacer()
+        pacer = self.pacers[sid] = wire.Pacer()
         more_audio, room = asyncio.Event(), asyncio.Event()
         config = pb.ConverseRequest(config=pb.CallConfig(input_format=wire.PCM16_8K, output_format=wire.PCM16_8K,
                                                          session_id=sid))
@@ -230,6 +234,7 @@ class AudioSocketServer:
         try:  # the call ends when its messages end, or when the pacer cannot write (Asterisk gone or stalled)
             await asyncio.wait({answering, pacing}, return_when=asyncio.FIRST_COMPLETED)
         finally:
+            self.pacers.pop(sid, None)
             for task in (answering, pacing, reading):
                 task.cancel()
             await asyncio.gather(answering, pacing, reading, return_exceptions=True)
@@ -249,8 +254,8 @@ class AudioSocketServer:
                         room.clear()
                         await room.wait()
                 elif kind in ("interrupted", "speech_started") and pacer.pending_bytes:
-                    dropped = pacer.clear()
-                    self.barge_ins.append((sid, time.perf_counter()))
+                    dropped = pacer.clear()  # what was released plays on: at most OUT_QUEUE_S
+                    self.barge_ins.append((sid, time.perf_counter(), dropped))
                     log.info("audiosocket barge-in", dropped_s=round(dropped, 3), turn=pacer.turn)
                 elif kind == "error":
                     log.warning("turn failed", turn=message.error.turn, code=message.error.code,
