@@ -132,7 +132,8 @@ class StaticRows:
     def __init__(self, slots: torch.Tensor, cache_index: torch.Tensor, scratch_slot: int, kv_len: int):
         self.kv_len = kv_len
         self.slots = slots  # [B]
-        self.write_slots = torch.where(cache_index >= 0, slots[:, None], scratch_slot)  # [B, T]
+        scratch = torch.full_like(cache_index, scratch_slot)  # a device fill, safe inside a graph capture
+        self.write_slots = torch.where(cache_index >= 0, slots[:, None], scratch)  # [B, T]
         self.write_index = cache_index.clamp(min=0)  # [B, T]
         ks = torch.arange(kv_len, device=slots.device)
         self.mask = (ks[None, None, :] <= self.write_index[:, :, None])[:, None]  # [B, 1, T, kv_len]
