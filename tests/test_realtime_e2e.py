@@ -25,6 +25,7 @@ from websockets.asyncio.client import connect
 
 from test_gateway_e2e import history
 from vitaserve.client.realtime_phone import run_realtime_call
+from vitaserve.common import metrics
 from vitaserve.common.audio_facts import TOKENS_PER_SECOND
 from vitaserve.common.resample import resample
 from vitaserve.devcluster.processes import free_port
@@ -170,6 +171,38 @@ def test_push_to_talk_commit_and_response_create(cluster, utterance, realtime_ga
     assert len(mulaw) > 8000 * 0.6 and np.abs(decode_audio(mulaw, "mulaw", 8000)).max() > 0
     turns = history(cluster, caller.of("response.done")[0].response.conversation_id)
     assert [t.turn for t in turns] == [1, 2]
+
+
+def test_response_cancel_before_the_answer_begins_leaves_no_turn_and_the_call_goes_on(cluster, utterance,
+                                                                                       realtime_gateway):
+    speech = encode_audio(np.concatenate([np.zeros(1600, np.float32), utterance]), "mulaw", 8000)
+
+    async def main():
+        async with client(realtime_gateway).realtime.connect(model="vita-audio") as conn:
+            caller = Caller(conn)
+            await conn.session.update(session={"type": "realtime", "max_output_tokens": 40, "audio": {
+                "input": {"format": {"type": "audio/pcmu"}, "turn_detection": None}}})
+            for cancel in (True, False):
+                loop = asyncio.get_running_loop()
+                start = loop.time()
+                for i, offset in enumerate(range(0, len(speech), 160)):
+                    await conn.input_audio_buffer.append(audio=base64.b64encode(speech[offset:offset + 160]).decode())
+                    await asyncio.sleep(max(0.0, start + (i + 1) * 0.02 - loop.time()))
+                await conn.input_audio_buffer.commit()
+                await conn.response.create()
+                if cancel:  # at once: the call drops the utterance it was about to answer
+                    await conn.response.cancel()
+                    await asyncio.sleep(1.0)
+            await caller.until(lambda: caller.of("response.done"))
+            await conn.close()
+            return caller
+
+    caller = asyncio.run(main())
+    assert not caller.of("error"), [e.error.message for e in caller.of("error")]
+    done = caller.of("response.done")
+    assert len(caller.of("response.created")) == len(done) == 1 and done[0].response.status == "completed"
+    turns = history(cluster, done[0].response.conversation_id)
+    assert [t.turn for t in turns] == [1]  # the cancelled request took no turn
 
 
 def test_barge_in_and_truncate_cut_the_stored_turn_where_audio_end_ms_says(cluster, utterance, realtime_gateway):
@@ -358,10 +391,18 @@ def test_a_client_gone_mid_answer_leaves_its_session_resumable(cluster, utteranc
     assert [t.turn for t in history(cluster, session_id)] == [1, 2]
 
 
+def adapter_ms_sum(direction: str) -> float:
+    return metrics.GATEWAY_ADAPTER_MS.labels("realtime", direction)._sum.get()
+
+
 def test_realtime_phone_client_measures_a_call(utterance, realtime_gateway):
-    """The load test's client: one server-VAD turn, latency at the caller."""
+    """The load test's client: one server-VAD turn, latency at the caller; the adapter's own time and
+    its open calls are in the metrics (the gateway runs in this process)."""
     url = f"ws://127.0.0.1:{realtime_gateway.realtime.port}/v1/realtime?model=vita-audio"
+    before = adapter_ms_sum("in"), adapter_ms_sum("out")
     result = asyncio.run(run_realtime_call(url, [utterance], 8000, max_new_tokens=40, api_key=API_KEY))
+    assert adapter_ms_sum("in") > before[0] and adapter_ms_sum("out") > before[1]
+    assert metrics.GATEWAY_ADAPTER_CALLS.labels("realtime")._value.get() == 0  # the call closed
     assert result.status == "OK" and len(result.turns) == 1, result
     turn = result.turns[0]
     assert turn.first_audio_ms is not None and 0 < turn.first_audio_ms < turn.chunk_arrivals[-1] * 1000 + 1

@@ -345,6 +345,8 @@ class Translator:
         self.pending_user_item: tuple[str, float] | None = None  # (item id, seconds) of the committed input
         self.speech_item: str | None = None                      # the item id speech_started named
         self.active: Response | None = None                     # the response being generated
+        self.requested = False   # an utterance handed to the call whose answer has not begun (or failed) yet
+        self.cancelling = False  # the client's response.cancel went to the call: the next cancel is its
 
     # -- names that differ between the schemas
     @property
@@ -422,7 +424,7 @@ class Translator:
         self.by_item[response.item_id] = response
         for old in sorted(self.responses)[:-self.KEEP_RESPONSES]:
             self.by_item.pop(self.responses.pop(old).item_id, None)
-        self.active = response
+        self.active, self.requested = response, False
         item = self._assistant_item(response, "in_progress")
         return [_event("response.created", response=self._response_object(response, "in_progress")),
                 _event("response.output_item.added", response_id=response.id, output_index=0, item=item),
@@ -463,6 +465,7 @@ class Translator:
             ended = message.speech_ended
             item_id = self.speech_item or new_id("item")
             self.speech_item = item_id
+            self.requested = True  # the call answers each utterance its VAD ends
             return [_event("input_audio_buffer.speech_stopped", item_id=item_id, audio_end_ms=int(ended.at_s * 1000)),
                     *self.committed(ended.duration_s)]
         turn = getattr(getattr(message, kind), "turn", 0)
@@ -488,11 +491,14 @@ class Translator:
             if response is None or response.done:  # an answer stored whole, cut later: already done
                 return []
             audio_tokens = math.floor(message.interrupted.audio_sent_s * TOKENS_PER_SECOND)
+            reason, self.cancelling = "client_cancelled" if self.cancelling else "turn_detected", False
             return self._finish(response, "cancelled", self._usage(response, 0, audio_tokens),
-                                {"type": "cancelled", "reason": "turn_detected"})
+                                {"type": "cancelled", "reason": reason})
         if kind == "error":
             err = message.error
-            events = [error_event(RealtimeError(err.message, code=f"grpc_{err.code}", error_type="server_error"))]
+            self.requested = False
+            kind = "invalid_request_error" if err.code == 3 else "server_error"  # 3: INVALID_ARGUMENT
+            events = [error_event(RealtimeError(err.message, code=f"grpc_{err.code}", error_type=kind))]
             if response is not None and not response.done:
                 events += self._finish(response, "failed", self._usage(response, 0, 0), {
                     "type": "failed", "error": {"type": "server_error", "code": f"grpc_{err.code}"}})

@@ -220,6 +220,7 @@ class Connection:
                 self._need_call("input_audio_buffer.commit", event_id)
                 for out in self.translator.committed(0.0):
                     await self._send(out)
+                self.translator.requested = True
                 yield pb.ConverseRequest(control=pb.Control(action=pb.Control.END_OF_UTTERANCE))
         elif kind == "input_audio_buffer.clear":
             if not session.push_to_talk:
@@ -230,7 +231,7 @@ class Connection:
             for out in self.translator.cleared():
                 await self._send(out)
         elif kind == "response.create":
-            if self.translator.active is not None:
+            if self.translator.active is not None or self.translator.requested:
                 raise rt.RealtimeError("a response is already in progress: cancel it first",
                                        code="conversation_already_has_active_response", event_id=event_id)
             if not session.push_to_talk:
@@ -244,16 +245,20 @@ class Connection:
             data, self.committed = b"".join(self.committed), []
             for piece in self._frames(data):
                 yield piece
+            self.translator.requested = True
             yield pb.ConverseRequest(control=pb.Control(action=pb.Control.END_OF_UTTERANCE))
         elif kind == "response.cancel":
-            if self.translator.active is None:
+            if self.translator.active is None and not self.translator.requested:
                 raise rt.RealtimeError("there is no response in progress to cancel",
                                        code="response_cancel_not_active", event_id=event_id)
+            # an answer not begun yet is dropped without a word (no response.created went out for it)
+            self.translator.cancelling, self.translator.requested = self.translator.active is not None, False
             yield pb.ConverseRequest(control=pb.Control(action=pb.Control.CANCEL))
         elif kind == "conversation.item.truncate":
             item_id, end_ms = rt.truncate_args(event)
             response, seq, played_s = self.translator.truncate_target(item_id, end_ms, event_id)
             if not response.done:  # being generated: the caller stopped playing it there
+                self.translator.cancelling = True
                 yield pb.ConverseRequest(playback=pb.PlaybackProgress(turn=response.turn, seq=seq, played_s=played_s))
                 yield pb.ConverseRequest(control=pb.Control(action=pb.Control.CANCEL))
             else:
