@@ -314,9 +314,15 @@ def test_every_bad_input_gets_an_error_frame_and_a_call_next_to_them_goes_on(clu
         # a UUID frame, then a second one
         results.append((await bad_call(short_gateway, UUID_FRAME + UUID_FRAME, uuid.uuid4()),
                         "INVALID_ARGUMENT", "second UUID"))
-        return results, await neighbour
+        # Asterisk's own error frame (0x02: frame forwarding error) and a hang-up before the UUID end
+        # the call with no error frame back
+        quiet = [await bad_call(short_gateway, UUID_FRAME + AUDIO + wire.frame(wire.KIND_ERROR, b"\x02"),
+                                uuid.uuid4(), half_close=False),
+                 await bad_call(short_gateway, wire.HANGUP_FRAME, uuid.uuid4(), half_close=False)]
+        return results, quiet, await neighbour
 
-    results, neighbour = asyncio.run(main())
+    results, quiet, neighbour = asyncio.run(main())
+    assert quiet == [[], []]
     for errors, status, words in results:
         assert len(errors) == 1, (words, errors)
         got_status, reason = status_and_reason(errors[0])
