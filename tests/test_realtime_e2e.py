@@ -160,11 +160,18 @@ def test_push_to_talk_commit_and_response_create(cluster, utterance, realtime_ga
                 await conn.input_audio_buffer.commit()
                 await conn.response.create()
                 await caller.until(lambda: len(caller.of("response.done")) >= turn)
+                if turn == 1:  # bad events mid-call: answered with errors, the call and its history go on
+                    for frame in ("{not json", '{"type": "hello"}', '{"type": "input_audio_buffer.append", "audio": 5}',
+                                  '{"type": "response.cancel"}'):
+                        await conn.send_raw(frame)
+                    await caller.until(lambda: len(caller.of("error")) >= 4)
             await conn.close()
             return caller
 
     caller = asyncio.run(main())
-    assert not caller.of("error") and not caller.of("input_audio_buffer.speech_started")
+    assert [e.error.code for e in caller.of("error")] == ["invalid_json", "invalid_event", "invalid_value",
+                                                          "response_cancel_not_active"]
+    assert not caller.of("input_audio_buffer.speech_started")
     assert len(caller.of("input_audio_buffer.committed")) == 2
     assert [d.response.status for d in caller.of("response.done")] == ["completed"] * 2
     mulaw = caller.audio()

@@ -123,3 +123,17 @@ def test_truncate_targets_the_items_audio():
     cancelled = t.events(pb.ConverseResponse(interrupted=pb.Interrupted(turn=1, audio_chunks_sent=3, audio_sent_s=1.2)))
     assert cancelled[-1]["response"]["status"] == "cancelled"
     assert t.events(pb.ConverseResponse(interrupted=pb.Interrupted(turn=1))) == []  # once
+
+
+def test_a_cancel_says_who_cancelled_and_a_failed_request_is_forgotten():
+    t = rt.Translator(rt.GA)
+    t.events(pb.ConverseResponse(speech_ended=pb.SpeechEnded(turn=1, at_s=2.0, duration_s=1.0)))
+    assert t.requested  # the call answers each utterance its VAD ends: cancellable before it begins
+    _answer(t, 1, [0.4])
+    assert t.active is not None and not t.requested
+    t.cancelling = True  # the adapter sent the client's response.cancel
+    done = t.events(pb.ConverseResponse(interrupted=pb.Interrupted(turn=1, audio_chunks_sent=1, audio_sent_s=0.4)))
+    assert done[-1]["response"]["status_details"]["reason"] == "client_cancelled" and t.active is None
+    t.events(pb.ConverseResponse(speech_ended=pb.SpeechEnded(turn=2, at_s=5.0, duration_s=1.0)))
+    failed = t.events(pb.ConverseResponse(error=pb.Error(code=14, message="decoder down", turn=2)))
+    assert failed[0]["error"]["type"] == "server_error" and not t.requested
