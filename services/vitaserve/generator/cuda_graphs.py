@@ -8,13 +8,13 @@ their rows up to a rows bucket (1, 2, 4, 8, 16) with padding entries (cache inde
 marks padding; see StaticRows), attends a power-of-two number of keys, and runs
 `VitaAudioLM.forward_static`, whose shapes depend only on (batch, rows, keys, module). On cuda each
 such key is captured once as a CUDA graph and replayed; its inputs go in with one asynchronous
-host-to-device copy, and nothing waits for the device (the step's one sync is the engine reading its
+host-to-device copy (two for MCTP: the rows' places), and nothing waits for the device (the step's one sync is the engine reading its
 sampled ids). On the CPU the same static forward runs eagerly: how the suite checks it against the
 eager path. Prefills (more rows than the largest rows bucket) stay on the eager path.
 
-Use: `DecodeGraphs.attach(model)` once after `setup_caches`; then for each group of plans of one
-kind and module, `model.decode_graphs.forward_plans(plans)` when `fits(plans)`, in place of
-runner.forward_plans.
+Use: `DecodeGraphs.attach(model)` once after `setup_caches`; runner.forward_group then sends each
+group of plans of one kind and module that `fits` to `model.decode_graphs.forward_plans` instead of
+the eager runner.forward_plans. Nothing attaches it by default (benchmarks/gpu_check.py does).
 """
 
 from __future__ import annotations
