@@ -137,3 +137,66 @@ def test_a_cancel_says_who_cancelled_and_a_failed_request_is_forgotten():
     t.events(pb.ConverseResponse(speech_ended=pb.SpeechEnded(turn=2, at_s=5.0, duration_s=1.0)))
     failed = t.events(pb.ConverseResponse(error=pb.Error(code=14, message="decoder down", turn=2)))
     assert failed[0]["error"]["type"] == "server_error" and not t.requested
+
+
+class _Request:
+    path = "/v1/realtime?model=vita-audio&mode=boost"
+    headers = Headers({"Authorization": "Bearer vk_live_abc"})
+
+
+class _Settings:
+    max_frame_bytes, max_utterance_s, max_reader_stall_s = 64 * 1024, 8.0, 30.0
+
+
+def _connection():
+    """An adapter connection around no socket: what it sends is kept, what it yields is returned."""
+    from types import SimpleNamespace
+
+    from vitaserve.gateway.adapters.realtime_server import Connection
+
+    conn = Connection(SimpleNamespace(settings=_Settings()), SimpleNamespace(request=_Request()))
+    conn.sent = []
+
+    async def send(event):
+        conn.sent.append(event)
+    conn._send = send
+    return conn
+
+
+def _run(conn, kind: str, event: dict) -> list[pb.ConverseRequest]:
+    import asyncio
+
+    async def collect():
+        return [r async for r in conn._on_event(kind, event, None)]
+    return asyncio.run(collect())
+
+
+def test_truncate_of_the_answer_being_generated_reports_playback_then_cancels():
+    conn = _connection()
+    assert (conn.mode, conn.credentials) == ("boost", (("x-api-key", "vk_live_abc"),))
+    _answer(conn.translator, 1, [0.4, 0.4, 0.4])
+    item_id = conn.translator.responses[1].item_id
+    out = _run(conn, "conversation.item.truncate", {"item_id": item_id, "content_index": 0, "audio_end_ms": 600})
+    assert [r.WhichOneof("message") for r in out] == ["playback", "control"]
+    assert (out[0].playback.turn, out[0].playback.seq, out[0].playback.played_s) == (1, 1, 0.6)
+    assert out[1].control.action == pb.Control.CANCEL
+    assert conn.sent[-1]["type"] == "conversation.item.truncated" and conn.sent[-1]["audio_end_ms"] == 600
+
+
+def test_push_to_talk_keeps_the_buffer_until_response_create():
+    conn = _connection()
+    _run(conn, "session.update", {"session": {"type": "realtime", "audio": {"input": {"turn_detection": None}}}})
+    second = base64.b64encode(b"\1\0" * 4800).decode()  # 0.1 s of 24 kHz PCM
+    assert _run(conn, "input_audio_buffer.append", {"audio": second}) == []
+    _run(conn, "input_audio_buffer.clear", {})
+    assert conn.buffer == [] and conn.sent[-1]["type"] == "input_audio_buffer.cleared"
+    _run(conn, "input_audio_buffer.append", {"audio": second})
+    assert _run(conn, "input_audio_buffer.commit", {}) == []
+    assert [e["type"] for e in conn.sent[-3:]] == ["input_audio_buffer.committed", "conversation.item.added",
+                                                   "conversation.item.done"]
+    out = _run(conn, "response.create", {})
+    assert [r.WhichOneof("message") for r in out] == ["audio", "control"] and len(out[0].audio.data) == 9600
+    assert out[1].control.action == pb.Control.END_OF_UTTERANCE
+    with pytest.raises(rt.RealtimeError) as info:  # one response at a time
+        _run(conn, "response.create", {})
+    assert info.value.code == "conversation_already_has_active_response"
