@@ -415,3 +415,51 @@ def test_realtime_phone_client_measures_a_call(utterance, realtime_gateway):
     assert turn.first_audio_ms is not None and 0 < turn.first_audio_ms < turn.chunk_arrivals[-1] * 1000 + 1
     assert turn.audio_s > 0.3 and turn.chunks == len(turn.chunk_arrivals) and turn.text and not turn.error
     assert result.session_id
+
+
+def test_wss_with_the_gateways_certificate(cluster, utterance, tmp_path):
+    """With --tls-cert the endpoint is wss:// with the gateway's certificate; the SDK connects with
+    its websocket options' ssl context trusting the CA, and gets its answer."""
+    import argparse
+    import ssl
+
+    from tls_certs import TestCA
+    from vitaserve.common.settings import REDIS_URL_ENV
+    from vitaserve.gateway.auth import API_KEYS_FILE_ENV
+    from vitaserve.gateway.service import Gateway
+    from vitaserve.gateway.settings import GatewaySettings
+
+    ca = TestCA(tmp_path)
+    served = ca.issue("gateway")  # localhost and 127.0.0.1
+    keys = tmp_path / "keys.json"
+    keys.write_text(json.dumps({"keys": [{"id": "rt", "tenant": "acme",
+                                          "sha256": hashlib.sha256(API_KEY.encode()).hexdigest()}]}))
+    parser = argparse.ArgumentParser()
+    GatewaySettings.add_arguments(parser)
+    args = parser.parse_args([
+        "--lm", str(cluster.ckpt / "lm"), "--encoder", f"127.0.0.1:{cluster.encoder.port}",
+        "--decoder", cluster.decoder_target, "--triton", cluster.triton_grpc, "--host", "127.0.0.1", "--port", "0",
+        "--replica-id", "gw-realtime-tls", "--max-utterance-s", "8", "--context-tokens", "1024",
+        "--tls-cert", str(served.cert), "--tls-key", str(served.key), "--realtime-port", str(free_port())])
+    gateway = cluster.run(Gateway.start(GatewaySettings.from_args(
+        args, {REDIS_URL_ENV: cluster.redis_url, API_KEYS_FILE_ENV: str(keys)})))
+    trust = ssl.create_default_context(cafile=str(ca.file))
+
+    async def main():
+        base = f"localhost:{gateway.realtime.port}/v1"
+        sdk = AsyncOpenAI(base_url=f"https://{base}", websocket_base_url=f"wss://{base}", api_key=API_KEY)
+        async with sdk.realtime.connect(model="vita-audio", websocket_connection_options={"ssl": trust}) as conn:
+            caller = Caller(conn)
+            await conn.session.update(session={"type": "realtime", "max_output_tokens": 40})
+            await caller.speak(pcm24k(utterance))
+            await caller.until(lambda: caller.of("response.done"))
+            await conn.close()
+            return caller
+
+    try:
+        caller = asyncio.run(main())
+        with pytest.raises(websockets.exceptions.InvalidHandshake):  # plaintext ws:// to the TLS port: no upgrade
+            asyncio.run(_raw_close(f"ws://127.0.0.1:{gateway.realtime.port}/v1/realtime", []))
+    finally:
+        cluster.run(gateway.stop(0))
+    assert caller.of("response.done")[0].response.status == "completed" and caller.audio()
