@@ -146,10 +146,16 @@ def test_two_turn_call_gets_mulaw_media_and_marks(cluster, utterance, twilio_gat
     assert code == 1000, reason
     media, marks = phone.of("media"), phone.of("mark")
     assert media and all(e["streamSid"] == "MZtest" for e in media + marks)
-    # each chunk is followed by its mark, named for its turn and seq
-    kinds = [e["event"] for e in phone.events if e["event"] in ("media", "mark")]
-    assert kinds == ["media", "mark"] * len(media)
-    assert {m["mark"]["name"].split(":")[1] for m in marks} == {"1", "2"}
+    # each chunk is followed by its mark, named for its turn and seq; each answer ends with vita:<turn>:end
+    names = [e["mark"]["name"] if e["event"] == "mark" else "media" for e in phone.events
+             if e["event"] in ("media", "mark")]
+    ends = [i for i, n in enumerate(names) if n.endswith(":end")]
+    assert [names[i] for i in ends] == ["vita:1:end", "vita:2:end"] and ends[-1] == len(names) - 1
+    chunks = [n for n in names if not n.endswith(":end")]
+    assert len(chunks) == 2 * len(media)
+    assert all(chunks[i] == "media" and chunks[i + 1].startswith("vita:") for i in range(0, len(chunks), 2))
+    assert {n.split(":")[1] for n in chunks if n != "media"} == {"1", "2"}
+    assert all(names[i - 1] != "media" for i in ends)  # an answer's end follows its last chunk's mark
     pcm = decode_audio(b"".join(base64.b64decode(e["media"]["payload"]) for e in media), "mulaw", 8000)
     assert pcm.size > 8000 * 0.6 and np.abs(pcm).max() > 0
     assert not phone.of("clear")
@@ -271,3 +277,19 @@ def test_every_bad_input_gets_its_close_code_and_changes_nothing_stored(cluster,
     assert asyncio.run(refused({})) == 403                                   # no signature
     assert asyncio.run(refused(signed(url, token="another account"))) == 403
     assert asyncio.run(refused(signed(url_of(twilio_gateway, "/other")))) == 403  # signed for another URL
+
+
+def test_the_load_test_client_measures_first_audio_and_ends_turns_on_the_end_mark(cluster, utterance, twilio_gateway):
+    """client/twilio_phone.py (loadtest --protocol twilio): two turns, each with its first audio
+    measured at the caller and ended by the gateway's vita:<turn>:end mark, the stream closed 1000;
+    its marks, echoed on a playback clock, reached the call (PlaybackProgress)."""
+    from vitaserve.client.twilio_phone import run_twilio_call
+
+    url = url_of(twilio_gateway, "/twilio")
+    result = asyncio.run(run_twilio_call(url, [utterance, utterance], mode="boost", max_new_tokens=30,
+                                         headers=signed(url), turn_timeout_s=60))
+    assert result.status == "OK", result.details
+    assert [t.turn for t in result.turns] == [1, 2]
+    for turn in result.turns:
+        assert turn.first_audio_ms is not None and 0 < turn.first_audio_ms < 60_000
+        assert turn.chunks == len(turn.chunk_arrivals) > 0 and turn.audio_s > 0 and not turn.interrupted

@@ -166,6 +166,8 @@ async def run_twilio_call(url: str, utterances: list[np.ndarray], mode: str = ""
                     if not done:
                         result.status, result.details = "DEADLINE_EXCEEDED", f"no answer within {turn_timeout_s:.0f} s"
                         break
+                    if not interrupt:  # the caller listens to the end before speaking again (the line still plays)
+                        await asyncio.sleep(max(0.0, player.free_at - asyncio.get_running_loop().time()))
                 await ws.send(json.dumps({"event": "stop", "streamSid": sid, "stop": {"callSid": "CA" + sid[2:]}}))
                 await asyncio.wait_for(receiver, turn_timeout_s)
             finally:

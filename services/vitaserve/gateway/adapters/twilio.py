@@ -48,6 +48,7 @@ PARAM_API_KEY, PARAM_AUTHORIZATION = "api_key", "authorization"  # x-api-key / `
 # blocks of >= 10 tokens: < 410 chunks); 4096 leaves room for a larger context and bounds the map.
 MAX_PENDING_MARKS = 4096
 MARK_PREFIX = "vita:"
+END_MARK_SUFFIX = ":end"  # vita:<turn>:end marks the end of a turn's answer (Playback.turn_ended)
 
 
 def parse_event(data: str | bytes) -> tuple[str, dict]:
@@ -194,6 +195,13 @@ class Playback:
     turn: int = 0
     audio_s: float = 0.0                 # the turn's audio sent so far
     pending: dict[str, tuple[int, int, float]] = field(default_factory=dict)  # name -> (turn, seq, end_s)
+
+    @staticmethod
+    def turn_ended(turn: int) -> str:
+        """The mark sent when a turn's answer ended (finished, cut or failed): Media Streams has no
+        end-of-answer event, so this tells the platform's application (and the load test's client)
+        that nothing more of this answer follows. Its echo means nothing to the call."""
+        return f"{MARK_PREFIX}{turn}{END_MARK_SUFFIX}"
 
     def sent(self, chunk: pb.AudioChunk) -> str:
         """The mark to send after `chunk`: its name says the turn and seq of the audio it follows."""

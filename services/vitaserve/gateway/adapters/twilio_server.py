@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import ssl
+import time
 from contextlib import aclosing
 from http import HTTPStatus
 
@@ -56,15 +57,8 @@ class PeerGone(Exception):
 
 def server_ssl(tls: ServerTls | None) -> ssl.SSLContext | None:
     """wss with the public port's certificate (and its client CA, when it asks for mutual TLS),
-    loaded once at start-up."""
-    if tls is None:
-        return None
-    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-    context.load_cert_chain(tls.cert_file, tls.key_file)
-    if tls.client_ca_file:
-        context.load_verify_locations(tls.client_ca_file)
-        context.verify_mode = ssl.CERT_REQUIRED
-    return context
+    renewed at the next handshake when its files change, as on the gRPC port (common/tls.py)."""
+    return None if tls is None else tls.ssl_context()
 
 
 class TwilioServer:
@@ -120,7 +114,7 @@ class TwilioServer:
             if self.preset == twilio.TELNYX:
                 headers += tuple((API_KEY_HEADER, v) for v in ws.request.headers.get_all(TELNYX_TOKEN_HEADER))
             async with self.servicer.call_slot(headers + start.credentials, "converse") as caller:
-                with self.servicer.live_call():
+                with self.servicer.live_call(), metrics.GATEWAY_ADAPTER_CALLS.labels(self.preset).track_inprogress():
                     log.info("twilio stream started", stream_sid=start.stream_sid, call_sid=start.call_sid,
                              tenant=caller.tenant)
                     await self._converse(ws, start, caller.tenant)
@@ -164,11 +158,16 @@ class TwilioServer:
         async def requests():
             yield start.config
             while True:
-                event, message = twilio.parse_event(await _recv(ws))
+                frame = await _recv(ws)
+                received = time.perf_counter()
+                event, message = twilio.parse_event(frame)
                 if event == "media":
                     audio = twilio.media_payload(message)
                     if audio is not None:
-                        yield pb.ConverseRequest(audio=pb.AudioFrame(data=audio))
+                        request = pb.ConverseRequest(audio=pb.AudioFrame(data=audio))
+                        metrics.GATEWAY_ADAPTER_MS.labels(self.preset, "in").observe(
+                            (time.perf_counter() - received) * 1000)  # parsed and decoded: handed over next
+                        yield request
                 elif event == "mark":
                     report = playback.echoed(twilio.mark_name(message))
                     if report is not None:
@@ -187,8 +186,11 @@ class TwilioServer:
 
         async with aclosing(Call(self.deps, tenant).run(requests())) as messages:
             async for message in messages:
+                started = time.perf_counter()
                 for out in _events(message, sid, playback, self.preset):
                     await self._send(ws, out)
+                if message.WhichOneof("message") == "audio":
+                    metrics.GATEWAY_ADAPTER_MS.labels(self.preset, "out").observe((time.perf_counter() - started) * 1000)
 
     async def _send(self, ws: ServerConnection, text: str) -> None:
         """One event out; a platform that takes nothing for --max-reader-stall-s ends its call, as
@@ -233,4 +235,7 @@ def _events(message: pb.ConverseResponse, sid: str, playback: twilio.Playback,
         return [twilio.clear_event(sid, preset)]
     if kind == "error":
         log.warning("turn failed", turn=message.error.turn, code=message.error.code, error=message.error.message)
+        return [twilio.mark_event(sid, playback.turn_ended(message.error.turn), preset)] if message.error.turn else []
+    if kind == "turn_finished":
+        return [twilio.mark_event(sid, playback.turn_ended(message.turn_finished.turn), preset)]
     return []
