@@ -32,12 +32,13 @@ async def run_realtime_call(url: str, utterances: list[np.ndarray], rate: int, m
                             ssl_context: ssl.SSLContext | None = None, silence_s: float = 1.0) -> CallResult:
     """One call with one turn per utterance (float samples at `rate`) to `url` (ws[s]://host:port,
     any path). barge_in[i]: the caller starts the next utterance as soon as the first audio of answer
-    i arrives (talking over it). api_key: sent as `Authorization: Bearer <key>`, as the SDK does."""
+    i arrives (talking over it; with push_to_talk it first sends response.cancel, as there is no server
+    VAD to stop the answer). api_key: sent as `Authorization: Bearer <key>`, as the SDK does."""
     frame = int(RATE * FRAME_S)
     result = CallResult()
     barge_in = barge_in or [False] * len(utterances)
     turn_done, first_audio = asyncio.Event(), asyncio.Event()
-    state: dict = {"turn": None, "t_end": None}
+    state: dict = {"turn": None, "t_end": None, "active": None}  # active: the response id being generated
     separator = "&" if "?" in url else "?"
     if mode:
         url += f"{separator}mode={mode}"
@@ -58,19 +59,27 @@ async def run_realtime_call(url: str, utterances: list[np.ndarray], rate: int, m
                 await send({"type": "input_audio_buffer.append", "audio": base64.b64encode(pcm).decode()})
                 await asyncio.sleep(max(0.0, start + (i + 1) * FRAME_S - loop.time()))
 
+        by_response: dict[str, TurnResult] = {}  # a barged-in answer's late events stay with its own turn
+
         async def receive() -> None:
             async for text in ws:
                 event = json.loads(text)
-                kind, turn = event["type"], state["turn"]
+                kind = event["type"]
                 if kind == "response.created":
                     result.session_id = result.session_id or event["response"].get("conversation_id", "")
+                    state["active"] = event["response"]["id"]
+                    if state["turn"] is not None and state["turn"] not in by_response.values():
+                        by_response[event["response"]["id"]] = state["turn"]
+                response_id = event.get("response_id") or (event.get("response") or {}).get("id")
+                turn = by_response.get(response_id) if response_id else state["turn"]
                 if turn is None:
                     continue
                 if kind == "response.output_audio.delta":
                     data = base64.b64decode(event["delta"])
                     if turn.first_audio_ms is None:
                         turn.first_audio_ms = since_end()
-                        first_audio.set()
+                        if turn is state["turn"]:
+                            first_audio.set()
                     turn.audio += data
                     duration = len(data) / (2 * RATE)
                     turn.audio_s += duration
@@ -83,14 +92,17 @@ async def run_realtime_call(url: str, utterances: list[np.ndarray], rate: int, m
                     turn.text += event["delta"]
                 elif kind == "response.done":
                     response = event["response"]
+                    if state["active"] == response["id"]:
+                        state["active"] = None
                     usage = (response.get("usage") or {}).get("output_token_details") or {}
                     turn.text_tokens, turn.audio_tokens = usage.get("text_tokens", 0), usage.get("audio_tokens", 0)
                     turn.interrupted = response["status"] == "cancelled"
                     turn.mode = mode
                     if response["status"] == "failed":
                         turn.error = json.dumps(response.get("status_details"))
-                    turn_done.set()
-                elif kind == "error":
+                    if turn is state["turn"]:
+                        turn_done.set()
+                elif kind == "error" and event["error"].get("code") != "response_cancel_not_active":
                     turn.error = f'{event["error"].get("code")}: {event["error"].get("message")}'
 
         async def speak() -> None:
@@ -105,6 +117,8 @@ async def run_realtime_call(url: str, utterances: list[np.ndarray], rate: int, m
                 turn_done.clear()
                 first_audio.clear()
                 state["turn"] = TurnResult(turn=n, started_at=time.monotonic())
+                if push_to_talk and state["active"] is not None:  # talking over the answer: stop it, as a
+                    await send({"type": "response.cancel"})    # push-to-talk client does (no server VAD)
                 await send_paced(resample(utterance.astype(np.float32), rate, RATE))
                 state["t_end"] = time.perf_counter()
                 if push_to_talk:
