@@ -79,8 +79,8 @@ class KVCache(nn.Module):
             self.k_cache[slot, :, start : start + n] = k[0]
             self.v_cache[slot, :, start : start + n] = v[0]
         else:
-            self.k_cache[batch.flat_slots, :, batch.flat_index] = k.transpose(1, 2)[batch.valid]  # [N, kvh, D]
-            self.v_cache[batch.flat_slots, :, batch.flat_index] = v.transpose(1, 2)[batch.valid]
+            self.k_cache[batch.flat_slots, :, batch.flat_index] = k.transpose(1, 2).flatten(0, 1)[batch.flat_rows]  # [N, kvh, D]
+            self.v_cache[batch.flat_slots, :, batch.flat_index] = v.transpose(1, 2).flatten(0, 1)[batch.flat_rows]
         if batch.slot_range is not None:  # contiguous slots: a view, no copy
             lo, hi = batch.slot_range
             return self.k_cache[lo:hi, :, : batch.kv_len], self.v_cache[lo:hi, :, : batch.kv_len]
@@ -107,11 +107,13 @@ class BatchIndex:
         if cache_index is None:
             cache_index = torch.tensor([list(range(s, s + n)) + [-1] * (width - n) for s, n in zip(starts, lengths)],
                                        device=device)
-        # slots and the valid (slot, index) pairs from the host lists: no boolean indexing (a device sync)
-        flat = [s for s, n in zip(slots, lengths) for _ in range(n)] + [i for s, n in zip(starts, lengths) for i in range(s, s + n)]
+        # slots, the valid (slot, index) pairs and their rows (b * width + t) from the host lists in one
+        # copy: no boolean indexing, which would wait for the device
+        flat = ([s for s, n in zip(slots, lengths) for _ in range(n)]
+                + [i for s, n in zip(starts, lengths) for i in range(s, s + n)]
+                + [b * width + t for b, n in enumerate(lengths) for t in range(n)])
         packed = torch.tensor(list(slots) + flat, device=device)
-        self.slots, self.flat_slots, self.flat_index = packed.split([len(slots), len(flat) // 2, len(flat) // 2])
-        self.valid = cache_index >= 0
+        self.slots, self.flat_slots, self.flat_index, self.flat_rows = packed.split([len(slots)] + [len(flat) // 3] * 3)
         if self.single and width == 1:
             self.mask = None  # one query at the end of the cache sees every key
         else:
