@@ -21,6 +21,7 @@ import structlog
 
 from vitaserve.generator.engine import Engine, Request, TokenEvent
 from vitaserve.generator.language_model import LanguageModel
+from vitaserve.generator.scheduler import SchedulerConfig
 
 log = structlog.get_logger(__name__)
 
@@ -58,8 +59,9 @@ def _cancelled(cb: _Callbacks) -> bool:
 
 
 class EngineService:
-    def __init__(self, lm: LanguageModel, name: str = "vita-engine", max_waiting: int = 0, send_queue: int = 256):
-        self.engine = Engine(lm, max_waiting)
+    def __init__(self, lm: LanguageModel, name: str = "vita-engine", max_waiting: int = 0, send_queue: int = 256,
+                 scheduler: SchedulerConfig | None = None):
+        self.engine = Engine(lm, max_waiting, scheduler)
         # items: a list of (request id, callbacks, TokenEvent | ("done", error)) for one step; None ends
         self._outbox: queue.Queue = queue.Queue(maxsize=send_queue)
         self._sender = threading.Thread(target=self._send_loop, name=f"{name}-sender", daemon=True)
