@@ -251,6 +251,40 @@ def test_barge_in_and_truncate_cut_the_stored_turn_where_audio_end_ms_says(clust
     assert len(stored_audio) < sent_s * TOKENS_PER_SECOND  # cut at audio_end_ms, not at what was sent
 
 
+def test_a_session_update_mid_call_goes_on_in_the_same_session_with_the_new_settings(cluster, utterance,
+                                                                                      realtime_gateway):
+    async def main():
+        async with client(realtime_gateway).realtime.connect(model="vita-audio") as conn:
+            caller = Caller(conn)
+            await conn.session.update(session={"type": "realtime", "max_output_tokens": 40})
+            await caller.speak(pcm24k(utterance))
+            await caller.until(lambda: caller.of("response.done"))
+            # to push-to-talk, mu-law in, another persona: the call hands over to one with this config
+            await conn.session.update(session={"type": "realtime", "instructions": "Answer in one word.", "audio": {
+                "input": {"format": {"type": "audio/pcmu"}, "turn_detection": None}}})
+            await caller.until(lambda: len(caller.of("session.updated")) >= 2)
+            speech = encode_audio(np.concatenate([np.zeros(1600, np.float32), utterance]), "mulaw", 8000)
+            loop = asyncio.get_running_loop()
+            start = loop.time()
+            for i, offset in enumerate(range(0, len(speech), 160)):
+                await conn.input_audio_buffer.append(audio=base64.b64encode(speech[offset:offset + 160]).decode())
+                await asyncio.sleep(max(0.0, start + (i + 1) * 0.02 - loop.time()))
+            await conn.input_audio_buffer.commit()
+            await conn.response.create()
+            await caller.until(lambda: len(caller.of("response.done")) >= 2)
+            await conn.close()
+            return caller
+
+    caller = asyncio.run(main())
+    assert not caller.of("error"), [e.error.message for e in caller.of("error")]
+    updated = caller.of("session.updated")[-1].session
+    assert updated.audio.input.turn_detection is None and updated.instructions == "Answer in one word."
+    done = caller.of("response.done")
+    assert [d.response.status for d in done] == ["completed", "completed"]
+    assert done[0].response.conversation_id == done[1].response.conversation_id
+    assert [t.turn for t in history(cluster, done[0].response.conversation_id)] == [1, 2]
+
+
 def test_beta_schema_names(cluster, utterance, realtime_gateway):
     async def main():
         async with client(realtime_gateway).beta.realtime.connect(model="vita-audio") as conn:
@@ -410,7 +444,11 @@ def test_realtime_phone_client_measures_a_call(cluster, utterance, realtime_gate
     before = adapter_ms_sum("in"), adapter_ms_sum("out")
     result = asyncio.run(run_realtime_call(url, [utterance], 8000, max_new_tokens=40, api_key=API_KEY))
     assert adapter_ms_sum("in") > before[0] and adapter_ms_sum("out") > before[1]
-    assert metrics.GATEWAY_ADAPTER_CALLS.labels("realtime")._value.get() == 0  # the call closed
+    open_calls = metrics.GATEWAY_ADAPTER_CALLS.labels("realtime")._value.get
+    deadline = time.monotonic() + 30  # the server ends each call once it sees its socket closed
+    while open_calls() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert open_calls() == 0
     assert result.status == "OK" and len(result.turns) == 1, result
     turn = result.turns[0]
     assert turn.first_audio_ms is not None and 0 < turn.first_audio_ms < turn.chunk_arrivals[-1] * 1000 + 1

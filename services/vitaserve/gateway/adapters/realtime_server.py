@@ -8,7 +8,9 @@ first audio shape the call (formats, server VAD or push-to-talk, instructions); 
 `input_audio_buffer.append` opens it (the CallConfig). Under server VAD audio goes straight to the
 call, which answers each utterance; with `turn_detection: null` the adapter keeps the input buffer
 (commit / clear are the protocol's own) and hands a committed buffer to the call at
-`response.create` (AudioFrames, then END_OF_UTTERANCE). `response.cancel` is CANCEL;
+`response.create` (AudioFrames, then END_OF_UTTERANCE). A later `session.update` that changes the
+call's config hands over: the answer under way is cancelled, the call ends, and a new one resumes
+its session (history kept) with the new config on the same socket. `response.cancel` is CANCEL;
 `conversation.item.truncate` is a PlaybackProgress + CANCEL for the answer being generated, or
 Call.cut_to_heard for the last stored one. Query parameters of the URL: `session_id` resumes a
 session (started over any protocol), `mode` picks the generation mode; `model` is accepted.
@@ -97,6 +99,7 @@ class Connection:
         self.translator = rt.Translator(self.schema)
         self.call: Call | None = None
         self.call_wanted = False           # audio arrived: the call opens
+        self.handover = False              # a session.update changed the call's config: a new call goes on
         self.buffer: list[bytes] = []      # push-to-talk: appended since the last commit or clear
         self.committed: list[bytes] = []   # push-to-talk: committed, handed to the call at response.create
         self.send_lock = asyncio.Lock()    # the reader's and the call's events go out one at a time
@@ -143,24 +146,34 @@ class Connection:
 
     # ---- the call -------------------------------------------------------------------------------------
     async def _converse(self, first: list[pb.ConverseRequest], tenant: str) -> None:
-        self.call = call = Call(self.server.deps, tenant)
-        config = self.session.call_config(self.mode, self.resume_id)
-
-        async def requests():
-            yield config
-            for request in first:
-                yield request
-            while True:
-                async for request in self._requests_of(await self._recv()):
-                    yield request
-
+        """The call, until the client goes or the call fails. A session.update that changes the call's
+        config hands over: this call's requests end (its answer cancelled), and a new call resumes its
+        session with the new config, on the same socket."""
+        session_id = self.resume_id
         observe = metrics.GATEWAY_ADAPTER_MS.labels(PROTOCOL, "out").observe
-        async with aclosing(call.run(requests())) as messages:
-            async for message in messages:
-                t = time.perf_counter()
-                for event in self.translator.events(message):
-                    await self._send(event)
-                observe((time.perf_counter() - t) * 1000)
+        while True:
+            self.call = call = Call(self.server.deps, tenant)
+            self.handover = False
+            config = self.session.call_config(self.mode, session_id)
+
+            async def requests():
+                yield config
+                for request in first:
+                    yield request
+                while not self.handover:
+                    async for request in self._requests_of(await self._recv()):
+                        yield request
+
+            async with aclosing(call.run(requests())) as messages:
+                async for message in messages:
+                    t = time.perf_counter()
+                    for event in self.translator.events(message):
+                        await self._send(event)
+                    observe((time.perf_counter() - t) * 1000)
+            if not self.handover:
+                return
+            session_id, first = call.session_id, []
+            log.info("realtime call handed over to new settings")
 
     async def _requests_of(self, data: str | bytes):
         """The call's requests one client frame becomes; the events the adapter answers itself go
@@ -182,13 +195,15 @@ class Connection:
         if kind == "session.update":
             updated = rt.SessionSettings(**{**session.__dict__})
             updated.update(event.get("session"), self.schema, event_id)
-            if self.call is not None and not updated.same_call(session):
-                raise rt.RealtimeError("session.update: audio formats, turn detection, instructions and "
-                                       "max_output_tokens are fixed once audio has started; reconnect with "
-                                       f"?session_id={self.call.session_id} to go on with new ones",
-                                       code="session_fixed", param="session", event_id=event_id)
             self.session = updated
             await self._send(rt._event("session.updated", session=self._session_object()))
+            if self.call is not None and not updated.same_call(session):  # hand over (see _converse)
+                self.handover = True
+                self.translator.cancelling = self.translator.active is not None
+                self.translator.requested = False
+                if updated.input_format != session.input_format:  # held audio would not decode any more
+                    self.buffer, self.committed = [], []
+                yield pb.ConverseRequest(control=pb.Control(action=pb.Control.CANCEL))
         elif kind == "input_audio_buffer.append":
             fmt = rt.GA_FORMATS[session.input_format]
             data = rt.appended_audio(event, fmt)
