@@ -60,12 +60,14 @@ class ServiceRunner:
     servicers' micro-batchers: started before the server takes calls, stopped after it ends them."""
 
     def __init__(self, server: grpc.aio.Server, service_names: list[str], port: int, host: str = "0.0.0.0",
-                 batchers: Sequence = (), tls: ServerTls | None = None, health_port: int = 0):
+                 batchers: Sequence = (), tls: ServerTls | None = None, health_port: int = 0,
+                 health_names: Sequence[str] = ()):
         self.server = server
         self.batchers = list(batchers)
         self.health = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         self.service_names = service_names
+        self.health_names = list(health_names)  # more statuses than the gRPC services (e.g. the gateway's adapters)
         reflection.enable_server_reflection([*service_names, health.SERVICE_NAME, reflection.SERVICE_NAME], server)
         if tls is None:
             self.port = server.add_insecure_port(f"{host}:{port}")
@@ -85,7 +87,7 @@ class ServiceRunner:
         await self.server.start()
         if self.health_server is not None:
             await self.health_server.start()
-        for name in ["", *self.service_names]:
+        for name in ["", *self.service_names, *self.health_names]:
             await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
 
     async def drain(self, grace_s: float, on_drain: Callable[[], Awaitable[None]] | None = None) -> None:

@@ -27,6 +27,7 @@ from vitaserve.api import conversation_pb2 as pb, conversation_pb2_grpc
 from vitaserve.common import metrics
 from vitaserve.common.grpc_server import ServiceRunner, make_server, start_metrics
 from vitaserve.common.session_store import StoreUnavailable
+from vitaserve.gateway.adapters.readiness import health_name
 from vitaserve.gateway.answer import AnswerProgress, AnswerSinks
 from vitaserve.gateway.auth import AuthError, Caller
 from vitaserve.gateway.call import Call
@@ -279,6 +280,32 @@ class ConversationServicer(conversation_pb2_grpc.ConversationServicer):
             log.warning("drain timed out", active_calls=self.active)
 
 
+def _twilio(servicer):
+    from vitaserve.gateway.adapters.twilio_server import TwilioServer  # the adapters import this module
+
+    return TwilioServer(servicer)
+
+
+def _realtime(servicer):
+    from vitaserve.gateway.adapters.realtime_server import RealtimeServer
+
+    return RealtimeServer(servicer)
+
+
+def _audiosocket(servicer):
+    from vitaserve.gateway.adapters.audiosocket_server import AudioSocketServer
+
+    return AudioSocketServer(servicer)
+
+
+ADAPTERS = {"twilio": _twilio, "realtime": _realtime, "audiosocket": _audiosocket}  # protocol -> its server
+
+
+def adapters_of(settings: GatewaySettings) -> dict[str, int]:
+    """The telephony adapters this replica serves (--<protocol>-port set), with their ports."""
+    return {name: getattr(settings, f"{name}_port") for name in ADAPTERS if getattr(settings, f"{name}_port")}
+
+
 class Gateway:
     """A started gateway replica: its clients, its servicer and its gRPC server."""
 
@@ -296,48 +323,32 @@ class Gateway:
 
     @classmethod
     async def start(cls, settings: GatewaySettings) -> "Gateway":
+        """Clients, then the telephony adapters' listeners, then the gRPC server: its health says
+        SERVING only once every adapter asked for listens (gateway/adapters/readiness.py)."""
         deps = await build_deps(settings)
+        gateway = None
         try:
             servicer = ConversationServicer(deps)
             server = make_server(max_message_bytes=MAX_MESSAGE_BYTES)
             conversation_pb2_grpc.add_ConversationServicer_to_server(servicer, server)
+            adapters = adapters_of(settings)
             runner = ServiceRunner(server, [SERVICE_NAME], settings.port, host=settings.host, tls=settings.tls,
-                                   health_port=settings.health_port)
+                                   health_port=settings.health_port, health_names=[health_name(a) for a in adapters])
+            gateway = cls(settings, deps, servicer, runner)
+            for name, port in adapters.items():
+                adapter = ADAPTERS[name](servicer)  # listening from here on; the gate refuses nothing yet
+                setattr(gateway, name, adapter)
+                await adapter.start(port)
             start_metrics(settings.metrics_port)
             await runner.start()
         except BaseException:
-            await deps.aclose()
+            if gateway is not None:
+                await gateway.stop(0)
+            else:
+                await deps.aclose()
             raise
-        gateway = cls(settings, deps, servicer, runner)
-        if settings.twilio_port:
-            from vitaserve.gateway.adapters.twilio_server import TwilioServer  # it imports this module
-
-            gateway.twilio = TwilioServer(servicer)
-            try:
-                await gateway.twilio.start(settings.twilio_port)
-            except BaseException:
-                await gateway.stop(0)
-                raise
-        if settings.realtime_port:
-            from vitaserve.gateway.adapters.realtime_server import RealtimeServer  # it imports this module
-
-            gateway.realtime = RealtimeServer(servicer)
-            try:
-                await gateway.realtime.start(settings.realtime_port)
-            except BaseException:
-                await gateway.stop(0)
-                raise
-        if settings.audiosocket_port:
-            from vitaserve.gateway.adapters.audiosocket_server import AudioSocketServer  # it imports this module
-
-            gateway.audiosocket = AudioSocketServer(servicer)
-            try:
-                await gateway.audiosocket.start(settings.audiosocket_port)
-            except BaseException:
-                await gateway.stop(0)
-                raise
         log.info("gateway serving", port=runner.port, encoder=settings.encoder, decoder=settings.decoder,
-                 triton=settings.triton, replica_id=settings.replica_id)
+                 triton=settings.triton, replica_id=settings.replica_id, adapters=sorted(adapters))
         return gateway
 
     async def serve_until_signal(self) -> None:
@@ -351,12 +362,9 @@ class Gateway:
             return
         self._closed = True
         try:
-            if self.twilio is not None:
-                await self.twilio.stop()
-            if self.realtime is not None:
-                await self.realtime.stop()
-            if self.audiosocket is not None:
-                await self.audiosocket.stop()
+            for name in ADAPTERS:
+                if getattr(self, name) is not None:
+                    await getattr(self, name).stop()
             await self.runner.stop(grace_s)
         finally:
             await self.deps.aclose()

@@ -27,6 +27,7 @@ import asyncio
 import json
 import time
 from contextlib import aclosing
+from functools import partial
 from urllib.parse import parse_qs, urlsplit
 
 import grpc
@@ -37,6 +38,7 @@ from websockets.exceptions import ConnectionClosed
 from vitaserve.api import conversation_pb2 as pb
 from vitaserve.common import metrics
 from vitaserve.gateway.adapters import realtime as rt
+from vitaserve.gateway.adapters.readiness import http_health
 from vitaserve.gateway.adapters.twilio_server import server_ssl
 from vitaserve.gateway.adapters.ws_close import NORMAL, POLICY, close_code, close_reason
 from vitaserve.gateway.call import Call
@@ -65,7 +67,8 @@ class RealtimeServer:
 
     async def start(self, port: int) -> None:
         self.server = await serve(self._handle, self.settings.host, port, max_size=rt.MAX_MESSAGE_BYTES,
-                                  ssl=server_ssl(self.settings.tls), open_timeout=self.settings.first_message_s)
+                                  ssl=server_ssl(self.settings.tls), open_timeout=self.settings.first_message_s,
+                                  process_request=partial(http_health, self.servicer))  # GET /healthz
         log.info("openai realtime serving", port=self.port)
 
     async def stop(self) -> None:

@@ -33,6 +33,7 @@ from vitaserve.api import conversation_pb2 as pb
 from vitaserve.common import metrics
 from vitaserve.common.tls import ServerTls
 from vitaserve.gateway.adapters import twilio
+from vitaserve.gateway.adapters.readiness import http_health
 from vitaserve.gateway.auth import API_KEY_HEADER, AUTHORIZATION_HEADER
 from vitaserve.gateway.adapters.ws_close import (NORMAL, POLICY, ProtocolViolation, close_code, close_reason)
 from vitaserve.gateway.call import Call
@@ -92,6 +93,9 @@ class TwilioServer:
 
     # ---- the upgrade ------------------------------------------------------------------------------
     def _check_signature(self, connection: ServerConnection, request):
+        health = http_health(self.servicer, connection, request)  # GET /healthz of load balancers
+        if health is not None:
+            return health
         token = self.settings.twilio_auth_token
         if not self._signed:
             return None
