@@ -102,9 +102,28 @@ def test_comparison_alternates_real_calls_and_counts_what_failed(tmp_path):
     (["--local", "--compare-tls", "--tls"], "drop --tls"),
     (["--local", "--compare-tls", "--chaos"], "drop --chaos"),
     (["--local", "--compare-tls", "--modes", "boost,turbo"], "one mode"),
-    (["--local", "--compare-tls", "--repeats", "0"], "--repeats must be >= 1")])
+    (["--local", "--compare-tls", "--repeats", "0"], "--repeats must be >= 1"),
+    (["--local", "--protocol", "grpc,sip"], "--protocol takes grpc, twilio, realtime, audiosocket"),
+    (["--target", "x:1", "--protocol", "grpc,twilio"], "add --local"),
+    (["--local", "--protocol", "twilio,realtime", "--tls"], "drop --tls"),
+    (["--local", "--protocol", "twilio", "--chaos"], "drop --chaos"),
+    (["--local", "--protocol", "grpc,twilio", "--modes", "boost,turbo"], "one mode"),
+    (["--local", "--protocol", "grpc,twilio", "--repeats", "0"], "--repeats must be >= 1")])
 def test_the_command_refuses_what_cannot_be_compared(argv, words, capsys):
     from vitaserve.cli.main import main
 
     assert main(["loadtest", *argv]) != 0
     assert words in capsys.readouterr().err
+
+
+def test_a_load_config_names_a_protocol_the_gateway_speaks_and_each_adapter_its_own_audio():
+    from vitaserve.loadtest.protocols import PROTOCOLS, audio_of
+    from vitaserve.loadtest.runner import LoadConfigError
+
+    assert LoadConfig(target="ws://h:1/twilio", protocol="twilio").protocol == "twilio"
+    with pytest.raises(LoadConfigError, match="protocol must be one of"):
+        LoadConfig(target="x", protocol="sip")
+    with pytest.raises(LoadConfigError, match="--tls-ca is for gRPC"):
+        LoadConfig(target="x", protocol="realtime", tls_ca="ca.pem")
+    assert [audio_of(p, "pcm16", 16000) for p in PROTOCOLS] == [
+        ("pcm16", 16000), ("mulaw", 8000), ("pcm16", 24000), ("pcm16", 8000)]
