@@ -75,8 +75,7 @@ def test_warpers_equal_transformers_per_row(seed):
     logits, _ = _case(seed)
     sampled = [p for p in ROWS if p.do_sample]
     rows = logits[: len(sampled)]
-    got = warp_batch(rows, torch.tensor([p.temperature for p in sampled]),
-                     torch.tensor([p.top_k for p in sampled]), torch.tensor([p.top_p for p in sampled]))
+    got = warp_batch(rows, sampled)
     for b, p in enumerate(sampled):
         assert torch.equal(got[b], _hf_warp(rows[b : b + 1], p)[0]), b
     # a filter really ran: top-k 5 keeps exactly 5
@@ -150,3 +149,12 @@ def test_a_sampled_row_with_nothing_to_draw_fails_alone():
     logits[3] = float("-inf")
     _, failed = _sampler(ids).select(logits, list(range(len(ROWS))))
     assert failed == [b == 3 for b in range(len(ROWS))]
+
+
+def test_warpers_that_no_row_uses_leave_the_rows_as_transformers_does():
+    logits, _ = _case(12)
+    plain = [SamplingParams(do_sample=True, temperature=t) for t in (0.5, 1.0, 2.0)]
+    got = warp_batch(logits[:3], plain)
+    for b, p in enumerate(plain):
+        assert torch.equal(got[b], _hf_warp(logits[b : b + 1], p)[0])
+    assert torch.isfinite(got).all()
