@@ -191,8 +191,8 @@ def print_report(r: dict, sh: dict) -> None:
         print(f"official: {off.get('skipped') or off.get('error')}")
     g = r["cuda_graphs"]
     print(f"decode steps on the static path: {g['replays']} graph replays ({g['graphs']} graphs captured), "
-          f"{g['static_eager_steps']} without a graph; 0 and 0: the runner does not route decode steps to "
-          f"model.decode_graphs yet")
+          f"{g['static_eager_steps']} without a graph (the CPU's way); 0 and 0 would mean the runner sent no "
+          f"step to model.decode_graphs")
     print("Triton on a GPU: not checked by this script.")
     print(f"elapsed {r['elapsed_s']} s")
 
