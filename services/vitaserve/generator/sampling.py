@@ -9,10 +9,11 @@ own `torch.Generator`, so a seed reproduces a call without touching the process-
 buffer of the sequence's ids (appended in place with each committed token, never rebuilt from the id
 list) and gathers/scatters only those ids, as transformers does for a batch, greedy rows are one
 argmax for the batch, and the step's tokens and failure flags reach the host in ONE
-transfer. Only the draw of sampled rows runs per row (torch.multinomial with the row's own
-generator, as a kernel launch with no host sync), because a single batched draw cannot take one
-generator per row; greedy rows never loop. The single-row functions below are the reference the
-tests compare the batch path against.
+transfer. Only sampled rows loop: the draw runs per row (torch.multinomial with the row's own
+generator, a kernel launch with no host sync), because a single batched draw cannot take one
+generator per row, so seeded calls give the same tokens as before; on the CPU their warpers run
+per row too (BatchSampler._chunks says why). Greedy rows never loop. The single-row functions
+below are the reference the tests compare the batch path against.
 """
 
 from __future__ import annotations
