@@ -36,6 +36,10 @@ class LanguageModel:
         folder = Path(folder)
         model = load_lm(folder, device=device, dtype=parse_dtype(dtype))
         model.setup_caches(num_slots, min(max_len, model.config.max_position_embeddings))
+        if model.lm_head.weight.device.type == "cuda":  # decode steps replayed as CUDA graphs (never on the CPU)
+            from vitaserve.generator.cuda_graphs import DecodeGraphs
+
+            DecodeGraphs.attach(model)
         cfg = model.config
         vocab = AudioVocab.from_config(cfg.bos_token_id, cfg.vocab_size)
         if mtp_audio_head:

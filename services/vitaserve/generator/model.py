@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from vitaserve.generator.linear import Linear
 from vitaserve.lmtext.config import LMConfig
 
 
@@ -147,10 +148,10 @@ class Attention(nn.Module):
         self.n_heads = cfg.num_attention_heads
         self.n_kv = cfg.num_key_value_heads
         self.head_dim = cfg.dim_per_head
-        self.q_proj = nn.Linear(cfg.hidden_size, self.n_heads * self.head_dim, bias=True)
-        self.k_proj = nn.Linear(cfg.hidden_size, self.n_kv * self.head_dim, bias=True)
-        self.v_proj = nn.Linear(cfg.hidden_size, self.n_kv * self.head_dim, bias=True)
-        self.o_proj = nn.Linear(self.n_heads * self.head_dim, cfg.hidden_size, bias=False)
+        self.q_proj = Linear(cfg.hidden_size, self.n_heads * self.head_dim, bias=True)
+        self.k_proj = Linear(cfg.hidden_size, self.n_kv * self.head_dim, bias=True)
+        self.v_proj = Linear(cfg.hidden_size, self.n_kv * self.head_dim, bias=True)
+        self.o_proj = Linear(self.n_heads * self.head_dim, cfg.hidden_size, bias=False)
         self.kv_cache: KVCache | None = None
 
     def forward(self, x, cos, sin, batch: BatchIndex | None) -> torch.Tensor:
@@ -170,9 +171,9 @@ class Attention(nn.Module):
 class MLP(nn.Module):
     def __init__(self, cfg: LMConfig):
         super().__init__()
-        self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
-        self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
-        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
+        self.gate_proj = Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
+        self.up_proj = Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
+        self.down_proj = Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
@@ -206,9 +207,9 @@ class VitaAudioLM(nn.Module):
         super().__init__()
         self.config = cfg
         self.model = Qwen2Body(cfg)
-        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self.lm_head = Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         n, h = cfg.num_nextn_predict_layers, cfg.hidden_size
-        self.mtp_projs = nn.ModuleList(nn.Linear(2 * h, h, bias=False) for _ in range(n))
+        self.mtp_projs = nn.ModuleList(Linear(2 * h, h, bias=False) for _ in range(n))
         self.mtp_embed_norms = nn.ModuleList(RMSNorm(h, cfg.rms_norm_eps) for _ in range(n))
         self.mtp_hidden_norms = nn.ModuleList(RMSNorm(h, cfg.rms_norm_eps) for _ in range(n))
         self.num_slots = 0
