@@ -10,12 +10,17 @@ from pathlib import Path
 
 
 def git_commit() -> str | None:
-    """Short HEAD commit of the checkout holding this package, or None outside a git checkout."""
+    """Short HEAD commit of the checkout holding this package, "+dirty" when its tracked files have
+    changes not committed (a figure then belongs to no commit); None outside a git checkout."""
+    here = Path(__file__).parent
     try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                              cwd=Path(__file__).parent, timeout=5).stdout.strip() or None
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                              cwd=here, timeout=5).stdout.strip()
+        changed = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True,
+                                 text=True, cwd=here, timeout=5).stdout.strip()
     except (OSError, subprocess.SubprocessError):
         return None
+    return (head + ("+dirty" if changed else "")) or None
 
 
 def cpu_model() -> str:
