@@ -88,7 +88,7 @@ async def run_audiosocket_call(host: str, port: int, utterances: list[np.ndarray
                 turn: TurnResult | None = state["previous" if state["speaking"] else "turn"]
                 if frame.kind != wire.KIND_AUDIO or turn is None:
                     continue
-                if not state["speaking"]:
+                if not state["speaking"] and any(frame.payload):  # the adapter's filler silence is no answer
                     state["last_audio"] = time.perf_counter()
                 if turn.first_audio_ms is None and not state["speaking"]:
                     if not any(frame.payload):

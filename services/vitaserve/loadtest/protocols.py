@@ -15,6 +15,11 @@ import numpy as np
 from vitaserve.client.phone import CallResult, run_call
 
 PROTOCOLS = ("grpc", "twilio", "realtime", "audiosocket")
+# AudioSocket has no end-of-answer signal: its caller takes this long without answer audio as the end.
+# Under load a starved answer pauses mid-way (gaps between chunks up to 1.7 s at 4 calls on the 2-core
+# test machine, every protocol); a caller that spoke into such a pause would barge in and spoil the
+# next turn's figure, so this is three times that.
+AUDIOSOCKET_ANSWER_GAP_S = 5.0
 # the audio each protocol carries: what the caller's utterances must be resampled to
 PROTOCOL_AUDIO = {"twilio": ("mulaw", 8000), "realtime": ("pcm16", 24000), "audiosocket": ("pcm16", 8000)}
 
@@ -47,5 +52,5 @@ async def place_call(cfg, utterances: list[np.ndarray], mode: str, barge_in: lis
         host, _, port = cfg.target.rpartition(":")
         return await run_audiosocket_call(host, int(port), utterances, 8000, mode=mode, push_to_talk=cfg.push_to_talk,
                                           max_new_tokens=cfg.max_new_tokens, turn_timeout_s=cfg.turn_timeout_s,
-                                          barge_in=barge_in)
+                                          barge_in=barge_in, answer_gap_s=AUDIOSOCKET_ANSWER_GAP_S)
     raise ValueError(f"unknown protocol {cfg.protocol!r}: one of {', '.join(PROTOCOLS)}")
