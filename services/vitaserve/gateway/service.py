@@ -62,6 +62,16 @@ class Refused(Exception):
         self.code, self.retry_after_s = code, retry_after_s
 
 
+def edge_status(exc: Exception) -> tuple[grpc.StatusCode, str]:
+    """The status and message a protocol edge (a telephony adapter) answers for a call that ended with
+    `exc`: the gate's refusal (credentials, the replica, the tenant's quota, drain) with when to retry,
+    or the call's own failure (convert.call_status)."""
+    if isinstance(exc, Refused):
+        retry = exc.retry_after_s
+        return exc.code, str(exc) + (f" (retry in {retry:.0f} s)" if retry else "")
+    return call_status(exc)
+
+
 def retry_status(code: grpc.StatusCode, message: str, retry_after_s: float) -> grpc.Status:
     """A status whose details carry google.rpc.RetryInfo (grpc-status-details-bin), as Google's APIs
     answer a quota: clients with the standard error model read when to retry from it."""

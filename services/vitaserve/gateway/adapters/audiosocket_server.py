@@ -35,8 +35,8 @@ from vitaserve.gateway.adapters.audiosocket import AudioSocketError
 from vitaserve.gateway.auth import API_KEY_HEADER
 from vitaserve.gateway.call import Call
 from vitaserve.gateway.codecs import PCM16
-from vitaserve.gateway.convert import CallError, call_status
-from vitaserve.gateway.service import Refused
+from vitaserve.gateway.convert import CallError
+from vitaserve.gateway.service import edge_status
 from vitaserve.lmtext.prompt import LUKE_SYSTEM
 
 log = structlog.get_logger(__name__)
@@ -120,7 +120,7 @@ class AudioSocketServer:
         except AudioSocketError as exc:
             status, reason = exc.status, str(exc)
         except Exception as exc:
-            status, reason = _status(exc)
+            status, reason = edge_status(exc)
         metrics.GATEWAY_ERRORS.labels(status.name).inc()
         log.info("audiosocket stream closed", status=status.name, reason=reason)
         with contextlib.suppress(Exception):
@@ -290,8 +290,3 @@ async def _drain(writer: asyncio.StreamWriter, stall_s: float) -> None:
         raise PeerGone() from None
 
 
-def _status(exc: Exception) -> tuple[grpc.StatusCode, str]:
-    if isinstance(exc, Refused):  # the gate said no: credentials, the replica, the tenant's quota, drain
-        retry = exc.retry_after_s
-        return exc.code, str(exc) + (f" (retry in {retry:.0f} s)" if retry else "")
-    return call_status(exc)

@@ -42,8 +42,8 @@ from vitaserve.gateway.adapters.readiness import http_health
 from vitaserve.gateway.adapters.twilio_server import server_ssl
 from vitaserve.gateway.adapters.ws_close import NORMAL, POLICY, close_code, close_reason
 from vitaserve.gateway.call import Call
-from vitaserve.gateway.convert import CallError, call_status
-from vitaserve.gateway.service import Refused
+from vitaserve.gateway.convert import CallError
+from vitaserve.gateway.service import edge_status
 
 log = structlog.get_logger(__name__)
 
@@ -119,7 +119,7 @@ class Connection:
         except PeerGone:
             return
         except Exception as exc:
-            status, message = _status(exc)
+            status, message = edge_status(exc)
             metrics.GATEWAY_ERRORS.labels(status.name).inc()
             code, reason = close_code(status), f"{status.name}: {message}"
             if code != NORMAL:
@@ -327,8 +327,3 @@ class Connection:
             pass
 
 
-def _status(exc: Exception) -> tuple[grpc.StatusCode, str]:
-    if isinstance(exc, Refused):  # the gate said no: credentials, the replica, the tenant's quota, drain
-        retry = exc.retry_after_s
-        return exc.code, str(exc) + (f" (retry in {retry:.0f} s)" if retry else "")
-    return call_status(exc)

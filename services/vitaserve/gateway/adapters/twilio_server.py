@@ -37,8 +37,8 @@ from vitaserve.gateway.adapters.readiness import http_health
 from vitaserve.gateway.auth import API_KEY_HEADER, AUTHORIZATION_HEADER
 from vitaserve.gateway.adapters.ws_close import (NORMAL, POLICY, ProtocolViolation, close_code, close_reason)
 from vitaserve.gateway.call import Call
-from vitaserve.gateway.convert import CallError, call_status
-from vitaserve.gateway.service import Refused
+from vitaserve.gateway.convert import CallError
+from vitaserve.gateway.service import edge_status
 
 log = structlog.get_logger(__name__)
 
@@ -128,7 +128,7 @@ class TwilioServer:
             metrics.GATEWAY_ERRORS.labels(grpc.StatusCode.INVALID_ARGUMENT.name).inc()
             code, reason = exc.code, str(exc)
         except Exception as exc:
-            status, reason = _status(exc)
+            status, reason = edge_status(exc)
             metrics.GATEWAY_ERRORS.labels(status.name).inc()
             code, reason = close_code(status), f"{status.name}: {reason}"
         if code != NORMAL:
@@ -218,13 +218,6 @@ async def _recv(ws: ServerConnection) -> str | bytes:
         return await ws.recv()
     except ConnectionClosed:
         raise PeerGone() from None
-
-
-def _status(exc: Exception) -> tuple[grpc.StatusCode, str]:
-    if isinstance(exc, Refused):  # the gate said no: credentials, the replica, the tenant's quota, drain
-        retry = exc.retry_after_s
-        return exc.code, str(exc) + (f" (retry in {retry:.0f} s)" if retry else "")
-    return call_status(exc)
 
 
 def _events(message: pb.ConverseResponse, sid: str, playback: twilio.Playback,
