@@ -11,7 +11,7 @@ from tls_certs import TestCA
 from vitaserve.common.tls import ServerTls
 
 
-async def handshake(port: int, ca: TestCA, client=None) -> str:
+async def handshake(port: int, ca: TestCA, client=None) -> int | str:
     """The serial number of the certificate the server presented, or the error's class name."""
     context = ssl.create_default_context(cafile=str(ca.file))
     if client is not None:
@@ -24,7 +24,7 @@ async def handshake(port: int, ca: TestCA, client=None) -> str:
         data = await asyncio.wait_for(reader.read(1), 5)  # a refused client certificate shows up here (TLS 1.3)
         if not data:
             return "closed"
-        return str(writer.get_extra_info("ssl_object").getpeercert()["serialNumber"])
+        return int(writer.get_extra_info("ssl_object").getpeercert()["serialNumber"], 16)  # hex, maybe 0-padded
     except (ssl.SSLError, ConnectionError) as exc:
         return type(exc).__name__
     finally:
@@ -39,10 +39,10 @@ def serve(context: ssl.SSLContext):
     return asyncio.start_server(hello, "127.0.0.1", 0, ssl=context)
 
 
-def serial(files) -> str:
+def serial(files) -> int:
     from cryptography import x509
 
-    return format(x509.load_pem_x509_certificate(files.cert.read_bytes()).serial_number, "X")
+    return x509.load_pem_x509_certificate(files.cert.read_bytes()).serial_number
 
 
 def test_a_renewed_certificate_is_served_at_the_next_handshake_and_a_half_written_one_is_not(tmp_path):
