@@ -19,10 +19,9 @@ import torch
 import torch.nn.functional as F
 
 from vitaserve.generator import linear
-from vitaserve.generator.engine import Engine, Request
 from vitaserve.generator.language_model import LanguageModel
 from vitaserve.generator.linear import Linear
-from vitaserve.lmtext.sampling_params import SamplingParams
+from test_cuda_graphs import _tokens  # the engine's greedy tokens per call, one helper for both files
 
 U = 2.0 ** -24
 
@@ -60,19 +59,6 @@ def test_the_big_single_row_really_takes_the_doubled_path(monkeypatch):
     small(torch.randn(1, 1, 512))
     small(torch.randn(linear.FEW_ROWS + 1, 512))  # a prefill's many rows: F.linear, no mm
     assert calls == [(1024, 2), (512, 1)]
-
-
-def _tokens(lm: LanguageModel, mode: str, prompts: list[list[int]]) -> dict[str, list[int]]:
-    engine = Engine(lm)
-    greedy = SamplingParams(do_sample=False, repetition_penalty=1.05)
-    for i, p in enumerate(prompts):
-        engine.add(Request(f"c{i}", p, mode, greedy, 24, stop_ids=()))
-    out: dict[str, list[int]] = {f"c{i}": [] for i in range(len(prompts))}
-    while engine.has_work():
-        for rid, event in engine.step():
-            assert not isinstance(event, Exception), event
-            out[rid].append(event.token_id)
-    return out
 
 
 @pytest.mark.parametrize("mode", ["vanilla", "balance", "boost", "turbo"])

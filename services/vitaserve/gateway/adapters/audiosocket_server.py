@@ -32,10 +32,10 @@ from vitaserve.common import metrics
 from vitaserve.common.session_store import SessionConfig, SessionExists
 from vitaserve.gateway.adapters import audiosocket as wire
 from vitaserve.gateway.adapters.audiosocket import AudioSocketError
+from vitaserve.gateway.adapters.stall import within_stall
 from vitaserve.gateway.auth import API_KEY_HEADER
 from vitaserve.gateway.call import Call
 from vitaserve.gateway.codecs import PCM16
-from vitaserve.gateway.convert import CallError
 from vitaserve.gateway.service import edge_status
 from vitaserve.lmtext.prompt import LUKE_SYSTEM
 
@@ -282,10 +282,7 @@ async def _drain(writer: asyncio.StreamWriter, stall_s: float) -> None:
     """Wait until the socket takes what was written; Asterisk reading nothing for --max-reader-stall-s
     ends the call, as on Converse."""
     try:
-        await asyncio.wait_for(writer.drain(), stall_s)
-    except asyncio.TimeoutError:
-        metrics.GATEWAY_CALL_LIMITS.labels("reader_stall").inc()
-        raise CallError(grpc.StatusCode.DEADLINE_EXCEEDED, f"Asterisk read nothing for {stall_s:g} s") from None
+        await within_stall(writer.drain(), stall_s, "Asterisk")
     except ConnectionError:
         raise PeerGone() from None
 

@@ -39,6 +39,7 @@ from vitaserve.api import conversation_pb2 as pb
 from vitaserve.common import metrics
 from vitaserve.gateway.adapters import realtime as rt
 from vitaserve.gateway.adapters.readiness import http_health
+from vitaserve.gateway.adapters.stall import within_stall
 from vitaserve.gateway.adapters.twilio_server import server_ssl
 from vitaserve.gateway.adapters.ws_close import NORMAL, POLICY, close_code, close_reason
 from vitaserve.gateway.call import Call
@@ -308,15 +309,10 @@ class Connection:
     async def _send(self, event: dict) -> None:
         """One event out; a client that takes nothing for --max-reader-stall-s ends its call, as on
         Converse (the socket's write buffer and the call's Outbox hold the answer back till then)."""
-        stall_s = self.settings.max_reader_stall_s
         text = json.dumps(event)
         try:
             async with self.send_lock:
-                await asyncio.wait_for(self.ws.send(text), stall_s)
-        except asyncio.TimeoutError:
-            metrics.GATEWAY_CALL_LIMITS.labels("reader_stall").inc()
-            raise CallError(grpc.StatusCode.DEADLINE_EXCEEDED,
-                            f"the client read nothing for {stall_s:g} s") from None
+                await within_stall(self.ws.send(text), self.settings.max_reader_stall_s, "the client")
         except ConnectionClosed:
             raise PeerGone() from None
 

@@ -34,10 +34,10 @@ from vitaserve.common import metrics
 from vitaserve.common.tls import ServerTls
 from vitaserve.gateway.adapters import twilio
 from vitaserve.gateway.adapters.readiness import http_health
+from vitaserve.gateway.adapters.stall import within_stall
 from vitaserve.gateway.auth import API_KEY_HEADER, AUTHORIZATION_HEADER
 from vitaserve.gateway.adapters.ws_close import (NORMAL, POLICY, ProtocolViolation, close_code, close_reason)
 from vitaserve.gateway.call import Call
-from vitaserve.gateway.convert import CallError
 from vitaserve.gateway.service import edge_status
 
 log = structlog.get_logger(__name__)
@@ -199,13 +199,8 @@ class TwilioServer:
     async def _send(self, ws: ServerConnection, text: str) -> None:
         """One event out; a platform that takes nothing for --max-reader-stall-s ends its call, as
         on Converse (the socket's write buffer and the call's Outbox hold the answer back till then)."""
-        stall_s = self.settings.max_reader_stall_s
         try:
-            await asyncio.wait_for(ws.send(text), stall_s)
-        except asyncio.TimeoutError:
-            metrics.GATEWAY_CALL_LIMITS.labels("reader_stall").inc()
-            raise CallError(grpc.StatusCode.DEADLINE_EXCEEDED,
-                            f"the platform read nothing for {stall_s:g} s") from None
+            await within_stall(ws.send(text), self.settings.max_reader_stall_s, "the platform")
         except ConnectionClosed:
             raise PeerGone() from None
 
