@@ -203,3 +203,27 @@ def test_serve_takes_the_redis_url_from_the_environment_never_a_flag(tmp_path):
     assert from_file.returncode == 2 and "no config.yaml" in from_file.stderr and "s3cret" not in from_file.stderr
     flag = serve("--redis", "redis://127.0.0.1:1/0", VITA_REDIS_URL="redis://127.0.0.1:1/0")
     assert flag.returncode == 2 and "unrecognized arguments: --redis" in flag.stderr
+
+
+def test_the_gateway_takes_the_clusters_answer_cap_and_adapters(tmp_path):
+    """The protocol comparison caps every answer through the gateway's default (AudioSocket calls
+    cannot ask for a cap): the cluster's options parse with the gateway's own CLI to that cap."""
+    import argparse
+
+    from vitaserve.gateway.settings import GatewaySettings
+
+    def settings(cluster):
+        parser = argparse.ArgumentParser()
+        GatewaySettings.add_arguments(parser)
+        args = parser.parse_args([*cluster.gateway_options(), "--lm", "x", "--encoder", "e:1", "--decoder", "d:1",
+                                  "--triton", "t:1", "--plaintext"])
+        return GatewaySettings.from_args(args, {"VITA_REDIS_URL": "redis://localhost:6379/0"})
+
+    capped = LocalCluster(tmp_path, tmp_path, tmp_path, workdir=tmp_path / "a", adapters=["audiosocket"],
+                          max_new_tokens=60)
+    default = LocalCluster(tmp_path, tmp_path, tmp_path, workdir=tmp_path / "b")
+    assert settings(capped).max_new_tokens == 60
+    assert settings(default).max_new_tokens == GatewaySettings.max_new_tokens != 60
+    assert settings(capped).audiosocket_port == capped.adapter_port("audiosocket")
+    with pytest.raises(ClusterError, match="max_new_tokens"):
+        LocalCluster(tmp_path, tmp_path, tmp_path, workdir=tmp_path / "c", max_new_tokens=-1)

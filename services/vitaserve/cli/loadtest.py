@@ -229,7 +229,10 @@ def run_compare_protocols(cfg, protocols: list[str], repeats: int, out) -> int:
         configs[protocol] = replace(cfg, protocol=protocol, codec=codec, rate=rate)
         speech[protocol] = utterances(rate, out / "speech")
     load_before = os.getloadavg()
-    cluster = start_local(max(16, max(levels(cfg))), adapters=[p for p in protocols if p != "grpc"])
+    # AudioSocket carries no answer cap: the gateway's default cap is the load test's, so every
+    # protocol's answers are equally long
+    cluster = start_local(max(16, max(levels(cfg))), adapters=[p for p in protocols if p != "grpc"],
+                          max_new_tokens=cfg.max_new_tokens)
     try:
         configs = {p: replace(c, target=address(cluster, p)) for p, c in configs.items()}
         total = len(protocols) * repeats * sum(cfg.concurrency) * cfg.turns
@@ -329,9 +332,10 @@ def settings_of(args, cfg):
         raise CLIError(str(exc)) from None
 
 
-def start_local(slots: int, tls: bool = False, adapters=()):
+def start_local(slots: int, tls: bool = False, adapters=(), max_new_tokens: int = 0):
     """The local cluster on tiny checkpoints (made on first use), started and ready; `tls`: on every hop;
-    `adapters`: the telephony adapters its gateway serves (loadtest/protocols.py)."""
+    `adapters`: the telephony adapters its gateway serves (loadtest/protocols.py); `max_new_tokens`: the
+    gateway's cap of an answer that asks for none (0: its default)."""
     from pathlib import Path
 
     from vitaserve.cli.main import CLIError
@@ -344,7 +348,8 @@ def start_local(slots: int, tls: bool = False, adapters=()):
     except CheckpointWriteError as exc:
         raise CLIError(str(exc)) from None
     return LocalCluster(ckpt.lm, ckpt.tokenizer, ckpt.decoder, port=free_port(), num_slots=slots, max_len=2048,
-                        progress=lambda m: print(f"  {m}", flush=True), tls=tls, adapters=adapters).start()
+                        progress=lambda m: print(f"  {m}", flush=True), tls=tls, adapters=adapters,
+                        max_new_tokens=max_new_tokens).start()
 
 
 def run_special(cluster, cfg, speech, settings, out) -> int:

@@ -71,12 +71,16 @@ class LocalCluster:
     def __init__(self, lm: Path, tokenizer: Path, decoder: Path, port: int = 50051, mode: str = "boost",
                  workdir: Path | None = None, num_slots: int = 16, max_len: int = 4096, grace_s: float = 10.0,
                  die_with_parent: bool = True, progress: Callable[[str], None] = lambda msg: None,
-                 threads: int = 0, tls: bool = False, adapters: Iterable[str] = ()):
+                 threads: int = 0, tls: bool = False, adapters: Iterable[str] = (), max_new_tokens: int = 0):
         self.lm, self.tokenizer, self.decoder = Path(lm), Path(tokenizer), Path(decoder)
         self.port, self.mode, self.num_slots, self.max_len = port, mode, num_slots, max_len
         self.grace_s = grace_s  # the services' drain on SIGTERM; stop() waits a little longer
         # telephony adapters the gateway serves, each on its own port (--<name>-port): twilio, realtime, audiosocket
         self.adapters = tuple(adapters)
+        if max_new_tokens < 0:
+            raise ClusterError(f"max_new_tokens must be >= 0 (0 = the gateway's default), got {max_new_tokens}")
+        # the gateway's cap of an answer that asks for none (AudioSocket calls cannot ask); 0: its default
+        self.max_new_tokens = max_new_tokens
         # torch threads of each model process: they share this machine, so split its CPUs between
         # them rather than let each take every core (oversubscribed threads cost latency)
         if threads < 0:
@@ -258,12 +262,18 @@ class LocalCluster:
             raise ValueError(f"the gateway of this cluster serves no {name} adapter (adapters: {self.adapters})")
         return self._ports("gateway", name)[name]
 
-    def spawn_gateway(self) -> Service:
+    def gateway_options(self) -> list[str]:
+        """The gateway's flags that are this cluster's choices, not its backends' addresses: adapters,
+        answer cap, mode, context, anonymous callers (local: no API keys)."""
         adapter_args = [arg for name in self.adapters for arg in (f"--{name}-port", str(self.adapter_port(name)))]
+        cap_args = ["--max-new-tokens", str(self.max_new_tokens)] if self.max_new_tokens else []
+        return [*adapter_args, *cap_args, "--mode", self.mode, "--context-tokens", str(self.max_len),
+                "--allow-anonymous"]
+
+    def spawn_gateway(self) -> Service:
         return self._spawn_grpc(
-            "gateway", *adapter_args, "--lm", str(self.lm), "--encoder", self.service("encoder").address,
+            "gateway", *self.gateway_options(), "--lm", str(self.lm), "--encoder", self.service("encoder").address,
             "--decoder", self.service("decoder").address, "--triton", self.service("triton").address,
-            "--mode", self.mode, "--context-tokens", str(self.max_len), "--allow-anonymous",  # local: no API keys
             *self._tls_args(mutual=False), *self._client_args("internal"), *self._client_args("redis"),
             port=self.port, secrets={REDIS_URL_ENV: self.redis_url})
 
