@@ -175,6 +175,9 @@ def test_two_turn_call_gets_slin_audio_in_real_time(cluster, utterance, short_ga
 
 def test_barge_in_stops_playback_within_the_queue_and_history_keeps_what_was_released(
         cluster, utterance, long_gateway):
+    """Timed on the adapter's own clocks, not the test client's: on a loaded machine the client's
+    loop reads a frame late by a scheduling slice or more, which would only blur the figures. The
+    client checks that it got exactly the audio the pacer released: nothing after the barge-in."""
     stream = uuid.uuid4()
     server = long_gateway.audiosocket
     is_audio = long_gateway.deps.vocab.is_audio
@@ -188,35 +191,30 @@ def test_barge_in_stops_playback_within_the_queue_and_history_keeps_what_was_rel
         # CPU) seconds to notice the caller before playback catches up
         await phone.until(lambda: stream.hex in server.pacers and server.pacers[stream.hex].pending_s > 5.0)
         barge_ins = len(server.barge_ins)
-        await phone.speak(utterance, silence_s=0.3)  # the caller talks over the answer
+        # released before the caller's first frame: its report is queued ahead of that frame, so the
+        # call has it before its VAD can hear the caller
+        released_before_s = server.pacers[stream.hex].turn_released_s
+        await phone.speak(utterance, silence_s=0.3)  # talks over the answer (too short a pause for a turn)
         await phone.until(lambda: len(server.barge_ins) > barge_ins)
-        at, dropped = next((t, d) for sid, t, d in list(server.barge_ins)[barge_ins:] if sid == stream.hex)
+        barge_in = next(b for b in list(server.barge_ins)[barge_ins:] if b.session_id == stream.hex)
         await asyncio.sleep(0.2)
         await phone.hang_up()
-        return phone, at, dropped
+        return phone, barge_in, released_before_s
 
-    phone, barge_in_at, dropped_s = asyncio.run(main())
-    assert dropped_s > 0  # audio was waiting: the bound below is the adapter's doing
-    # the answer talked over: what arrived within 0.8 s of the barge-in (the caller's utterance is
-    # still going on then, so no next answer can have begun: it lasts > 1.5 s after its start)
-    answer = [(t, p) for t, p in phone.audio() if t <= barge_in_at + 0.8]
-    received_s = sum(len(p) for _, p in answer) / wire.BYTES_PER_S
-    # a phone plays each frame when it arrives or when the one before it ends: what it still plays
-    # after the barge-in is what had not played by then
-    ends = 0.0
-    for arrived, payload in answer:
-        ends = max(ends, arrived) + len(payload) / wire.BYTES_PER_S
-    heard_after_s = max(0.0, ends - barge_in_at)
-    assert heard_after_s <= wire.OUT_QUEUE_S + wire.FRAME_S + STAMP_SLACK_S, heard_after_s
-    assert not [t for t, _ in answer if t > barge_in_at + wire.OUT_QUEUE_S + STAMP_SLACK_S]
+    phone, barge_in, released_before_s = asyncio.run(main())
+    assert barge_in.dropped_s > 0  # audio was waiting: the bound below is the adapter's doing
+    # what still plays after the barge-in: released audio the play clock had not reached
+    assert 0 <= barge_in.playing_s <= wire.OUT_QUEUE_S + wire.FRAME_S, barge_in
+    # the phone got exactly what was released before the barge-in: nothing after it
+    received = sum(len(p) for _, p in phone.audio())
+    assert received == round(barge_in.released_s * wire.BYTES_PER_S), (received, barge_in)
     turns = history(cluster, stream.hex)
-    assert turns[0].interrupted
+    assert turns[0].turn == 1 and turns[0].interrupted
     stored = len([i for i in turns[0].assistant_ids if is_audio(i)])
-    # the call cut at the last PlaybackProgress: every REPORT_EVERY_S of released audio, and frames
-    # released between the call's cut and the adapter's drop (one hop through the call's outbox);
-    # 0.2 s covers both on a loaded machine
-    assert tokens_heard(received_s - 0.2) <= stored <= tokens_heard(received_s) + 1
-    assert stored < received_s * TOKENS_PER_SECOND + 1
+    # the call cut at its last playback report: at least the one sent before the caller spoke (reports
+    # go every REPORT_EVERY_S of released audio), at most what was released
+    assert tokens_heard(released_before_s - wire.REPORT_EVERY_S) <= stored <= tokens_heard(barge_in.released_s) + 1
+    assert stored < barge_in.released_s * TOKENS_PER_SECOND + 1
 
 
 def test_the_same_uuid_resumes_the_session(cluster, utterance, short_gateway):

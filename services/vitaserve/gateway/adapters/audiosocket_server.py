@@ -23,6 +23,7 @@ import asyncio
 import collections
 import contextlib
 import time
+from typing import NamedTuple
 
 import grpc
 import structlog
@@ -46,7 +47,16 @@ READ_BYTES = 16 * 1024
 # Messages to the call: caller audio (50 a second) and playback reports (12.5 a second). The reader
 # waits when the call is this far behind, so the socket's own buffer holds the rest.
 MAX_REQUESTS = 64
-RECENT_BARGE_INS = 64  # kept for logs and tests: (session id, perf_counter time, seconds dropped) of each
+RECENT_BARGE_INS = 64  # barge-ins kept for tests and debugging
+
+
+class BargeIn(NamedTuple):
+    """One barge-in that dropped waiting audio, on the pacer's clocks."""
+    session_id: str
+    at: float          # time.perf_counter() when the adapter dropped the audio
+    dropped_s: float   # audio that never left
+    released_s: float  # the turn's audio released before it: the caller gets exactly this
+    playing_s: float   # of that, what the play clock had not reached: it still plays (<= OUT_QUEUE_S)
 
 
 class PeerGone(Exception):
@@ -61,7 +71,7 @@ class AudioSocketServer:
         self.connections: set[asyncio.Task] = set()
         self.pacers: dict[str, wire.Pacer] = {}  # each live call's outgoing audio, by session id
         # barge-ins that dropped waiting audio, most recent last
-        self.barge_ins: collections.deque[tuple[str, float, float]] = collections.deque(maxlen=RECENT_BARGE_INS)
+        self.barge_ins: collections.deque[BargeIn] = collections.deque(maxlen=RECENT_BARGE_INS)
 
     @property
     def port(self) -> int:
@@ -255,8 +265,10 @@ class AudioSocketServer:
                         await room.wait()
                 elif kind in ("interrupted", "speech_started") and pacer.pending_bytes:
                     dropped = pacer.clear()  # what was released plays on: at most OUT_QUEUE_S
-                    self.barge_ins.append((sid, time.perf_counter(), dropped))
-                    log.info("audiosocket barge-in", dropped_s=round(dropped, 3), turn=pacer.turn)
+                    playing = pacer.queued_s(asyncio.get_running_loop().time())
+                    self.barge_ins.append(BargeIn(sid, time.perf_counter(), dropped, pacer.turn_released_s, playing))
+                    log.info("audiosocket barge-in", dropped_s=round(dropped, 3), playing_s=round(playing, 3),
+                             turn=pacer.turn)
                 elif kind == "error":
                     log.warning("turn failed", turn=message.error.turn, code=message.error.code,
                                 error=message.error.message)
