@@ -42,6 +42,20 @@ def test_bench_engine_together(tiny_lm_dir, tmp_path):
     assert result["first_chunk_ms_p50"] <= result["first_chunk_ms_max"]
 
 
+def test_bench_engine_samples_as_the_checkpoint_says_with_a_seed_per_call(tiny_lm_dir, tmp_path):
+    from vitaserve.generator.benchmark import call_sampling
+    from vitaserve.generator.language_model import LanguageModel
+
+    result = _run(tmp_path, ["engine", "--lm", str(tiny_lm_dir), "--concurrency", "2", "--prompt-len", "8",
+                             "--max-new-tokens", "16", "--max-len", "64", "--sampling", "checkpoint"])
+    assert result["sampling"] == "checkpoint" and result["tokens_per_s"] > 0
+    lm = LanguageModel.from_folder(tiny_lm_dir, num_slots=1, max_len=64)
+    first, second = call_sampling(lm, "checkpoint", 0), call_sampling(lm, "checkpoint", 1)
+    assert first.do_sample and (first.top_k, first.top_p) == (lm.defaults.top_k, lm.defaults.top_p)
+    assert (first.seed, second.seed) == (0, 1)
+    assert not call_sampling(lm, "greedy", 0).do_sample
+
+
 def test_bench_engine_staggered_reports_joiners_apart(tiny_lm_dir, tmp_path):
     result = _run(tmp_path, ["engine", "--lm", str(tiny_lm_dir), "--concurrency", "3", "--arrival", "staggered",
                              "--joiners", "2", "--max-gap-steps", "3", "--prompt-len", "8",
@@ -68,6 +82,8 @@ def test_bench_engine_refuses_a_batch_over_its_slots(tiny_lm_dir, capsys):
         bench_engine(lm, 3, "boost", prompt_len=8, max_new_tokens=16)
     with pytest.raises(ValueError, match="arrival"):
         bench_engine(lm, 2, "boost", prompt_len=8, max_new_tokens=16, arrival="later")
+    with pytest.raises(ValueError, match="sampling must be one of greedy, checkpoint"):
+        bench_engine(lm, 2, "boost", prompt_len=8, max_new_tokens=16, sampling="nucleus")
     assert main(["bench", "engine", "--lm", str(tiny_lm_dir), "--concurrency", "1", "--arrival", "staggered",
                  "--max-len", "64", "--prompt-len", "8", "--max-new-tokens", "16"]) == 2
     assert "staggered arrival needs concurrency >= 2" in capsys.readouterr().err

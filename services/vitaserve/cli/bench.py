@@ -40,6 +40,9 @@ def subparser_init(subparsers) -> None:
     eng.add_argument("--max-gap-steps", type=int, default=8,
                      help="staggered: a joiner arrives 0..this many engine steps after the previous one ended")
     eng.add_argument("--seed", type=int, default=0, help="prompts and arrival steps")
+    eng.add_argument("--sampling", choices=["greedy", "checkpoint"], default="greedy",
+                     help="greedy (as the official comparison), or the checkpoint's generation_config sampling "
+                          "(what callers get by default), seeded per call")
     _common(eng)
     eng.set_defaults(func=cmd_engine)
 
@@ -120,7 +123,8 @@ def cmd_engine(args) -> int:
     lm = _load(opts, num_slots=args.concurrency)
     try:
         row = bench_engine(lm, args.concurrency, args.mode, args.prompt_len, args.max_new_tokens, seed=args.seed,
-                           arrival=args.arrival, joiners=args.joiners, max_gap_steps=args.max_gap_steps)
+                           arrival=args.arrival, joiners=args.joiners, max_gap_steps=args.max_gap_steps,
+                           sampling=args.sampling)
     except ValueError as exc:
         raise CLIError(str(exc)) from exc
     result = {"bench": "engine", "dtype": opts.resolved_dtype, "checkpoint": str(args.lm),

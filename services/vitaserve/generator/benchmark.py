@@ -27,6 +27,15 @@ from vitaserve.lmtext.sampling_params import SamplingParams
 FIRST_CHUNK_INDEX = VITA_FIRST_BLOCK  # 0-based index of the 11th new token
 GREEDY = SamplingParams(do_sample=False, repetition_penalty=1.05)
 ARRIVALS = ("together", "staggered")
+SAMPLINGS = ("greedy", "checkpoint")  # checkpoint: generation_config.json's sampling, what callers get by default
+
+
+def call_sampling(lm: LanguageModel, sampling: str, call: int) -> SamplingParams:
+    """The sampling of benchmark call number `call`: greedy (the official comparison's), or the
+    checkpoint's defaults with a seed per call, so a run repeats exactly."""
+    if sampling not in SAMPLINGS:
+        raise ValueError(f"sampling must be one of {', '.join(SAMPLINGS)}, got {sampling!r}")
+    return GREEDY if sampling == "greedy" else SamplingParams.from_defaults(lm.defaults, seed=call)
 
 
 def random_prompt(lm: LanguageModel, length: int, rng: random.Random) -> list[int]:
@@ -73,11 +82,13 @@ def _step(engine: Engine) -> list:
     return out
 
 
-def lone_call(lm: LanguageModel, mode: str, prompt: list[int], max_new_tokens: int, repeats: int = 3) -> dict:
+def lone_call(lm: LanguageModel, mode: str, prompt: list[int], max_new_tokens: int, repeats: int = 3,
+              sampling: str = "greedy") -> dict:
     """A call alone on the engine: median first chunk (ms) and tokens/s over `repeats` runs."""
     first, tps = [], []
     for _ in range(repeats):
-        events = list(generate(lm, prompt, mode, GREEDY, max_new_tokens=max_new_tokens, stop_ids=()))
+        events = list(generate(lm, prompt, mode, call_sampling(lm, sampling, 0), max_new_tokens=max_new_tokens,
+                               stop_ids=()))
         first.append(events[FIRST_CHUNK_INDEX].elapsed_s * 1000)
         tps.append(len(events) / events[-1].elapsed_s)
     return {"first_chunk_ms": round(statistics.median(first), 3), "tokens_per_s": round(statistics.median(tps), 2)}
@@ -85,9 +96,11 @@ def lone_call(lm: LanguageModel, mode: str, prompt: list[int], max_new_tokens: i
 
 def bench_engine(lm: LanguageModel, concurrency: int, mode: str, prompt_len: int = 32,
                  max_new_tokens: int = 64, seed: int = 0, arrival: str = "together", joiners: int = 4,
-                 max_gap_steps: int = 8, lone_repeats: int = 3) -> dict:
-    """The engine under `concurrency` calls, greedy, each with its own random prompt, and a lone call
-    beside it (same prompt length, same run): see bench_together and bench_staggered."""
+                 max_gap_steps: int = 8, lone_repeats: int = 3, sampling: str = "greedy") -> dict:
+    """The engine under `concurrency` calls, each with its own random prompt (greedy, or sampled as the
+    checkpoint says), and a lone call beside it (same prompt length, same run): see bench_together
+    and bench_staggered."""
+    call_sampling(lm, sampling, 0)  # a bad name fails before any work
     if arrival not in ARRIVALS:
         raise ValueError(f"arrival must be one of {', '.join(ARRIVALS)}, got {arrival!r}")
     _check_shape(lm, concurrency, prompt_len, max_new_tokens)
@@ -96,14 +109,15 @@ def bench_engine(lm: LanguageModel, concurrency: int, mode: str, prompt_len: int
     rng = random.Random(seed)
     lone_prompt = random_prompt(lm, prompt_len, rng)
     list(generate(lm, lone_prompt, mode, GREEDY, max_new_tokens=max_new_tokens, stop_ids=()))  # warm-up
-    lone = lone_call(lm, mode, lone_prompt, max_new_tokens, lone_repeats)
-    row = {"arrival": arrival, "concurrency": concurrency, "mode": mode,
+    lone = lone_call(lm, mode, lone_prompt, max_new_tokens, lone_repeats, sampling)
+    row = {"arrival": arrival, "concurrency": concurrency, "mode": mode, "sampling": sampling,
            "lone_first_chunk_ms": lone["first_chunk_ms"], "lone_tokens_per_s": lone["tokens_per_s"]}
     if arrival == "together":
-        row.update(bench_together(lm, concurrency, mode, prompt_len, max_new_tokens, rng))
+        row.update(bench_together(lm, concurrency, mode, prompt_len, max_new_tokens, rng, sampling))
         row["first_chunk_max_over_lone"] = round(row["first_chunk_ms_max"] / lone["first_chunk_ms"], 2)
     else:
-        row.update(bench_staggered(lm, concurrency, mode, prompt_len, max_new_tokens, rng, joiners, max_gap_steps))
+        row.update(bench_staggered(lm, concurrency, mode, prompt_len, max_new_tokens, rng, joiners, max_gap_steps,
+                                   sampling))
         row["joining_first_chunk_p50_over_lone"] = round(row["joining_first_chunk_ms_p50"] / lone["first_chunk_ms"], 2)
         row["joining_first_chunk_max_over_lone"] = round(row["joining_first_chunk_ms_max"] / lone["first_chunk_ms"], 2)
     return row
@@ -119,14 +133,15 @@ def _check_staggered(concurrency: int, joiners: int, max_gap_steps: int) -> None
 
 
 def bench_together(lm: LanguageModel, concurrency: int, mode: str, prompt_len: int, max_new_tokens: int,
-                   rng: random.Random) -> dict:
+                   rng: random.Random, sampling: str = "greedy") -> dict:
     """`concurrency` calls submitted at once: tokens/s of all of them, and each one's first chunk."""
     prompts = [random_prompt(lm, prompt_len, rng) for _ in range(concurrency)]
 
     def run() -> tuple[float, list[float], list[float]]:
         engine = Engine(lm)
         for i, prompt in enumerate(prompts):
-            engine.add(Request(f"call-{i}", prompt, mode, GREEDY, max_new_tokens, stop_ids=()))
+            engine.add(Request(f"call-{i}", prompt, mode, call_sampling(lm, sampling, i), max_new_tokens,
+                               stop_ids=()))
         first: dict[str, float] = {}
         last: dict[str, tuple[int, float]] = {}
         start = time.perf_counter()
@@ -155,7 +170,7 @@ def bench_together(lm: LanguageModel, concurrency: int, mode: str, prompt_len: i
 
 
 def bench_staggered(lm: LanguageModel, concurrency: int, mode: str, prompt_len: int, max_new_tokens: int,
-                    rng: random.Random, joiners: int = 4, max_gap_steps: int = 8) -> dict:
+                    rng: random.Random, joiners: int = 4, max_gap_steps: int = 8, sampling: str = "greedy") -> dict:
     """`concurrency - 1` calls start together and keep running; once all of them are past their first
     chunk, `joiners` calls join one after another, each at a random (seeded) 0..max_gap_steps engine
     steps after the previous joiner ended, so each joins `concurrency - 1` running calls at a random
@@ -169,8 +184,9 @@ def bench_staggered(lm: LanguageModel, concurrency: int, mode: str, prompt_len: 
     background_tokens = lm.model.max_len - prompt_len  # never end by themselves; cancelled at the end
     engine = Engine(lm)
     running = [f"running-{i}" for i in range(running_n)]
-    for rid in running:
-        engine.add(Request(rid, random_prompt(lm, prompt_len, rng), mode, GREEDY, background_tokens, stop_ids=()))
+    for i, rid in enumerate(running):
+        engine.add(Request(rid, random_prompt(lm, prompt_len, rng), mode, call_sampling(lm, sampling, i),
+                           background_tokens, stop_ids=()))
     running_first: dict[str, float] = {}
     stamps: dict[str, list[tuple[float, bool]]] = {rid: [] for rid in running}  # (time, is audio) per token
     joining_first: list[float] = []
@@ -183,8 +199,8 @@ def bench_staggered(lm: LanguageModel, concurrency: int, mode: str, prompt_len: 
         if current is None and wait is not None:
             if wait == 0:
                 current = f"joining-{joined}"
-                engine.add(Request(current, random_prompt(lm, prompt_len, rng), mode, GREEDY, max_new_tokens,
-                                   stop_ids=()))
+                engine.add(Request(current, random_prompt(lm, prompt_len, rng), mode,
+                                   call_sampling(lm, sampling, running_n + joined), max_new_tokens, stop_ids=()))
                 window_start = window_start or time.perf_counter()
                 joined += 1
             else:

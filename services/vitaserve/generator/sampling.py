@@ -12,7 +12,8 @@ argmax for the batch, and the step's tokens and failure flags reach the host in 
 transfer. Only sampled rows loop: the draw runs per row (torch.multinomial with the row's own
 generator, a kernel launch with no host sync), because a single batched draw cannot take one
 generator per row, so seeded calls give the same tokens as before; on the CPU their warpers run
-per row too (BatchSampler._chunks says why). Greedy rows never loop. The single-row functions
+per row too (BatchSampler._chunks says why), and a row with top-k set draws from its kept ids
+alone, bit-identical and ~3x cheaper (kept_draw.py). Greedy rows never loop. The single-row functions
 below are the reference the tests compare the batch path against.
 """
 
@@ -20,6 +21,7 @@ from __future__ import annotations
 
 import torch
 
+from vitaserve.generator import kept_draw
 from vitaserve.lmtext.sampling_params import SamplingParams
 
 
@@ -156,9 +158,17 @@ class BatchSampler:
         # checking the picked score finds every NaN row in O(B), not O(B * V)
         failed = scores.gather(1, tokens[:, None])[:, 0].isnan()
         sampled = [b for b, s in enumerate(slots) if self.params[s].do_sample]
+        kept = {}  # CPU rows with top-k: drawn from their kept ids alone, the same tokens (kept_draw.py)
+        if sampled and torch.device(self.device).type == "cpu" and kept_draw.usable():
+            for b in sampled:
+                token = kept_draw.kept_draw(scores[b], self.params[slots[b]], self.generators[slots[b]])
+                if token is not None:
+                    kept[b] = token
+        rest = [b for b in sampled if b not in kept]
         if sampled:
-            draws, bads = [], []
-            for chunk in self._chunks(sampled):
+            draws = [torch.tensor(list(kept.values()), dtype=torch.long, device=logits.device)]
+            bads = [torch.zeros(len(kept), dtype=torch.bool, device=logits.device)]
+            for chunk in self._chunks(rest):
                 warped = warp_batch(scores[chunk], [self.params[slots[b]] for b in chunk])
                 # softmax is a distribution iff the row's largest score is finite: NaN, +inf (e.g. a
                 # temperature of 1e-45) or nothing left (all -inf) are not. Such a row draws from a
@@ -169,7 +179,7 @@ class BatchSampler:
                 draws += [torch.multinomial(probs[j], 1, generator=self.generators[slots[b]])
                           for j, b in enumerate(chunk)]
                 bads.append(bad)
-            rows = torch.tensor(sampled, dtype=torch.long, device=logits.device)
+            rows = torch.tensor(list(kept) + rest, dtype=torch.long, device=logits.device)
             tokens = tokens.index_copy(0, rows, torch.cat(draws))
             failed = failed.index_copy(0, rows, failed[rows] | torch.cat(bads))
         host = torch.stack((tokens, failed.long())).tolist()  # the step's one device-to-host transfer
