@@ -40,6 +40,7 @@ def test_bench_engine_together(tiny_lm_dir, tmp_path):
         assert key in result, key
     assert result["arrival"] == "together" and result["concurrency"] == 3
     assert result["first_chunk_ms_p50"] <= result["first_chunk_ms_max"]
+    assert result["first_chunk_floor_over_lone"] == round(3 * result["lone_tokens_per_s"] / result["tokens_per_s"], 2)
 
 
 def test_bench_engine_samples_as_the_checkpoint_says_with_a_seed_per_call(tiny_lm_dir, tmp_path):
@@ -68,6 +69,7 @@ def test_bench_engine_staggered_reports_joiners_apart(tiny_lm_dir, tmp_path):
     assert result["arrival"] == "staggered"
     assert len(result["joining_first_chunk_ms"]) == 2  # one first chunk per joiner, none of a running call
     assert result["real_time_tokens_per_s"] == 12.5
+    assert result["real_time_need_over_throughput"] == round(2 * 12.5 / result["tokens_per_s"], 2)
     assert result["running_keep_real_time"] == (result["running_tokens_per_s_min"] >= 12.5)
     # running calls emit one token per step and keep running through the join period
     assert result["running_tokens_per_s_min"] > 0

@@ -115,11 +115,18 @@ def bench_engine(lm: LanguageModel, concurrency: int, mode: str, prompt_len: int
     if arrival == "together":
         row.update(bench_together(lm, concurrency, mode, prompt_len, max_new_tokens, rng, sampling))
         row["first_chunk_max_over_lone"] = round(row["first_chunk_ms_max"] / lone["first_chunk_ms"], 2)
+        # every call needs the same first tokens, made at tokens_per_s for all: the last call's first
+        # chunk takes about concurrency times as long as a lone call's at its own rate, whatever the
+        # schedule (an estimate of the machine's floor: prefill is counted in both rates alike)
+        row["first_chunk_floor_over_lone"] = round(concurrency * lone["tokens_per_s"] / row["tokens_per_s"], 2)
     else:
         row.update(bench_staggered(lm, concurrency, mode, prompt_len, max_new_tokens, rng, joiners, max_gap_steps,
                                    sampling))
         row["joining_first_chunk_p50_over_lone"] = round(row["joining_first_chunk_ms_p50"] / lone["first_chunk_ms"], 2)
         row["joining_first_chunk_max_over_lone"] = round(row["joining_first_chunk_ms_max"] / lone["first_chunk_ms"], 2)
+        # above 1 the running calls cannot all keep real time whatever the schedule: real time for
+        # them needs more tokens a second than the engine made for everyone in the join period
+        row["real_time_need_over_throughput"] = round((concurrency - 1) * TOKENS_PER_SECOND / row["tokens_per_s"], 2)
     return row
 
 
