@@ -77,6 +77,23 @@ def test_calls_ahead_of_real_time_wait_while_a_call_joins_and_lose_no_token(tiny
     assert got["join"] == alone(tiny_lm, joiner, "turbo", 20)
 
 
+@pytest.mark.parametrize("every_token", [False, True])
+def test_the_real_time_lead_counts_audio_ids_or_every_token_for_benchmarks(tiny_lm, every_token):
+    """Audio ids after the first chunk are what a caller hears; benchmarks on random weights (audio ids
+    one time in ten) count every token instead, as their real-time check does."""
+    prompt = random_prompt(tiny_lm, 8, seed=3)
+    engine = Engine(tiny_lm, scheduler=SchedulerConfig(every_token_is_audio=every_token))
+    engine.add(Request("a", prompt, "boost", GREEDY, 60, stop_ids=()))
+    got = {}
+    drain(engine, got, steps=40)
+    run = engine.running["a"]
+    after_first_chunk = got["a"][11:]
+    assert len(after_first_chunk) > 10
+    expected = len(after_first_chunk) if every_token else sum(map(tiny_lm.vocab.is_audio, after_first_chunk))
+    assert run.audio_tokens == expected
+    assert every_token or expected < len(after_first_chunk)  # the tiny model emits some text ids too
+
+
 def test_calls_at_different_points_of_their_schedules_share_forwards(tiny_lm, monkeypatch):
     """Each step runs one forward per (kind, module) group among its plans, however many calls are
     in it and wherever each call is in its own schedule, and one lm_head product for all of them."""

@@ -78,3 +78,17 @@ def test_a_short_step_is_never_cut():
 def test_settings_are_validated(bad):
     with pytest.raises(ValueError):
         SchedulerConfig(**bad)
+
+
+def test_settings_from_the_triton_config_strings():
+    """config.pbtxt's parameters: empty keeps the default; a bad value names its setting."""
+    assert SchedulerConfig.from_strings({}) == SchedulerConfig()
+    assert SchedulerConfig.from_strings({"step_tokens": "", "lead_tokens": " "}) == SchedulerConfig()
+    assert SchedulerConfig.from_strings({"step_tokens": "256", "min_chunk": "16", "lead_tokens": "6.25"}) == \
+        SchedulerConfig(step_tokens=256, min_chunk=16, lead_tokens=6.25)
+    for values, words in (({"step_tokens": "1.5"}, "step_tokens must be an integer"),
+                          ({"lead_tokens": "soon"}, "lead_tokens must be a number"),
+                          ({"min_chunk": "0"}, "min_chunk must be >= 1"),
+                          ({"lead_tokens": "inf"}, "lead_tokens a finite number")):
+        with pytest.raises(ValueError, match=words):
+            SchedulerConfig.from_strings(values)

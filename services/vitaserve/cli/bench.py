@@ -129,7 +129,7 @@ def cmd_engine(args) -> int:
         raise CLIError(str(exc)) from exc
     result = {"bench": "engine", "dtype": opts.resolved_dtype, "checkpoint": str(args.lm),
               "prompt_len": args.prompt_len, "max_new_tokens": args.max_new_tokens, **row}
-    return _emit(args, result, [{k: v for k, v in row.items() if not isinstance(v, list)}])
+    return _emit(args, result, [{k: v for k, v in row.items() if not isinstance(v, (list, dict))}])
 
 
 def cmd_codec(args) -> int:

@@ -157,7 +157,7 @@ class Engine:
             finished = token in run.stop or index == run.request.max_new_tokens - 1
             is_audio = self.lm.vocab.is_audio(token)
             if run.first_chunk_at is not None:
-                run.audio_tokens += is_audio
+                run.audio_tokens += is_audio or self.scheduler.every_token_is_audio
             elif index + 1 >= FIRST_CHUNK_TOKENS:
                 run.first_chunk_at = now
             event = TokenEvent(index, token, kind, module, is_audio, now - run.started, finished)

@@ -28,10 +28,29 @@ class SchedulerConfig:
     step_tokens: int = 512  # rows per step for all multi-row forwards together
     min_chunk: int = 32  # rows the first waiting prefill gets even when one-row steps fill the budget
     lead_tokens: float = 12.5  # audio a call must be ahead of real time (1 s) before it may wait
+    # count every token after the first chunk as audio: for benchmarks on random weights, which emit
+    # audio ids about one time in ten (16384 of 168072), and whose real-time check counts every token
+    every_token_is_audio: bool = False
 
     def __post_init__(self):
-        if self.step_tokens < 1 or self.min_chunk < 1 or self.lead_tokens < 0:
-            raise ValueError(f"invalid scheduler settings {self}")
+        if self.step_tokens < 1 or self.min_chunk < 1 or not 0 <= self.lead_tokens < float("inf"):
+            raise ValueError(f"scheduler settings: step_tokens and min_chunk must be >= 1 and lead_tokens "
+                             f"a finite number >= 0, got {self}")
+
+    @classmethod
+    def from_strings(cls, values: dict[str, str]) -> "SchedulerConfig":
+        """From the Triton model config's string parameters (step_tokens, min_chunk, lead_tokens); an
+        empty or absent one keeps its default; a bad one raises ValueError naming it."""
+        out = {}
+        for name, kind in (("step_tokens", int), ("min_chunk", int), ("lead_tokens", float)):
+            text = (values.get(name) or "").strip()
+            if text:
+                try:
+                    out[name] = kind(text)
+                except ValueError:
+                    raise ValueError(f"scheduler setting {name} must be a{'n integer' if kind is int else ' number'}, "
+                                     f"got {text!r}") from None
+        return cls(**out)
 
 
 @dataclass(frozen=True)

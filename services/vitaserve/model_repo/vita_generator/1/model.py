@@ -50,6 +50,7 @@ class TritonPythonModel:
         from vitaserve.generator.engine import EngineFull, Request
         from vitaserve.generator.engine_service import EngineService, RequestCancelled
         from vitaserve.generator.language_model import LanguageModel
+        from vitaserve.generator.scheduler import SchedulerConfig
         from vitaserve.lmtext.sampling_params import SamplingParams
 
         from vitaserve.common.logs import configure_logging
@@ -69,7 +70,11 @@ class TritonPythonModel:
         self.EngineFull = EngineFull
         self.contract = contract
         # requests that may wait for a slot beyond the running ones; more get RESOURCE_EXHAUSTED at once
-        self.service = EngineService(self.lm, max_waiting=int(params.get("max_waiting") or 0))
+        try:
+            scheduler = SchedulerConfig.from_strings(params)
+        except ValueError as exc:
+            raise pb_utils.TritonModelException(str(exc)) from None
+        self.service = EngineService(self.lm, max_waiting=int(params.get("max_waiting") or 0), scheduler=scheduler)
         # Requests in flight in this instance's engine: what the autoscaler and tests read.
         self.in_flight = 0
         self.lock = threading.Lock()
