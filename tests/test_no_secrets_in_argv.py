@@ -29,8 +29,10 @@ from test_helm_chart import HELM, by_kind, render
 from tls_certs import TestCA
 from vitaserve.common.session_store import connect_redis
 from vitaserve.common.tls import ClientTls
-from vitaserve.devcluster.processes import free_port, wait_grpc_serving, wait_tcp
+from vitaserve.devcluster.processes import ClusterError, free_port, wait_grpc_serving, wait_tcp
 from vitaserve.gateway.auth import hash_key
+
+PORT_ATTEMPTS = 3  # a service whose picked port was taken before it bound it starts again on new ones
 
 pytestmark = pytest.mark.skipif(HELM is None, reason="helm is not installed (scripts/install_helm.sh)")
 
@@ -164,18 +166,28 @@ def test_no_secret_in_argv_or_logs_of_the_rendered_services(ckpt, tmp_path):
         procs.append((redis, proc))
         wait_tcp(redis_port, proc, 10)
         url_host = "vita-vita-audio-redis.voice.svc.cluster.local:6379"
-        ports = {name: {"--port": free_port(), "--metrics-port": free_port(), "--health-port": free_port()}
-                 for name in ("encoder", "decoder", "gateway")}
+        ports: dict[str, dict[str, int]] = {}
         for name in ("encoder", "decoder", "gateway"):
-            pod = Pod(docs, name, tmp_path, files, {**ports[name], "--encoder": ports["encoder"]["--port"],
-                                                    "--decoder": ports["decoder"]["--port"], "--triton": free_port()})
-            pod.env = {k: v.replace(url_host, f"127.0.0.1:{redis_port}") for k, v in pod.env.items()}
-            # the pods' checkpoints are the tiny ones of the tests
-            args = [pod.local(a).replace(str(pod.path("/checkpoints")), str(ckpt)) for a in pod.container["args"]]
-            proc = pod.start([sys.executable, "-m", "vitaserve.cli", *args], pod.env)
-            procs.append((pod, proc))
-            # health over the plaintext probe port, and the service port itself only over mutual TLS
-            wait_grpc_serving(f"127.0.0.1:{ports[name]['--health-port']}", proc, 240)
+            for attempt in range(PORT_ATTEMPTS):
+                ports[name] = {"--port": free_port(), "--metrics-port": free_port(), "--health-port": free_port()}
+                pod = Pod(docs, name, tmp_path, files, {**ports[name], "--encoder": ports["encoder"]["--port"],
+                                                        "--decoder": ports.get("decoder", ports[name])["--port"],
+                                                        "--triton": free_port()})
+                pod.env = {k: v.replace(url_host, f"127.0.0.1:{redis_port}") for k, v in pod.env.items()}
+                # the pods' checkpoints are the tiny ones of the tests
+                args = [pod.local(a).replace(str(pod.path("/checkpoints")), str(ckpt)) for a in pod.container["args"]]
+                proc = pod.start([sys.executable, "-m", "vitaserve.cli", *args], pod.env)
+                try:
+                    # health over the plaintext probe port, and the service port itself only over mutual TLS
+                    wait_grpc_serving(f"127.0.0.1:{ports[name]['--health-port']}", proc, 240)
+                except ClusterError:
+                    # a port free when picked can be taken before the service binds it (any process's
+                    # outgoing connection may get it): pick again; any other failure is the test's
+                    if "Address already in use" not in pod.log.read_text() or attempt == PORT_ATTEMPTS - 1:
+                        raise AssertionError(f"{name} exited: {pod.log.read_text()[-2000:]}") from None
+                    continue
+                procs.append((pod, proc))
+                break
         client = files["decoder-tls"]  # any certificate of the internal CA
         pki = tmp_path / "client"
         pki.mkdir()

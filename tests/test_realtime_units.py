@@ -108,6 +108,22 @@ def test_a_turn_becomes_one_response_with_one_item_and_usage():
     json.dumps(events)  # all of it goes on the wire
 
 
+def test_a_beta_turn_uses_the_beta_event_names():
+    """The end-to-end beta test cannot count on text in a sampled answer of the tiny model: the names
+    of every answer event are checked here."""
+    t = rt.Translator(rt.BETA)
+    t.events(pb.ConverseResponse(session_started=pb.SessionStarted(session_id="abc")))
+    t.events(pb.ConverseResponse(speech_started=pb.SpeechStarted(turn=1, at_s=0.5)))
+    heard = t.events(pb.ConverseResponse(speech_ended=pb.SpeechEnded(turn=1, at_s=2.5, duration_s=2.0)))
+    events = heard + _answer(t, 1, [0.4, 0.4])
+    events += t.events(pb.ConverseResponse(turn_finished=pb.TurnFinished(turn=1, text_tokens=3, audio_tokens=10)))
+    kinds = [e["type"] for e in events]
+    assert kinds.count("response.audio_transcript.delta") == 2 and kinds.count("response.audio.delta") == 2
+    assert {"conversation.item.created", "response.audio_transcript.done", "response.audio.done"} <= set(kinds)
+    assert not [k for k in kinds if k.startswith("response.output_audio") or k == "conversation.item.added"]
+    assert events[-1]["response"]["output"][0]["content"][0]["type"] == "audio"
+
+
 def test_truncate_targets_the_items_audio():
     t = rt.Translator(rt.BETA)
     events = _answer(t, 1, [0.4, 0.4, 0.4])
