@@ -8,7 +8,8 @@ W @ x^T took 35-92 ms at b = 2..16 and 44 ms with the single row doubled (the b 
 matrix-vector product that reads W at ~5 GB/s, the two-column product streams it); the decoder
 layers' [16, 512] x [3072, 512]^T went from 3.0 to 1.0 ms. From 16 rows the lm_head runs a block of
 its rows at a time, so the result is transposed while it is still in the cache (`_blocked`: 16 calls'
-decode steps 21 % faster, identical tokens). Prefills (many rows) and every other device keep F.linear. The results equal F.linear's to float32 rounding (a different summation order):
+decode steps 21 % faster, identical tokens). Prefills (many rows) and every other device keep
+F.linear. The results equal F.linear's to float32 rounding (a different summation order):
 tests/test_linear.py bounds the difference and checks greedy tokens through the engine.
 """
 
@@ -34,11 +35,12 @@ class Linear(nn.Linear):
         if x.device.type != "cpu" or not 0 < rows <= FEW_ROWS or x.dtype != self.weight.dtype:
             return F.linear(x, self.weight, self.bias)
         flat = x.reshape(rows, x.shape[-1])
+        large = self.weight.numel() >= LARGE_WEIGHT
         grad = torch.is_grad_enabled() and self.weight.requires_grad  # mm(out=) has no backward
-        if rows >= BLOCKED_ROWS and self.weight.numel() >= LARGE_WEIGHT and not grad:
+        if rows >= BLOCKED_ROWS and large and not grad:
             out = self._blocked(flat)
         else:
-            if rows == 1 and self.weight.numel() >= LARGE_WEIGHT:
+            if rows == 1 and large:
                 out = torch.mm(self.weight, torch.cat([flat, flat]).t())[:, :1]
             else:
                 out = torch.mm(self.weight, flat.t())

@@ -63,6 +63,10 @@ class TritonPythonModel:
         set_torch_threads(int(params.get("threads") or 0))  # 0: the CPUs this container may use
         device = params.get("device") or "cpu"
         dtype = params.get("dtype") or ("float32" if device == "cpu" else "bfloat16")
+        try:  # a bad setting fails before the weights load (minutes at 7B)
+            scheduler = SchedulerConfig.from_strings(params)
+        except ValueError as exc:
+            raise pb_utils.TritonModelException(str(exc)) from None
         self.lm = LanguageModel.from_folder(params["lm_dir"], device=device, dtype=dtype,
                                             max_len=int(params.get("max_len") or 4096),
                                             num_slots=int(params.get("num_slots") or 16))
@@ -70,10 +74,6 @@ class TritonPythonModel:
         self.EngineFull = EngineFull
         self.contract = contract
         # requests that may wait for a slot beyond the running ones; more get RESOURCE_EXHAUSTED at once
-        try:
-            scheduler = SchedulerConfig.from_strings(params)
-        except ValueError as exc:
-            raise pb_utils.TritonModelException(str(exc)) from None
         self.service = EngineService(self.lm, max_waiting=int(params.get("max_waiting") or 0), scheduler=scheduler)
         # Requests in flight in this instance's engine: what the autoscaler and tests read.
         self.in_flight = 0
